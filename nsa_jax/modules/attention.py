@@ -1,0 +1,159 @@
+"""Attention layers: NSAAttention (three gated branches) and dense FullAttention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax import ops
+from nsa_jax.config import NSAConfig
+from nsa_jax.modules.compression import BlockCompressor
+from nsa_jax.modules.rope import apply_rope
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+def _check_heads(num_heads, num_kv_heads):
+  if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+    raise ValueError(f"num_heads={num_heads} must be a positive multiple of "
+                     f"num_kv_heads={num_kv_heads}")
+
+
+def _positions(x, positions):
+  return jnp.arange(x.shape[1]) if positions is None else positions
+
+
+class NSAAttention(nnx.Module):
+  """Native Sparse Attention layer (arXiv 2502.11089, section 3).
+
+  x [B, T, d_model] -> q [B, T, Hq, Dk]; keys/values per branch
+  [B, T, Hkv, Dk/Dv] (independent per branch by default, one shared set with
+  ``shared_kv=True``); RoPE on queries and raw keys; the compression branch
+  squeezes its keys/values into [B, Tc, Hkv, D] with ``BlockCompressor``;
+  gates = sigmoid(Linear(x)) [B, T, Hq, 3]; ``nsa_jax.ops.nsa_attention``
+  mixes the branches; the output projection maps [B, T, Hq * Dv] back to
+  [B, T, d_model].
+  """
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
+               head_dim: int, *, v_head_dim: int | None = None,
+               config: NSAConfig = NSAConfig(), shared_kv: bool = False,
+               compression: str = "mlp", compression_hidden: int | None = None,
+               rope_base: float = 10000.0, impl: str = "auto",
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """Args:
+      d_model: model width.
+      num_heads: Hq. num_kv_heads: Hkv, dividing Hq (GQA group G = Hq / Hkv).
+      head_dim: Dk. v_head_dim: Dv, default Dk.
+      config: NSA hyper-parameters.
+      shared_kv: one key/value projection for all three branches.
+      compression: "mlp" or "mean" (see BlockCompressor).
+      compression_hidden: width of the compression MLP.
+      rope_base: RoPE wavelength base.
+      impl: "auto", "pallas", "xla" or "reference" (see nsa_jax.ops).
+      dtype: compute dtype; param_dtype: parameter dtype.
+      rngs: parameter initialisation.
+    """
+    _check_heads(num_heads, num_kv_heads)
+    if not isinstance(config, NSAConfig):
+      raise TypeError(f"config must be an NSAConfig, got {type(config)}")
+    ops.resolve_impl(impl)
+    v_head_dim = v_head_dim or head_dim
+    self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+    self.head_dim, self.v_head_dim = head_dim, v_head_dim
+    self.config, self.shared_kv, self.impl = config, shared_kv, impl
+    self.rope_base = rope_base
+    linear = lambda i, o, **kw: nnx.Linear(
+        i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kw)
+    self.q_proj = linear(d_model, num_heads * head_dim, use_bias=False)
+    kv_sets = ("shared",) if shared_kv else BRANCHES
+    self.k_proj = nnx.Dict({name: linear(d_model, num_kv_heads * head_dim,
+                                         use_bias=False) for name in kv_sets})
+    self.v_proj = nnx.Dict({name: linear(d_model, num_kv_heads * v_head_dim,
+                                         use_bias=False) for name in kv_sets})
+    compressor = lambda dim: BlockCompressor(
+        dim, block_size=config.cmp_block, stride=config.cmp_stride,
+        kind=compression, hidden=compression_hidden, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+    self.compress_k = compressor(head_dim)
+    self.compress_v = compressor(v_head_dim)
+    self.gate_proj = linear(d_model, num_heads * len(BRANCHES),
+                            kernel_init=nnx.initializers.zeros_init())
+    self.out_proj = linear(num_heads * v_head_dim, d_model, use_bias=False)
+
+  def _kv(self, x, branch, positions):
+    name = "shared" if self.shared_kv else branch
+    b, t, _ = x.shape
+    k = self.k_proj[name](x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj[name](x).reshape(b, t, self.num_kv_heads, self.v_head_dim)
+    return apply_rope(k, positions, self.rope_base), v
+
+  def branch_inputs(self, x, positions=None):
+    """Projections that feed ``nsa_jax.ops.nsa_attention``.
+
+    Args:
+      x: [B, T, d_model].
+      positions: int [T] or [B, T], default 0 .. T-1.
+
+    Returns:
+      dict with q [B,T,Hq,Dk], k/v [B,T,Hkv,Dk/Dv] (selection), k_win/v_win
+      (window), k_cmp/v_cmp [B,Tc,Hkv,Dk/Dv] and gates [B,T,Hq,3] in (0,1).
+    """
+    if x.ndim != 3:
+      raise ValueError(f"x must be [B, T, d_model], got {x.shape=}")
+    b, t, _ = x.shape
+    positions = _positions(x, positions)
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    q = apply_rope(q, positions, self.rope_base)
+    k_cmp_raw, v_cmp_raw = self._kv(x, "cmp", positions)
+    k, v = self._kv(x, "slc", positions)
+    k_win, v_win = self._kv(x, "win", positions)
+    gates = jax.nn.sigmoid(
+        self.gate_proj(x).reshape(b, t, self.num_heads, len(BRANCHES)))
+    return dict(q=q, k=k, v=v, k_win=k_win, v_win=v_win,
+                k_cmp=self.compress_k(k_cmp_raw),
+                v_cmp=self.compress_v(v_cmp_raw), gates=gates)
+
+  def __call__(self, x, positions=None):
+    """Args: x [B, T, d_model]. Returns: [B, T, d_model]."""
+    inputs = self.branch_inputs(x, positions)
+    out = ops.nsa_attention(
+        inputs["q"], inputs["k"], inputs["v"], inputs["gates"], self.config,
+        k_cmp=inputs["k_cmp"], v_cmp=inputs["v_cmp"], k_win=inputs["k_win"],
+        v_win=inputs["v_win"], impl=self.impl)
+    b, t = x.shape[:2]
+    return self.out_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+
+
+class FullAttention(nnx.Module):
+  """Dense causal GQA attention with RoPE, through jax.nn.dot_product_attention.
+
+  That call picks cuDNN's fused kernel on a GPU (for bf16/fp16) and XLA
+  elsewhere. Same projections and shapes as NSAAttention with one K/V set.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
+               head_dim: int, *, rope_base: float = 10000.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    _check_heads(num_heads, num_kv_heads)
+    self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+    self.head_dim, self.rope_base = head_dim, rope_base
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = linear(d_model, num_heads * head_dim)
+    self.k_proj = linear(d_model, num_kv_heads * head_dim)
+    self.v_proj = linear(d_model, num_kv_heads * head_dim)
+    self.out_proj = linear(num_heads * head_dim, d_model)
+
+  def __call__(self, x, positions=None):
+    """Args: x [B, T, d_model]. Returns: [B, T, d_model]."""
+    b, t, _ = x.shape
+    positions = _positions(x, positions)
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = apply_rope(q, positions, self.rope_base)
+    k = apply_rope(k, positions, self.rope_base)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))

@@ -1,0 +1,177 @@
+"""A small decoder-only language model whose attention is NSA or dense."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.modules.attention import FullAttention, NSAAttention
+from nsa_jax.modules.compression import COMPRESSIONS
+from nsa_jax.validation import IMPLS
+
+ATTENTIONS = ("nsa", "full")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Shape of a TransformerLM; validated at construction.
+
+  Attributes:
+    vocab_size: tokens in the vocabulary.
+    d_model: residual width.
+    num_layers: decoder blocks.
+    num_heads, num_kv_heads: Hq and Hkv (GQA), Hq a multiple of Hkv.
+    head_dim: Dk (and Dv of full attention). v_head_dim: NSA's Dv, default Dk.
+    mlp_hidden: SwiGLU width, default 8/3 d_model rounded up to 64.
+    attention: "nsa" or "full".
+    nsa: NSA hyper-parameters (used when attention == "nsa").
+    shared_kv: NSA branches share one K/V projection.
+    compression: NSA compression function, "mlp" or "mean".
+    tie_embeddings: output projection is the transposed embedding.
+    rope_base: RoPE wavelength base.
+    impl: NSA implementation, see nsa_jax.ops.
+    dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32.
+    norm_eps: RMSNorm epsilon.
+  """
+
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 1
+  head_dim: int = 64
+  v_head_dim: int | None = None
+  mlp_hidden: int | None = None
+  attention: str = "nsa"
+  nsa: NSAConfig = NSAConfig()
+  shared_kv: bool = False
+  compression: str = "mlp"
+  tie_embeddings: bool = True
+  rope_base: float = 10000.0
+  impl: str = "auto"
+  dtype: str = "float32"
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"LMConfig.{name} must be a positive int, got "
+                         f"{value!r}")
+    for name in ("v_head_dim", "mlp_hidden"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"LMConfig.{name} must be None or a positive int, "
+                         f"got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"LMConfig.num_heads={self.num_heads} must be a "
+                       f"multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"LMConfig.head_dim={self.head_dim} must be even (RoPE)")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"LMConfig.attention={self.attention!r} is not one of "
+                       f"{ATTENTIONS}")
+    if (self.attention == "full" and self.v_head_dim not in
+        (None, self.head_dim)):
+      raise ValueError("LMConfig.v_head_dim must equal head_dim for full "
+                       "attention")
+    if not isinstance(self.nsa, NSAConfig):
+      raise ValueError(f"LMConfig.nsa must be an NSAConfig, got {self.nsa!r}")
+    if self.compression not in COMPRESSIONS:
+      raise ValueError(f"LMConfig.compression={self.compression!r} is not one "
+                       f"of {COMPRESSIONS}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"LMConfig.impl={self.impl!r} is not one of {IMPLS}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"LMConfig.dtype={self.dtype!r} is not one of "
+                       f"{tuple(DTYPES)}")
+
+  @property
+  def hidden(self) -> int:
+    """SwiGLU hidden width."""
+    if self.mlp_hidden is not None:
+      return self.mlp_hidden
+    return -(-8 * self.d_model // 3 // 64) * 64
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)): [B, T, d_model] -> [B, T, d_model]."""
+
+  def __init__(self, d_model: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,
+                                     rngs=rngs)
+    self.gate, self.up = linear(d_model, hidden), linear(d_model, hidden)
+    self.down = linear(hidden, d_model)
+
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    dtype = DTYPES[config.dtype]
+    norm = lambda: nnx.RMSNorm(config.d_model, epsilon=config.norm_eps,
+                               dtype=dtype, rngs=rngs)
+    self.attn_norm, self.mlp_norm = norm(), norm()
+    if config.attention == "nsa":
+      self.attn = NSAAttention(
+          config.d_model, config.num_heads, config.num_kv_heads,
+          config.head_dim, v_head_dim=config.v_head_dim, config=config.nsa,
+          shared_kv=config.shared_kv, compression=config.compression,
+          rope_base=config.rope_base, impl=config.impl, dtype=dtype, rngs=rngs)
+    else:
+      self.attn = FullAttention(
+          config.d_model, config.num_heads, config.num_kv_heads,
+          config.head_dim, rope_base=config.rope_base, dtype=dtype, rngs=rngs)
+    self.mlp = SwiGLU(config.d_model, config.hidden, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, positions=None):
+    x = x + self.attn(self.attn_norm(x), positions)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class TransformerLM(nnx.Module):
+  """Decoder-only LM: embed, ``num_layers`` DecoderBlocks, RMSNorm, logits.
+
+  Parameters are float32; ``config.dtype="bfloat16"`` runs activations and
+  matmuls in bf16 (mixed precision). Logits are float32.
+  """
+
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, LMConfig):
+      raise TypeError(f"config must be an LMConfig, got {type(config)}")
+    self.config = config
+    dtype = DTYPES[config.dtype]
+    self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
+                           embedding_init=nnx.initializers.normal(0.02),
+                           rngs=rngs)
+    self.layers = nnx.List([DecoderBlock(config, rngs=rngs)
+                            for _ in range(config.num_layers)])
+    self.final_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps,
+                                  dtype=dtype, rngs=rngs)
+    if not config.tie_embeddings:
+      self.lm_head = nnx.Linear(config.d_model, config.vocab_size,
+                                use_bias=False, dtype=dtype, rngs=rngs)
+
+  def __call__(self, tokens, positions=None):
+    """Args: tokens int [B, T]. Returns: float32 logits [B, T, vocab_size]."""
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be int [B, T], got {tokens.shape} "
+                       f"{tokens.dtype}")
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x = layer(x, positions)
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,211 @@
+"""Dense, masked, float32 NSA: the oracle every other path is tested against.
+
+Everything here builds full ``[.., T, S]`` score matrices and boolean masks, so
+it is only for small shapes. Each function states its mask in one line; the
+shared ``masked_attention`` does the softmax.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.selection import top_n_blocks
+
+
+def masked_attention(q, k, v, mask, scale):
+  """Softmax attention with a boolean mask, float32 throughout.
+
+  Args:
+    q: [B, T, Hq, Dk].
+    k: [B, S, Hkv, Dk] with Hq a multiple of Hkv (query head h reads h // G).
+    v: [B, S, Hkv, Dv].
+    mask: bool, broadcastable to [B, T, Hq, S]; True where q may see k.
+    scale: softmax scale.
+
+  Returns:
+    (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32). Rows that see no
+    key give out = 0 and lse = -inf, with finite gradients.
+  """
+  group = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k.astype(jnp.float32), group, axis=2)
+  v = jnp.repeat(v.astype(jnp.float32), group, axis=2)
+  s = jnp.einsum("bthd,bshd->bths", q.astype(jnp.float32), k) * scale
+  mask = jnp.broadcast_to(mask, s.shape)
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jax.lax.stop_gradient(
+      jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  seen = denom > 0
+  out = jnp.einsum("bths,bshd->bthd", p, v) / jnp.where(seen, denom, 1.0)
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
+  return out.astype(q.dtype), lse[..., 0]
+
+
+def _default_scale(q, scale):
+  return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def compressed_attention_reference(q, k_cmp, v_cmp, *, block_size, stride,
+                                   scale=None):
+  """Branch 1: query t sees compressed token i iff i*d + l - 1 <= t.
+
+  Args:
+    q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; v_cmp: [B, Tc, Hkv, Dv].
+    block_size: l. stride: d. scale: defaults to 1/sqrt(Dk).
+
+  Returns:
+    (out [B, T, Hq, Dv], lse [B, T, Hq] float32, -inf where nothing is seen).
+  """
+  t = jnp.arange(q.shape[1])[:, None]
+  i = jnp.arange(k_cmp.shape[1])[None, :]
+  visible = (i * stride + block_size - 1 <= t)[None, :, None, :]
+  return masked_attention(q, k_cmp, v_cmp, visible, _default_scale(q, scale))
+
+
+def selected_block_mask(block_indices, seq_len, block_size):
+  """Dense mask of the selected, causal keys.
+
+  Args:
+    block_indices: int [B, T, Hkv, n], entries in [0, Ts) or -1.
+    seq_len: S, number of keys.
+    block_size: l'.
+
+  Returns:
+    bool [B, T, Hkv, S]: key s is in a selected block of (t, g) and s <= t.
+  """
+  s = jnp.arange(seq_len)
+  t = jnp.arange(block_indices.shape[1])
+  in_block = (block_indices[..., None] == (s // block_size)).any(axis=-2)
+  return in_block & (s[None, :] <= t[:, None])[None, :, None, :]
+
+
+def selected_attention_reference(q, k, v, block_indices, *, block_size,
+                                 scale=None):
+  """Branch 2: attention over the keys s <= t of the selected blocks.
+
+  Args:
+    q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
+    block_indices: int [B, T, Hkv, n], -1 for an empty slot.
+    block_size: l'.
+
+  Returns:
+    [B, T, Hq, Dv].
+  """
+  group = q.shape[2] // k.shape[2]
+  mask = selected_block_mask(block_indices, k.shape[1], block_size)
+  mask = jnp.repeat(mask, group, axis=2)
+  return masked_attention(q, k, v, mask, _default_scale(q, scale))[0]
+
+
+def sliding_window_attention_reference(q, k, v, *, window, scale=None):
+  """Branch 3: query t sees keys s with t - w < s <= t.
+
+  Args:
+    q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv]. window: w.
+
+  Returns:
+    [B, T, Hq, Dv].
+  """
+  t = jnp.arange(q.shape[1])[:, None]
+  s = jnp.arange(k.shape[1])[None, :]
+  mask = ((s <= t) & (s > t - window))[None, :, None, :]
+  return masked_attention(q, k, v, mask, _default_scale(q, scale))[0]
+
+
+def block_scores_reference(q, k_cmp, lse, config: NSAConfig, *, scale=None):
+  """Group-summed selection-block importance P, by the literal Eq. 9 sum.
+
+  Args:
+    q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; lse: [B, T, Hq] from branch 1.
+
+  Returns:
+    float32 [B, T, Hkv, Ts], P[t, g, j] before forcing or causal masking.
+  """
+  b, seq_len, hq, _ = q.shape
+  tc, hkv = k_cmp.shape[1], k_cmp.shape[2]
+  scale = _default_scale(q, scale)
+  l, d, lsel = config.cmp_block, config.cmp_stride, config.sel_block
+  k_rep = jnp.repeat(k_cmp.astype(jnp.float32), hq // hkv, axis=2)
+  s = jnp.einsum("bthd,bihd->bthi", q.astype(jnp.float32), k_rep) * scale
+  t = jnp.arange(seq_len)[:, None]
+  i = jnp.arange(tc)[None, :]
+  visible = (i * d + l - 1 <= t)[None, :, None, :]
+  p_cmp = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0)
+  a, bb = lsel // d, l // d
+  num_sel = config.num_selection_blocks(seq_len)
+  columns = []
+  for j in range(num_sel):
+    total = jnp.zeros((b, seq_len, hq), jnp.float32)
+    for m in range(a):
+      for n in range(bb):
+        idx = j * a + m - n
+        if 0 <= idx < tc:
+          total = total + p_cmp[..., idx]
+    columns.append(total)
+  p_slc = jnp.stack(columns, axis=-1)  # [B, T, Hq, Ts]
+  return p_slc.reshape(b, seq_len, hkv, hq // hkv, num_sel).sum(axis=3)
+
+
+def select_blocks_reference(q, k_cmp, lse, config: NSAConfig, *, scale=None):
+  """Top-n selection by the spec's rules, one query at a time in numpy order.
+
+  Forced blocks (the first ``num_initial``, the ``num_local`` ending at t // l')
+  come first, then the other causal blocks by descending P, ties to the lower
+  index; spare slots are -1.
+
+  Returns:
+    int32 [B, T, Hkv, num_selected].
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  scores = np.asarray(block_scores_reference(q, k_cmp, lse, config,
+                                             scale=scale))
+  b, seq_len, hkv, _ = scores.shape
+  n = config.num_selected
+  out = np.full((b, seq_len, hkv, n), -1, np.int32)
+  for t in range(seq_len):
+    own = t // config.sel_block
+    forced = [j for j in range(config.num_initial) if j <= own]
+    forced += [j for j in range(own, own - config.num_local, -1)
+               if j >= 0 and j not in forced]
+    rest = [j for j in range(own + 1) if j not in forced]
+    for bi in range(b):
+      for g in range(hkv):
+        ranked = sorted(rest, key=lambda j: (-scores[bi, t, g, j], j))
+        chosen = (forced + ranked)[:n]
+        out[bi, t, g, :len(chosen)] = chosen
+  return jnp.asarray(out)
+
+
+def nsa_attention_reference(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
+                            k_win=None, v_win=None, scale=None):
+  """Gated sum of the three reference branches, jit-able.
+
+  Blocks are ranked from the dense ``block_scores_reference`` and picked by the
+  shared ``top_n_blocks`` (``select_blocks_reference`` checks that rule).
+
+  Returns:
+    [B, T, Hq, Dv].
+  """
+  o_cmp, lse = compressed_attention_reference(
+      q, k_cmp, v_cmp, block_size=config.cmp_block, stride=config.cmp_stride,
+      scale=scale)
+  scores = block_scores_reference(
+      jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_cmp),
+      jax.lax.stop_gradient(lse), config, scale=scale)
+  indices = top_n_blocks(scores, config)
+  o_slc = selected_attention_reference(q, k, v, indices,
+                                       block_size=config.sel_block, scale=scale)
+  k_win = k if k_win is None else k_win
+  v_win = v if v_win is None else v_win
+  o_win = sliding_window_attention_reference(q, k_win, v_win,
+                                             window=config.window, scale=scale)
+  gates = gates.astype(jnp.float32)
+  out = (gates[..., 0:1] * o_cmp.astype(jnp.float32)
+         + gates[..., 1:2] * o_slc.astype(jnp.float32)
+         + gates[..., 2:3] * o_win.astype(jnp.float32))
+  return out.astype(q.dtype)

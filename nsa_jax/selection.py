@@ -1,0 +1,120 @@
+"""Branch 2's block choice: importance scores by Eq. 9 and top-n selection in XLA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import chunking
+from nsa_jax.config import NSAConfig
+
+
+def compressed_to_selection_scores(p_cmp, config: NSAConfig, num_sel: int):
+  """Maps compressed-token scores to selection blocks (Eq. 9, 0-based).
+
+  ``p_slc[.., j] = sum_{m<a} sum_{n<b} p_cmp[.., j*a + m - n]`` with
+  ``a = l'/d``, ``b = l/d``; indices outside ``[0, Tc)`` are dropped.
+
+  Args:
+    p_cmp: float32 [..., Tc] compressed-token probabilities.
+    config: the block sizes.
+    num_sel: Ts, number of selection blocks.
+
+  Returns:
+    float32 [..., Ts].
+  """
+  a = config.sel_block // config.cmp_stride
+  b = config.cmp_block // config.cmp_stride
+  num_chunks = num_sel * a
+  tc = p_cmp.shape[-1]
+  # chunk_score[k] = sum_{n<b} p_cmp[k - n]: the b compressed blocks covering
+  # stride-chunk k. Pad b-1 zeros in front, enough behind for every chunk.
+  pad_back = max(0, num_chunks - tc)
+  padded = jnp.pad(p_cmp, [(0, 0)] * (p_cmp.ndim - 1) + [(b - 1, pad_back)])
+  chunk_score = sum(
+      padded[..., b - 1 - n: b - 1 - n + num_chunks] for n in range(b))
+  return chunk_score.reshape(*p_cmp.shape[:-1], num_sel, a).sum(axis=-1)
+
+
+def _scores_chunk(q, k_cmp, lse, t0, config, scale, num_sel):
+  """Group-summed block scores for one chunk of queries.
+
+  Args:
+    q: [B, C, Hq, Dk] queries at positions t0 .. t0 + C - 1.
+    k_cmp: [B, Tc, Hkv, Dk].
+    lse: [B, C, Hq] branch-1 log-sum-exp of those queries.
+
+  Returns:
+    float32 [B, C, Hkv, Ts].
+  """
+  b, c, hq, dk = q.shape
+  tc, hkv = k_cmp.shape[1], k_cmp.shape[2]
+  group = hq // hkv
+  qg = q.reshape(b, c, hkv, group, dk)
+  s = jnp.einsum("bcgrd,bigd->bcgri", qg, k_cmp,
+                 preferred_element_type=jnp.float32) * scale
+  t = t0 + jnp.arange(c)[:, None]
+  i = jnp.arange(tc)[None, :]
+  visible = (i * config.cmp_stride + config.cmp_block - 1 <= t)
+  visible = visible[None, :, None, None, :]
+  lse = lse.reshape(b, c, hkv, group, 1)
+  p = jnp.where(visible & jnp.isfinite(lse), jnp.exp(s - lse), 0.0)
+  p_slc = compressed_to_selection_scores(p, config, num_sel)
+  return p_slc.sum(axis=3)
+
+
+def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
+                 chunk_size: int = 128):
+  """Group-summed importance P of every selection block, chunked over queries.
+
+  Never holds more than one chunk's ``[B, C, Hq, Tc]`` probabilities.
+
+  Args:
+    q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; lse: float32 [B, T, Hq].
+    config: block sizes.
+    scale: defaults to 1/sqrt(Dk).
+    chunk_size: queries per chunk.
+
+  Returns:
+    float32 [B, T, Hkv, Ts], before forcing and causal masking.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  num_sel = config.num_selection_blocks(q.shape[1])
+  if k_cmp.shape[1] == 0:
+    return jnp.zeros((q.shape[0], q.shape[1], k_cmp.shape[2], num_sel),
+                     jnp.float32)
+
+  def body(q_chunk, lse_chunk, t0):
+    return _scores_chunk(q_chunk, k_cmp, lse_chunk, t0, config, scale,
+                         num_sel)
+
+  return chunking.map_query_chunks(body, (q, lse), chunk_size)
+
+
+def top_n_blocks(scores, config: NSAConfig):
+  """Picks ``num_selected`` blocks per (query, kv head) by the spec's rules.
+
+  Forced blocks (the first ``num_initial`` and the ``num_local`` ending at the
+  query's own block) rank first, then the other causal blocks by score, ties to
+  the lower index; slots beyond the number of causal blocks hold -1.
+
+  Args:
+    scores: float32 [B, T, Hkv, Ts] group-summed importance.
+    config: selection settings.
+
+  Returns:
+    int32 [B, T, Hkv, num_selected], no repeats.
+  """
+  seq_len, num_sel = scores.shape[1], scores.shape[3]
+  own = (jnp.arange(seq_len) // config.sel_block)[:, None]  # [T, 1]
+  j = jnp.arange(num_sel)[None, :]  # [1, Ts]
+  causal = j <= own
+  forced = causal & ((j < config.num_initial) | (j > own - config.num_local))
+  ranked = jnp.where(forced[None, :, None, :], jnp.inf,
+                     jnp.where(causal[None, :, None, :], scores, -jnp.inf))
+  n = config.num_selected
+  if num_sel < n:
+    ranked = jnp.pad(ranked, [(0, 0)] * 3 + [(0, n - num_sel)],
+                     constant_values=-jnp.inf)
+  values, indices = jax.lax.top_k(ranked, n)
+  return jnp.where(values > -jnp.inf, indices, -1).astype(jnp.int32)

@@ -1,0 +1,111 @@
+"""Input checks for nsa_jax.ops: readable errors before anything is traced."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from nsa_jax.config import NSAConfig
+
+IMPLS = ("auto", "pallas", "xla", "reference")
+
+
+def check_impl(impl):
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+
+
+def check_float(**arrays):
+  for name, x in arrays.items():
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise TypeError(f"{name} must be a floating-point array, got dtype "
+                      f"{jnp.result_type(x)}")
+
+
+def check_rank4(**arrays):
+  for name, x in arrays.items():
+    if jnp.ndim(x) != 4:
+      raise ValueError(f"{name} must be [batch, seq, heads, dim], got shape "
+                       f"{jnp.shape(x)}")
+
+
+def check_attention(q, k, v, *, k_name="k", v_name="v", same_length=True):
+  """Checks q [B,T,Hq,Dk], k [B,S,Hkv,Dk], v [B,S,Hkv,Dv] agree.
+
+  Args:
+    same_length: also require S == T (raw keys of the same sequence).
+  """
+  check_rank4(q=q, **{k_name: k, v_name: v})
+  check_float(q=q, **{k_name: k, v_name: v})
+  if not q.shape[0] == k.shape[0] == v.shape[0]:
+    raise ValueError(f"{q.shape=}, {k_name}.shape={k.shape} and "
+                     f"{v_name}.shape={v.shape} disagree on batch")
+  if k.shape[1] != v.shape[1]:
+    raise ValueError(f"{k_name}.shape={k.shape} and {v_name}.shape={v.shape} "
+                     "disagree on sequence length")
+  if same_length and q.shape[1] != k.shape[1]:
+    raise ValueError(f"{q.shape=} and {k_name}.shape={k.shape} disagree on "
+                     "sequence length")
+  if k.shape[2] != v.shape[2]:
+    raise ValueError(f"{k_name}.shape={k.shape} and {v_name}.shape={v.shape} "
+                     "disagree on kv heads")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads Hq={q.shape[2]} must be a multiple of kv "
+                     f"heads Hkv={k.shape[2]} ({q.shape=}, "
+                     f"{k_name}.shape={k.shape})")
+  if q.shape[3] != k.shape[3]:
+    raise ValueError(f"{q.shape=} and {k_name}.shape={k.shape} disagree on "
+                     "the key head dim Dk")
+
+
+def check_positive_int(**values):
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_compressed(q, k_cmp, block_size, stride):
+  """k_cmp must hold Tc = max(0, (T - l) // d + 1) tokens."""
+  check_positive_int(block_size=block_size, stride=stride)
+  seq_len = q.shape[1]
+  expected = max(0, (seq_len - block_size) // stride + 1)
+  if k_cmp.shape[1] != expected:
+    raise ValueError(
+        f"k_cmp has {k_cmp.shape[1]} compressed tokens but T={seq_len}, "
+        f"block_size={block_size}, stride={stride} give "
+        f"(T - l) // d + 1 = {expected}")
+
+
+def check_block_indices(block_indices, q, k, num_selected=None):
+  """block_indices must be int [B, T, Hkv, n]."""
+  shape = jnp.shape(block_indices)
+  if not jnp.issubdtype(jnp.result_type(block_indices), jnp.integer):
+    raise TypeError("block_indices must be an integer array, got dtype "
+                    f"{jnp.result_type(block_indices)}")
+  want = (q.shape[0], q.shape[1], k.shape[2])
+  if len(shape) != 4 or shape[:3] != want:
+    raise ValueError(f"block_indices.shape={shape} must be [B, T, Hkv, n] = "
+                     f"[{want[0]}, {want[1]}, {want[2]}, n]")
+  if num_selected is not None and shape[3] != num_selected:
+    raise ValueError(f"block_indices.shape={shape} has {shape[3]} slots but "
+                     f"config.num_selected={num_selected}")
+
+
+def check_config(config):
+  if not isinstance(config, NSAConfig):
+    raise TypeError(f"config must be an nsa_jax.NSAConfig, got "
+                    f"{type(config).__name__}")
+
+
+def check_gates(gates, q):
+  check_float(gates=gates)
+  want = (*q.shape[:3], 3)
+  if jnp.shape(gates) != want:
+    raise ValueError(f"gates.shape={jnp.shape(gates)} must be [B, T, Hq, 3] "
+                     f"= {list(want)}")
+
+
+def check_lse(lse, q):
+  check_float(lse=lse)
+  if jnp.shape(lse) != q.shape[:3]:
+    raise ValueError(f"lse.shape={jnp.shape(lse)} must be [B, T, Hq] = "
+                     f"{list(q.shape[:3])}")

@@ -1,0 +1,176 @@
+"""NSA branches in plain XLA with bounded memory: the CPU/TPU path and fallback.
+
+No function here builds a ``T x T`` matrix. Each maps over chunks of C query
+positions (``chunking.map_query_chunks``) and, per chunk, attends to:
+  compressed  all Tc compressed tokens, masked block-causally  [C, Tc]
+  selected    the n selected blocks of each query, gathered    [C, n * l']
+  window      the C + w - 1 keys that end at the chunk          [C, C + w - 1]
+Softmax statistics are float32; matmuls take the input dtype and accumulate
+in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import chunking
+
+
+def masked_softmax(s, mask):
+  """Softmax over the last axis of the entries where ``mask`` holds.
+
+  Args:
+    s: float32 [..., S] scores.
+    mask: bool broadcastable to ``s``.
+
+  Returns:
+    (p [..., S] float32, lse [...] float32). Rows with no visible entry give
+    p = 0 and lse = -inf, with zero (not NaN) gradients.
+  """
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  seen = denom > 0
+  safe = jnp.where(seen, denom, 1.0)
+  lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
+  return p / safe, lse[..., 0]
+
+
+def _group(q, num_kv_heads):
+  """[B, C, Hq, D] -> [B, C, Hkv, G, D]: query head h reads kv head h // G."""
+  b, c, hq, d = q.shape
+  return q.reshape(b, c, num_kv_heads, hq // num_kv_heads, d)
+
+
+def _ungroup(x):
+  """[B, C, Hkv, G, ...] -> [B, C, Hq, ...]."""
+  return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3],
+                   *x.shape[4:])
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
+                         chunk_size=128):
+  """Branch 1: query t sees compressed token i iff i*d + l - 1 <= t.
+
+  Args:
+    q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; v_cmp: [B, Tc, Hkv, Dv].
+    block_size: l. stride: d. scale: softmax scale.
+    chunk_size: queries per chunk.
+
+  Returns:
+    (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32).
+  """
+  b, seq_len, hq, _ = q.shape
+  tc, hkv, dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+  if tc == 0:
+    out = jnp.zeros((b, seq_len, hq, dv), q.dtype)
+    return out, jnp.full((b, seq_len, hq), -jnp.inf, jnp.float32)
+  first_visible = jnp.arange(tc) * stride + block_size - 1  # [Tc]
+
+  def body(q_chunk, t0):
+    qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
+    s = jnp.einsum("bcgrd,bigd->bcgri", qg, k_cmp,
+                   preferred_element_type=jnp.float32) * scale
+    t = t0 + jnp.arange(q_chunk.shape[1])
+    mask = (first_visible[None, :] <= t[:, None])[None, :, None, None, :]
+    p, lse = masked_softmax(s, mask)
+    out = jnp.einsum("bcgri,bigd->bcgrd", p.astype(v_cmp.dtype), v_cmp,
+                     preferred_element_type=jnp.float32)
+    return _ungroup(out).astype(q.dtype), _ungroup(lse)
+
+  return chunking.map_query_chunks(body, (q,), chunk_size)
+
+
+def selected_attention(q, k, v, block_indices, *, block_size, scale,
+                       chunk_size=64):
+  """Branch 2: each query attends to keys s <= t of its selected blocks.
+
+  The n selected blocks of every (query, kv head) are gathered whole from a
+  ``[B, Hkv, Ts, l', D]`` view of k and v; the gather's transpose (a
+  scatter-add) gives dK and dV.
+
+  Args:
+    q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
+    block_indices: int32 [B, T, Hkv, n], -1 for an empty slot.
+    block_size: l'. scale: softmax scale.
+    chunk_size: queries per chunk.
+
+  Returns:
+    [B, T, Hq, Dv] in q.dtype.
+  """
+  b, seq_len, hkv, dk = k.shape
+  dv = v.shape[3]
+  num_sel = -(-seq_len // block_size)
+  pad = num_sel * block_size - seq_len
+
+  def blocks(x):  # [B, T, Hkv, D] -> [B, Hkv, Ts, l', D]
+    x = jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    x = x.reshape(b, num_sel, block_size, hkv, x.shape[-1])
+    return x.transpose(0, 3, 1, 2, 4)
+
+  k_blocks, v_blocks = blocks(k), blocks(v)
+  offsets = jnp.arange(block_size)
+
+  def body(q_chunk, idx_chunk, t0):
+    c, n = q_chunk.shape[1], idx_chunk.shape[-1]
+    idx = idx_chunk.transpose(0, 2, 1, 3)  # [B, Hkv, C, n]
+    flat = jnp.clip(idx, 0, num_sel - 1).reshape(b, hkv, c * n)
+    take = lambda x: jnp.take_along_axis(
+        x, flat[:, :, :, None, None], axis=2, mode="clip")
+    kk = take(k_blocks).reshape(b, hkv, c, n * block_size, dk)
+    vv = take(v_blocks).reshape(b, hkv, c, n * block_size, dv)
+    pos = idx[..., None] * block_size + offsets  # [B, Hkv, C, n, l']
+    t = (t0 + jnp.arange(c))[None, None, :, None, None]
+    mask = (idx[..., None] >= 0) & (pos <= t)
+    mask = mask.reshape(b, hkv, c, 1, n * block_size)
+    qg = _group(q_chunk, hkv).transpose(0, 2, 1, 3, 4)  # [B, Hkv, C, G, Dk]
+    s = jnp.einsum("bgcrd,bgcsd->bgcrs", qg, kk,
+                   preferred_element_type=jnp.float32) * scale
+    p, _ = masked_softmax(s, mask)
+    out = jnp.einsum("bgcrs,bgcsd->bgcrd", p.astype(vv.dtype), vv,
+                     preferred_element_type=jnp.float32)
+    return _ungroup(out.transpose(0, 2, 1, 3, 4)).astype(q.dtype)
+
+  return chunking.map_query_chunks(body, (q, block_indices), chunk_size,
+                                   pad_values=(0, -1))
+
+
+def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
+  """Branch 3: query t sees keys s with t - w < s <= t.
+
+  A chunk of C queries starting at t0 reads the ``C + W - 1`` keys from
+  ``t0 - W + 1`` (W = min(w, T)), a dynamic slice of k padded in front.
+
+  Args:
+    q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
+    window: w. scale: softmax scale.
+    chunk_size: queries per chunk.
+
+  Returns:
+    [B, T, Hq, Dv] in q.dtype.
+  """
+  seq_len, hkv = k.shape[1], k.shape[2]
+  span_back = min(window, seq_len) - 1
+  chunk, count = chunking.num_chunks(seq_len, chunk_size)
+  pads = [(0, 0), (span_back, chunk * count - seq_len), (0, 0), (0, 0)]
+  k_pad, v_pad = jnp.pad(k, pads), jnp.pad(v, pads)
+  span = chunk + span_back
+
+  def body(q_chunk, t0):
+    kk = jax.lax.dynamic_slice_in_dim(k_pad, t0, span, axis=1)
+    vv = jax.lax.dynamic_slice_in_dim(v_pad, t0, span, axis=1)
+    qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
+    s = jnp.einsum("bcgrd,bsgd->bcgrs", qg, kk,
+                   preferred_element_type=jnp.float32) * scale
+    t = t0 + jnp.arange(q_chunk.shape[1])[:, None]
+    pos = t0 - span_back + jnp.arange(span)[None, :]
+    mask = (pos <= t) & (pos > t - window) & (pos >= 0)
+    p, _ = masked_softmax(s, mask[None, :, None, None, :])
+    out = jnp.einsum("bcgrs,bsgd->bcgrd", p.astype(vv.dtype), vv,
+                     preferred_element_type=jnp.float32)
+    return _ungroup(out).astype(q.dtype)
+
+  return chunking.map_query_chunks(body, (q,), chunk)
