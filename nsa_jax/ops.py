@@ -13,6 +13,7 @@ naming the argument.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +37,41 @@ def _scale(q, scale):
   return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def _checked_jit(*static_argnames):
+  """jax.jit with ``static_argnames``, after checking those arguments.
+
+  ``config`` must be an NSAConfig, ``impl`` a known name, and every static
+  argument hashable, so a bad one gets a readable error instead of jit's.
+  """
+  def wrap(fn):
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      bound = signature.bind(*args, **kwargs)
+      for name in static_argnames:
+        value = bound.arguments.get(name)
+        if name == "config":
+          validation.check_config(value)
+        elif name == "impl" and value is not None:
+          validation.check_impl(value)
+        try:
+          hash(value)
+        except TypeError:
+          raise TypeError(f"{fn.__name__}: {name}={value!r} must be "
+                          "hashable (it is a static argument)") from None
+      return jitted(*args, **kwargs)
+    return call
+  return wrap
+
+
 def _kernels():
   import pallas_kernels  # pylint: disable=g-import-not-at-top
   return pallas_kernels
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("block_size", "stride", "scale", "impl"))
+@_checked_jit("block_size", "stride", "scale", "impl")
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
                          impl="auto"):
   """Branch 1: attention over compressed tokens whose block is in the past.
@@ -78,7 +107,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
                                   stride=stride, scale=scale)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "impl"))
+@_checked_jit("config", "scale", "impl")
 def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None, impl="auto"):
   """Group-summed selection-block importance P (spec, branch 2).
 
@@ -130,7 +159,7 @@ def select_blocks(q, k_cmp, lse, config: NSAConfig, *, scale=None,
       block_scores(q, k_cmp, lse, config, scale=scale, impl=impl), config)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "impl"))
+@_checked_jit("block_size", "scale", "impl")
 def selected_attention(q, k, v, block_indices, *, block_size, scale=None,
                        impl="auto"):
   """Branch 2: attention over keys s <= t in the selected blocks of (t, h//G).
@@ -161,7 +190,7 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale=None,
                                 scale=scale)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "scale", "impl"))
+@_checked_jit("window", "scale", "impl")
 def sliding_window_attention(q, k, v, *, window, scale=None, impl="auto"):
   """Branch 3: query t attends to keys t - w < s <= t.
 
@@ -187,7 +216,7 @@ def sliding_window_attention(q, k, v, *, window, scale=None, impl="auto"):
   return xla.sliding_window_attention(q, k, v, window=window, scale=scale)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "impl"))
+@_checked_jit("config", "scale", "impl")
 def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
                   k_win=None, v_win=None, scale=None, impl="auto"):
   """Native Sparse Attention: gated sum of compressed, selected and window.
@@ -237,7 +266,7 @@ def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
 
 
 def combine_branches(gates, o_cmp, o_slc, o_win):
-  """o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, in float32.
+  """o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, summed in float32.
 
   Args:
     gates: [B, T, Hq, 3]; o_*: [B, T, Hq, Dv].
@@ -245,6 +274,7 @@ def combine_branches(gates, o_cmp, o_slc, o_win):
   Returns:
     [B, T, Hq, Dv] in o_cmp.dtype.
   """
-  g = gates.astype(jnp.float32)[..., None]  # [B, T, Hq, 3, 1]
-  stacked = jnp.stack([o_cmp, o_slc, o_win], axis=3).astype(jnp.float32)
+  acc = jnp.promote_types(o_cmp.dtype, jnp.float32)
+  g = gates.astype(acc)[..., None]  # [B, T, Hq, 3, 1]
+  stacked = jnp.stack([o_cmp, o_slc, o_win], axis=3).astype(acc)
   return (g * stacked).sum(axis=3).astype(o_cmp.dtype)

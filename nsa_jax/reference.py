@@ -25,13 +25,15 @@ def masked_attention(q, k, v, mask, scale):
     scale: softmax scale.
 
   Returns:
-    (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32). Rows that see no
-    key give out = 0 and lse = -inf, with finite gradients.
+    (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32, float64 for
+    float64 q). Rows that see no key give out = 0 and lse = -inf, with finite
+    gradients.
   """
+  acc = jnp.promote_types(q.dtype, jnp.float32)
   group = q.shape[2] // k.shape[2]
-  k = jnp.repeat(k.astype(jnp.float32), group, axis=2)
-  v = jnp.repeat(v.astype(jnp.float32), group, axis=2)
-  s = jnp.einsum("bthd,bshd->bths", q.astype(jnp.float32), k) * scale
+  k = jnp.repeat(k.astype(acc), group, axis=2)
+  v = jnp.repeat(v.astype(acc), group, axis=2)
+  s = jnp.einsum("bthd,bshd->bths", q.astype(acc), k) * scale
   mask = jnp.broadcast_to(mask, s.shape)
   s = jnp.where(mask, s, -jnp.inf)
   m = jax.lax.stop_gradient(
@@ -204,8 +206,9 @@ def nsa_attention_reference(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
   v_win = v if v_win is None else v_win
   o_win = sliding_window_attention_reference(q, k_win, v_win,
                                              window=config.window, scale=scale)
-  gates = gates.astype(jnp.float32)
-  out = (gates[..., 0:1] * o_cmp.astype(jnp.float32)
-         + gates[..., 1:2] * o_slc.astype(jnp.float32)
-         + gates[..., 2:3] * o_win.astype(jnp.float32))
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  gates = gates.astype(acc)
+  out = (gates[..., 0:1] * o_cmp.astype(acc)
+         + gates[..., 1:2] * o_slc.astype(acc)
+         + gates[..., 2:3] * o_win.astype(acc))
   return out.astype(q.dtype)

@@ -5,8 +5,9 @@ positions (``chunking.map_query_chunks``) and, per chunk, attends to:
   compressed  all Tc compressed tokens, masked block-causally  [C, Tc]
   selected    the n selected blocks of each query, gathered    [C, n * l']
   window      the C + w - 1 keys that end at the chunk          [C, C + w - 1]
-Softmax statistics are float32; matmuls take the input dtype and accumulate
-in float32.
+Softmax statistics are float32 (float64 for float64 inputs, so finite
+differences can check gradients); matmuls take the input dtype and accumulate
+in that precision.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def masked_softmax(s, mask):
   return p / safe, lse[..., 0]
 
 
+def accum_dtype(x):
+  """float32, or float64 when x is float64."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _group(q, num_kv_heads):
   """[B, C, Hq, D] -> [B, C, Hkv, G, D]: query head h reads kv head h // G."""
   b, c, hq, d = q.shape
@@ -65,20 +71,21 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
   """
   b, seq_len, hq, _ = q.shape
   tc, hkv, dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+  acc = accum_dtype(q)
   if tc == 0:
     out = jnp.zeros((b, seq_len, hq, dv), q.dtype)
-    return out, jnp.full((b, seq_len, hq), -jnp.inf, jnp.float32)
+    return out, jnp.full((b, seq_len, hq), -jnp.inf, accum_dtype(q))
   first_visible = jnp.arange(tc) * stride + block_size - 1  # [Tc]
 
   def body(q_chunk, t0):
     qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
     s = jnp.einsum("bcgrd,bigd->bcgri", qg, k_cmp,
-                   preferred_element_type=jnp.float32) * scale
+                   preferred_element_type=acc) * scale
     t = t0 + jnp.arange(q_chunk.shape[1])
     mask = (first_visible[None, :] <= t[:, None])[None, :, None, None, :]
     p, lse = masked_softmax(s, mask)
     out = jnp.einsum("bcgri,bigd->bcgrd", p.astype(v_cmp.dtype), v_cmp,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=acc)
     return _ungroup(out).astype(q.dtype), _ungroup(lse)
 
   return chunking.map_query_chunks(body, (q,), chunk_size)
@@ -103,6 +110,7 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
   """
   b, seq_len, hkv, dk = k.shape
   dv = v.shape[3]
+  acc = accum_dtype(q)
   num_sel = -(-seq_len // block_size)
   pad = num_sel * block_size - seq_len
 
@@ -128,10 +136,10 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
     mask = mask.reshape(b, hkv, c, 1, n * block_size)
     qg = _group(q_chunk, hkv).transpose(0, 2, 1, 3, 4)  # [B, Hkv, C, G, Dk]
     s = jnp.einsum("bgcrd,bgcsd->bgcrs", qg, kk,
-                   preferred_element_type=jnp.float32) * scale
+                   preferred_element_type=acc) * scale
     p, _ = masked_softmax(s, mask)
     out = jnp.einsum("bgcrs,bgcsd->bgcrd", p.astype(vv.dtype), vv,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=acc)
     return _ungroup(out.transpose(0, 2, 1, 3, 4)).astype(q.dtype)
 
   return chunking.map_query_chunks(body, (q, block_indices), chunk_size,
@@ -153,6 +161,7 @@ def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
     [B, T, Hq, Dv] in q.dtype.
   """
   seq_len, hkv = k.shape[1], k.shape[2]
+  acc = accum_dtype(q)
   span_back = min(window, seq_len) - 1
   chunk, count = chunking.num_chunks(seq_len, chunk_size)
   pads = [(0, 0), (span_back, chunk * count - seq_len), (0, 0), (0, 0)]
@@ -164,13 +173,13 @@ def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
     vv = jax.lax.dynamic_slice_in_dim(v_pad, t0, span, axis=1)
     qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
     s = jnp.einsum("bcgrd,bsgd->bcgrs", qg, kk,
-                   preferred_element_type=jnp.float32) * scale
+                   preferred_element_type=acc) * scale
     t = t0 + jnp.arange(q_chunk.shape[1])[:, None]
     pos = t0 - span_back + jnp.arange(span)[None, :]
     mask = (pos <= t) & (pos > t - window) & (pos >= 0)
     p, _ = masked_softmax(s, mask[None, :, None, None, :])
     out = jnp.einsum("bcgrs,bsgd->bcgrd", p.astype(vv.dtype), vv,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=acc)
     return _ungroup(out).astype(q.dtype)
 
   return chunking.map_query_chunks(body, (q,), chunk)

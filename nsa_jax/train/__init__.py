@@ -1,0 +1,17 @@
+"""Training: optax AdamW loop, orbax checkpoints, JSONL metrics, plots."""
+
+from nsa_jax.train.checkpoint import Checkpointer
+from nsa_jax.train.checkpoint import CheckpointError
+from nsa_jax.train.config import TrainConfig
+from nsa_jax.train.loop import evaluate
+from nsa_jax.train.loop import RunResult
+from nsa_jax.train.loop import train
+from nsa_jax.train.metrics import MetricsWriter
+from nsa_jax.train.metrics import read_metrics
+from nsa_jax.train.optim import make_optimizer
+from nsa_jax.train.optim import make_schedule
+from nsa_jax.train.plotting import plot_runs
+from nsa_jax.train.steps import eval_step
+from nsa_jax.train.steps import masked_loss_sum
+from nsa_jax.train.steps import predict_step
+from nsa_jax.train.steps import train_step

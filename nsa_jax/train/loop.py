@@ -1,0 +1,218 @@
+"""The training loop: jit steps, eval, JSONL metrics, progress, checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import pathlib
+import sys
+import time
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from nsa_jax.data.iterators import Batch
+from nsa_jax.data.iterators import StepIterator
+from nsa_jax.train import checkpoint as checkpoint_lib
+from nsa_jax.train import metrics as metrics_lib
+from nsa_jax.train import optim
+from nsa_jax.train import steps as steps_lib
+from nsa_jax.train.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """Summary of a finished ``train`` call.
+
+  Attributes:
+    start_step: the step training (re)started from.
+    final_step: the last step done.
+    final_loss: train loss of the last logged step.
+    final_val_loss: validation loss at the end (None without an eval set).
+    train_s: seconds spent in train steps, compilation excluded.
+    elapsed_s: wall-clock seconds of the run (all sessions).
+    metrics_path: the JSONL metrics file.
+  """
+
+  start_step: int
+  final_step: int
+  final_loss: float | None
+  final_val_loss: float | None
+  train_s: float
+  elapsed_s: float
+  metrics_path: pathlib.Path
+
+
+def evaluate(model: nnx.Module, batches: Sequence[Batch]) -> float:
+  """Mean masked cross-entropy (nats/token) over ``batches``."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    loss_sum, n = steps_lib.eval_step(model, _to_device(batch))
+    total += float(loss_sum)
+    count += float(n)
+  return total / max(count, 1.0)
+
+
+def _to_device(batch: Batch) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _format_eta(seconds: float) -> str:
+  minutes, sec = divmod(int(seconds), 60)
+  return f"{minutes}m{sec:02d}s"
+
+
+def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
+          workdir: str | pathlib.Path, *,
+          eval_data: Sequence[Batch] | None = None,
+          resume: bool = False,
+          run_config: dict[str, Any] | None = None,
+          name: str = "train",
+          log: Callable[[str], None] = print,
+          debug_step_delay: float = 0.0) -> RunResult:
+  """Trains ``model`` in place for ``cfg.steps`` optimizer steps.
+
+  Writes ``<workdir>/metrics.jsonl`` (rows ``kind="train"``: step, loss,
+  grad_norm, lr, tokens, tokens_per_s, train_s, elapsed_s; rows
+  ``kind="eval"``: step, val_loss, train_s, elapsed_s) and orbax checkpoints
+  under ``<workdir>/checkpoints``. With ``resume=True`` it restores the latest
+  complete checkpoint (model, optimizer, RNG, data position) and continues so
+  that the remaining steps are those of an uninterrupted run.
+
+  Args:
+    model: NNX module, ``model(int32 [B, T]) -> logits [B, T, V]``.
+    cfg: the training settings.
+    train_data: batches of ``cfg.batch_size`` x ``cfg.seq_len``.
+    workdir: run directory.
+    eval_data: fixed validation batches, or None.
+    resume: continue from ``<workdir>/checkpoints``.
+    run_config: JSON-able description of model and data; a checkpoint of
+      another config is refused.
+    name: label of the progress bar and log lines.
+    log: where text lines go.
+    debug_step_delay: seconds to sleep after every step (tests that kill a
+      run mid-training use it).
+
+  Returns:
+    A ``RunResult``.
+
+  Raises:
+    CheckpointError: resuming without a usable checkpoint, or starting fresh
+      in a directory that already holds checkpoints.
+    ValueError: data whose batch shape disagrees with ``cfg``.
+  """
+  if (train_data.batch_size, train_data.seq_len) != (cfg.batch_size,
+                                                     cfg.seq_len):
+    raise ValueError(
+        f"train data yields [{train_data.batch_size}, {train_data.seq_len}] "
+        f"batches, TrainConfig wants [{cfg.batch_size}, {cfg.seq_len}]")
+  workdir = pathlib.Path(workdir)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(cfg), wrt=nnx.Param)
+  schedule = optim.make_schedule(cfg)
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", config=run_config, keep=cfg.keep_checkpoints,
+      async_save=cfg.async_checkpoints)
+  rng = jax.random.key(cfg.seed)
+  start, train_s, elapsed_before = 0, 0.0, 0.0
+  if resume:
+    restored = ckpt.restore(model, optimizer)
+    start, rng = restored.step, restored.rng
+    train_data.restore(restored.data_state)
+    train_s = float(restored.extra.get("train_s", 0.0))
+    elapsed_before = float(restored.extra.get("elapsed_s", 0.0))
+    log(f"[{name}] resumed from {ckpt.directory / str(start)} at step {start}")
+  elif ckpt.latest_step() is not None:
+    raise checkpoint_lib.CheckpointError(
+        f"{ckpt.directory} already holds checkpoints (steps "
+        f"{ckpt.complete_steps()}); pass resume=True (--resume) to continue "
+        "that run or choose a new workdir")
+  writer = metrics_lib.MetricsWriter(
+      workdir / "metrics.jsonl", resume_step=start if resume else None)
+  show_bar = cfg.progress and sys.stderr.isatty()
+  bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=name, unit="step",
+                  disable=not show_bar, dynamic_ncols=True)
+  session_start = time.perf_counter()
+  # Timing covers train steps only: a segment opens after each step that
+  # compiled, logged, evaluated or saved, and closes (blocking) before the
+  # next of those.
+  seg_start, compiled = None, False
+  window_steps, window_s = 0, 0.0  # since the last train row
+  loss = val_loss = None
+
+  def elapsed():
+    return elapsed_before + time.perf_counter() - session_start
+
+  def close_segment(out):
+    nonlocal seg_start, train_s, window_s
+    jax.block_until_ready(out)
+    if seg_start is not None:
+      spent = time.perf_counter() - seg_start
+      train_s += spent
+      window_s += spent
+    seg_start = None
+
+  try:
+    for step in range(start, cfg.steps):
+      batch = _to_device(next(train_data))
+      t0 = time.perf_counter()
+      out = steps_lib.train_step(model, optimizer, batch,
+                                 grad_accum=cfg.grad_accum)
+      done = step + 1
+      is_last = done == cfg.steps
+      if not compiled:
+        jax.block_until_ready(out)
+        compiled = True
+        log(f"[{name}] compiled and ran step {done} in "
+            f"{time.perf_counter() - t0:.1f}s")
+      elif seg_start is not None:
+        window_steps += 1
+      do_log = done % cfg.log_every == 0 or is_last
+      do_eval = bool(eval_data) and (
+          (cfg.eval_every and done % cfg.eval_every == 0) or is_last)
+      do_save = (cfg.ckpt_every and done % cfg.ckpt_every == 0) or is_last
+      if do_log or do_eval or do_save:
+        close_segment(out)
+      if do_log:
+        loss = float(out["loss"])
+        tokens_per_s = (window_steps * cfg.tokens_per_step / window_s
+                        if window_steps and window_s > 0 else None)
+        window_steps, window_s = 0, 0.0
+        writer.write({
+            "kind": "train", "step": done, "loss": loss,
+            "grad_norm": float(out["grad_norm"]),
+            "lr": float(schedule(step)),
+            "tokens": done * cfg.tokens_per_step,
+            "tokens_per_s": tokens_per_s, "train_s": train_s,
+            "elapsed_s": elapsed()})
+        rate = f"{tokens_per_s:.0f}" if tokens_per_s else "-"
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=rate)
+        if not show_bar and (done % (cfg.log_every * 10) == 0 or is_last):
+          eta = (cfg.steps - done) * train_s / max(done - start - 1, 1)
+          log(f"[{name}] step {done}/{cfg.steps} loss {loss:.4f} "
+              f"{rate} tok/s eta {_format_eta(eta)}")
+      if do_eval:
+        val_loss = evaluate(model, eval_data)
+        writer.write({"kind": "eval", "step": done, "val_loss": val_loss,
+                      "train_s": train_s, "elapsed_s": elapsed()})
+        if not show_bar:
+          log(f"[{name}] step {done} val_loss {val_loss:.4f}")
+      if do_save:
+        ckpt.save(done, model, optimizer, rng, train_data.state(),
+                  extra={"train_s": train_s, "elapsed_s": elapsed()})
+      bar.update(1)
+      if debug_step_delay:
+        time.sleep(debug_step_delay)
+      if seg_start is None:
+        seg_start = time.perf_counter()
+    ckpt.wait()
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  return RunResult(start_step=start, final_step=cfg.steps, final_loss=loss,
+                   final_val_loss=val_loss, train_s=train_s,
+                   elapsed_s=elapsed(), metrics_path=writer.path)

@@ -1,0 +1,63 @@
+"""Loss curves of several runs, per step and per wall-clock second."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from nsa_jax.train.metrics import read_metrics
+
+
+def _series(rows, kind, key, x):
+  pts = [(r[x], r[key]) for r in rows
+         if r.get("kind") == kind and r.get(key) is not None]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(runs: Mapping[str, str | pathlib.Path],
+              out_path: str | pathlib.Path, *, title: str = "") -> pathlib.Path:
+  """Draws train and validation loss against step and against train seconds.
+
+  Args:
+    runs: label -> metrics ``.jsonl`` path (as written by ``train``).
+    out_path: the PNG to write (parent directories are created).
+    title: figure title.
+
+  Returns:
+    ``out_path``.
+
+  Raises:
+    FileNotFoundError: a metrics file does not exist.
+  """
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for i, (label, path) in enumerate(runs.items()):
+    path = pathlib.Path(path)
+    if not path.exists():
+      raise FileNotFoundError(f"metrics file {path} (run {label!r}) not found")
+    rows = read_metrics(path)
+    color = f"C{i}"
+    for ax, x in zip(axes, ("step", "train_s")):
+      xs, ys = _series(rows, "train", "loss", x)
+      ax.plot(xs, ys, color=color, alpha=0.35, lw=1)
+      xs, ys = _series(rows, "eval", "val_loss", x)
+      ax.plot(xs, ys, color=color, marker="o", ms=3, lw=2,
+              label=f"{label} (val; faint: train)")
+  axes[0].set_xlabel("optimizer step")
+  axes[1].set_xlabel("training seconds (compilation excluded)")
+  for ax in axes:
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  out_path = pathlib.Path(out_path)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out_path, dpi=110)
+  plt.close(fig)
+  return out_path

@@ -1,0 +1,89 @@
+"""Jit-compiled train and eval steps: masked next-token cross-entropy."""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def masked_loss_sum(logits: jax.Array, targets: jax.Array,
+                    mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy summed over scored tokens, in float32.
+
+  Args:
+    logits: float [B, T, V].
+    targets: int32 [B, T].
+    mask: float32 [B, T], 1 where a token is scored.
+
+  Returns:
+    (loss sum, scored-token count), both float32 scalars.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)  # [B, T]
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+@nnx.jit(static_argnames=("grad_accum",))
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
+               batch: dict[str, jax.Array], grad_accum: int = 1
+               ) -> dict[str, jax.Array]:
+  """One optimizer step on ``batch``, split into ``grad_accum`` micro-batches.
+
+  Gradients of the micro-batches are summed in float32 inside a
+  ``lax.scan`` (so memory is that of one micro-batch) and normalised by the
+  scored tokens of the whole batch, so the update equals the one on the full
+  batch at once.
+
+  Args:
+    model: an NNX module, ``model(inputs [b, T]) -> logits [b, T, V]``.
+    optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, updated in place.
+    batch: ``inputs``/``targets`` int32 [B, T], ``mask`` float32 [B, T].
+    grad_accum: micro-batches; B must divide by it.
+
+  Returns:
+    ``loss`` (mean over scored tokens) and ``grad_norm`` (before clipping).
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  micro = jax.tree.map(
+      lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]),
+      batch)  # [A, B / A, T]
+  count = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+
+  def micro_loss(params, mb):
+    logits = nnx.merge(graphdef, params, rest)(mb["inputs"])
+    loss_sum, _ = masked_loss_sum(logits, mb["targets"], mb["mask"])
+    return loss_sum / count
+
+  grad_fn = jax.value_and_grad(micro_loss)
+
+  def accumulate(carry, mb):
+    loss, grads = carry
+    micro_value, micro_grads = grad_fn(params, mb)
+    grads = jax.tree.map(jnp.add, grads, micro_grads)
+    return (loss + micro_value, grads), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  if grad_accum == 1:
+    loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
+  else:
+    (loss, grads), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+  optimizer.update(model, grads)
+  return {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+@nnx.jit
+def eval_step(model: nnx.Module, batch: dict[str, jax.Array]
+              ) -> tuple[jax.Array, jax.Array]:
+  """Summed masked loss and scored-token count of ``batch`` (float32)."""
+  logits = model(batch["inputs"])
+  return masked_loss_sum(logits, batch["targets"], batch["mask"])
+
+
+@nnx.jit
+def predict_step(model: nnx.Module, inputs: jax.Array) -> jax.Array:
+  """Greedy next tokens: int32 [B, T] -> int32 [B, T]."""
+  return jnp.argmax(model(inputs), axis=-1).astype(jnp.int32)
