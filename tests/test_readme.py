@@ -1,0 +1,13 @@
+"""The README's usage example runs as written."""
+
+import pathlib
+import re
+
+
+def test_readme_usage_example_runs():
+  readme = pathlib.Path(__file__).parents[1] / "README.md"
+  blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+  assert blocks, "README.md has no python example"
+  namespace = {}
+  exec(compile(blocks[0], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["y"].shape == (1, 3000, 512)
