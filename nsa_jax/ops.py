@@ -33,6 +33,19 @@ def resolve_impl(impl: str) -> str:
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def _resolve_selected(impl, block_size):
+  """Like resolve_impl; "auto" falls back to "xla" for an l' the kernel lacks.
+
+  The selected-attention kernel needs l' to be a power of two >= 16; an
+  explicit "pallas" with another l' raises the kernel's ValueError.
+  """
+  resolved = resolve_impl(impl)
+  if (impl == "auto" and resolved == "pallas"
+      and not _kernels().supports_block_size(block_size)):
+    return "xla"
+  return resolved
+
+
 def _scale(q, scale):
   return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
@@ -174,10 +187,10 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale=None,
   Returns:
     [B, T, Hq, Dv] in q.dtype; 0 for a query whose slots are all -1.
   """
-  impl = resolve_impl(impl)
   validation.check_attention(q, k, v)
   validation.check_block_indices(block_indices, q, k)
   validation.check_positive_int(block_size=block_size)
+  impl = _resolve_selected(impl, block_size)
   block_indices = block_indices.astype(jnp.int32)
   scale = _scale(q, scale)
   if impl == "reference":
@@ -235,7 +248,6 @@ def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
   Returns:
     [B, T, Hq, Dv] in q.dtype.
   """
-  impl = resolve_impl(impl)
   validation.check_config(config)
   validation.check_attention(q, k, v)
   validation.check_gates(gates, q)
@@ -250,7 +262,7 @@ def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
                              same_length=False)
   if v_cmp.shape[3] != v.shape[3]:
     raise ValueError(f"{v_cmp.shape=} and {v.shape=} disagree on Dv")
-  if impl == "reference":
+  if resolve_impl(impl) == "reference":
     return reference.nsa_attention_reference(
         q, k, v, gates, config, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win,
         v_win=v_win, scale=scale)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, TOLERANCE, make_inputs, random_block_table
+from nsa_cases import CASES, TINY, TOLERANCE, make_inputs, random_block_table
 from nsa_jax import ops
 
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -186,3 +186,24 @@ def test_jit_with_static_config(case):
 def test_auto_resolves_to_xla_on_cpu():
   assert ops.resolve_impl("auto") == ("pallas" if jax.default_backend() ==
                                       "gpu" else "xla")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=str)
+def test_nsa_attention_pallas_interpret(case):
+  """impl="pallas" routes every branch through the kernels (interpret mode)."""
+  x = make_inputs(case)
+  args = [x[n] for n in ("q", "k", "v", "gates", "k_cmp", "v_cmp")]
+  out = _nsa_loss("pallas")(*args)
+  chex.assert_trees_all_close(out, _nsa_loss("reference")(*args), atol=1e-4,
+                              rtol=1e-4)
+  chex.assert_trees_all_close(
+      jax.grad(_nsa_loss("pallas"), argnums=range(6))(*args),
+      jax.grad(_nsa_loss("reference"), argnums=range(6))(*args), atol=1e-4,
+      rtol=1e-4)
+
+
+def test_auto_falls_back_to_xla_for_block_sizes_the_kernel_lacks(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert ops._resolve_selected("auto", 24) == "xla"  # pylint: disable=protected-access
+  assert ops._resolve_selected("auto", 32) == "pallas"  # pylint: disable=protected-access
+  assert ops._resolve_selected("xla", 32) == "xla"  # pylint: disable=protected-access

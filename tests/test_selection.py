@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, make_inputs
+from nsa_cases import TINY, make_inputs
 from nsa_jax import NSAConfig, ops, reference
 from nsa_jax.selection import compressed_to_selection_scores, top_n_blocks
 

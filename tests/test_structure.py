@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from conftest import CASES, TINY, make_inputs, random_block_table
+from nsa_cases import CASES, TINY, make_inputs, random_block_table
 from nsa_jax import NSAConfig, ops
 from nsa_jax.reference import masked_attention
 

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from conftest import TINY, Case, make_inputs
+from nsa_cases import TINY, Case, make_inputs
 from nsa_jax import ops
 
 CASE = Case(2, 37, 4, 2, 16, 8)

@@ -1,0 +1,19 @@
+"""Pallas Triton kernels of Native Sparse Attention (jax only, no flax)."""
+
+from pallas_kernels.block_scores import block_scores
+from pallas_kernels.compressed_attention import compressed_attention
+from pallas_kernels.launch_config import LaunchConfig
+from pallas_kernels.selected_attention import selected_attention
+from pallas_kernels.selected_attention import supports_block_size
+from pallas_kernels.sliding_window import sliding_window_attention
+from pallas_kernels.triton_compat import default_interpret
+
+__all__ = [
+    "LaunchConfig",
+    "block_scores",
+    "compressed_attention",
+    "default_interpret",
+    "selected_attention",
+    "sliding_window_attention",
+    "supports_block_size",
+]

@@ -1,0 +1,372 @@
+"""NSA branch 1: block-causal attention over compressed tokens (Pallas)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from pallas_kernels import launch_config
+from pallas_kernels import triton_compat as tc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Hashable settings of one call (the custom_vjp's non-differentiable arg)."""
+
+  block_size: int  # l
+  stride: int  # d
+  scale: float
+  seq_len: int  # T
+  num_cmp: int  # Tc
+  group: int  # G
+  head_dim_v: int  # Dv, to slice the padded output
+  launch: launch_config.LaunchConfig
+  interpret: bool
+
+
+def _first_invisible(t, block_size, stride, num_cmp):
+  """Number of compressed tokens i with i*d + l - 1 <= t, for an int t >= 0."""
+  count = jnp.where(t >= block_size - 1,
+                    lax.div(t - (block_size - 1), stride) + 1, 0)
+  return jnp.minimum(count, num_cmp)
+
+
+def _tile_setup(q_ref, st: _Static):
+  """The [rows, Dk] query tile and the query position of every row."""
+  block_q, group_p, dk = q_ref.shape
+  rows = block_q * group_p
+  q = q_ref[...].reshape(rows, dk)
+  t = pl.program_id(1) * block_q + lax.div(jnp.arange(rows), group_p)
+  # Compressed tokens the last query of the tile can see; earlier queries of
+  # the tile see a prefix of them (mask below).
+  num_visible = _first_invisible(pl.program_id(1) * block_q + block_q - 1,
+                                 st.block_size, st.stride, st.num_cmp)
+  return q, t, num_visible
+
+
+def _scores(q, k_ref, t, chunk, st: _Static):
+  """Base-2 logits of one [rows, block_k] tile and its visibility mask."""
+  block_k = st.launch.block_k
+  start = pl.multiple_of(chunk * block_k, block_k)
+  k = k_ref[pl.ds(start, block_k), :]  # [block_k, Dk]
+  s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, block_k]
+  i = start + jnp.arange(block_k)
+  visible = i[None, :] * st.stride + (st.block_size - 1) <= t[:, None]
+  return s, visible, start
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+  """FlashAttention-2 forward for one (batch, query tile, kv head).
+
+  Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv] -> o [block_q, Gp, Dv],
+  lse [block_q, Gp]. The online softmax runs in base 2 (exp2 is the native
+  instruction); lse is converted to natural log when stored.
+  """
+  q, t, num_visible = _tile_setup(q_ref, st)
+  rows = q.shape[0]
+  dv = v_ref.shape[-1]
+
+  def body(chunk, carry):
+    acc, m, l = carry
+    s, visible, start = _scores(q, k_ref, t, chunk, st)
+    s = jnp.where(visible, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # A row that has seen nothing keeps m = -inf; shift by 0 to avoid inf-inf.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)  # [rows]
+    p = jnp.exp2(s - m_safe[:, None])  # [rows, block_k], 0 where masked
+    v = v_ref[pl.ds(start, st.launch.block_k), :]  # [block_k, Dv]
+    acc = alpha[:, None] * acc + tc.dot(p.astype(v.dtype), v)
+    return acc, m_new, alpha * l + jnp.sum(p, axis=1)
+
+  acc = jnp.zeros((rows, dv), jnp.float32)
+  m = jnp.full((rows,), -jnp.inf, jnp.float32)
+  l = jnp.zeros((rows,), jnp.float32)
+  num_chunks = lax.div(num_visible + st.launch.block_k - 1, st.launch.block_k)
+  acc, m, l = lax.fori_loop(0, num_chunks, body, (acc, m, l))
+  seen = l > 0.0
+  out = acc / jnp.where(seen, l, 1.0)[:, None]
+  lse = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * tc.LN2,
+                  -jnp.inf)
+  o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
+  lse_ref[...] = lse.reshape(lse_ref.shape)
+
+
+def _probs(q, k_ref, t, lse2, chunk, st: _Static):
+  """Recomputed softmax probabilities of one tile (0 where not visible)."""
+  s, visible, start = _scores(q, k_ref, t, chunk, st)
+  return jnp.where(visible, jnp.exp2(s - lse2[:, None]), 0.0), start
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               st: _Static):
+  """dQ = scale * sum_i dS_i k_i, dS = P * (dO.V^T - delta) (FA-2, Alg. 2).
+
+  Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv], do [block_q, Gp, Dv],
+  lse / delta [block_q, Gp] -> dq [block_q, Gp, Dk].
+  """
+  q, t, num_visible = _tile_setup(q_ref, st)
+  rows, dk = q.shape
+  do = do_ref[...].reshape(rows, do_ref.shape[-1])
+  lse2 = lse_ref[...].reshape(rows) * tc.LOG2E
+  delta = delta_ref[...].reshape(rows)
+
+  def body(chunk, dq):
+    p, start = _probs(q, k_ref, t, lse2, chunk, st)
+    v = v_ref[pl.ds(start, st.launch.block_k), :]
+    k = k_ref[pl.ds(start, st.launch.block_k), :]
+    ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
+    return dq + tc.dot(ds.astype(k.dtype), k)
+
+  num_chunks = lax.div(num_visible + st.launch.block_k - 1, st.launch.block_k)
+  dq = lax.fori_loop(0, num_chunks, body, jnp.zeros((rows, dk), jnp.float32))
+  dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, st: _Static):
+  """dK, dV of one [block_k] chunk of compressed tokens, all G heads summed.
+
+  Refs: q [Tp, Gp, Dk], k [block_k, Dk], v [block_k, Dv], do [Tp, Gp, Dv],
+  lse / delta [Tp, Gp] -> dk [block_k, Dk], dv [block_k, Dv]. Loops over the
+  query tiles from the first one that sees the chunk's first token.
+  """
+  seq_pad, group_p, dk = q_ref.shape
+  block_q, block_k = st.launch.block_q, st.launch.block_k
+  rows = block_q * group_p
+  k = k_ref[...]
+  v = v_ref[...]
+  i = pl.program_id(1) * block_k + jnp.arange(block_k)
+  first_t = pl.program_id(1) * block_k * st.stride + st.block_size - 1
+
+  def body(tile, carry):
+    dk_acc, dv_acc = carry
+    start = pl.multiple_of(tile * block_q, block_q)
+    q = q_ref[pl.ds(start, block_q), :, :].reshape(rows, dk)
+    do = do_ref[pl.ds(start, block_q), :, :].reshape(rows, v.shape[-1])
+    lse2 = lse_ref[pl.ds(start, block_q), :].reshape(rows) * tc.LOG2E
+    delta = delta_ref[pl.ds(start, block_q), :].reshape(rows)
+    t = start + lax.div(jnp.arange(rows), group_p)
+    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, block_k]
+    visible = i[None, :] * st.stride + (st.block_size - 1) <= t[:, None]
+    p = jnp.where(visible, jnp.exp2(s - lse2[:, None]), 0.0)
+    ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
+    dv_acc = dv_acc + tc.dot(p.astype(do.dtype), do, trans_a=True)
+    dk_acc = dk_acc + tc.dot(ds.astype(q.dtype), q, trans_a=True)
+    return dk_acc, dv_acc
+
+  first_tile = lax.div(jnp.minimum(first_t, seq_pad), block_q)
+  dk_acc, dv_acc = lax.fori_loop(
+      first_tile, seq_pad // block_q, body,
+      (jnp.zeros((block_k, dk), jnp.float32),
+       jnp.zeros((block_k, v.shape[-1]), jnp.float32)))
+  dk_ref[...] = (dk_acc * st.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_acc.astype(dv_ref.dtype)
+
+
+def _pad_inputs(q, k_cmp, v_cmp, st: _Static):
+  hkv = k_cmp.shape[2]
+  block_q, block_k = st.launch.block_q, st.launch.block_k
+  seq_pad = tc.round_up(st.seq_len, block_q)
+  group_p = tc.next_pow2(st.group)
+  dk_p = tc.next_pow2(q.shape[-1], tc.MIN_DOT_DIM)
+  dv_p = tc.next_pow2(v_cmp.shape[-1], tc.MIN_DOT_DIM)
+  tc_pad = tc.round_up(st.num_cmp, block_k)
+  q5 = tc.group_heads(q, hkv, seq_pad, group_p, dk_p)
+  k_p = tc.pad_axis(tc.pad_axis(k_cmp, 1, tc_pad), 3, dk_p)
+  v_p = tc.pad_axis(tc.pad_axis(v_cmp, 1, tc_pad), 3, dv_p)
+  return q5, k_p, v_p
+
+
+def _group_spec(block_q, group_p, dim=None):
+  """BlockSpec of a [B, Tp, Hkv, Gp(, D)] on grid (b, q tile, kv head)."""
+  if dim is None:
+    return pl.BlockSpec((None, block_q, None, group_p),
+                        lambda b, i, g: (b, i, g, 0))
+  return pl.BlockSpec((None, block_q, None, group_p, dim),
+                      lambda b, i, g: (b, i, g, 0, 0))
+
+
+def _kv_spec(num_keys, dim):
+  """BlockSpec of all keys [B, Tcp, Hkv, D] of one (batch, kv head)."""
+  return pl.BlockSpec((None, num_keys, None, dim), lambda b, i, g: (b, 0, g, 0))
+
+
+def _fwd(q, k_cmp, v_cmp, st: _Static):
+  q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
+  batch, seq_pad, hkv, group_p, dk_p = q5.shape
+  tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
+  block_q = st.launch.block_q
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, st=st),
+      grid=(batch, seq_pad // block_q, hkv),
+      in_specs=[_group_spec(block_q, group_p, dk_p), _kv_spec(tc_pad, dk_p),
+                _kv_spec(tc_pad, dv_p)],
+      out_specs=[_group_spec(block_q, group_p, dv_p),
+                 _group_spec(block_q, group_p)],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p, dv_p), q.dtype),
+          jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p), jnp.float32),
+      ],
+      compiler_params=tc.compiler_params(st.launch.num_warps,
+                                         st.launch.num_stages),
+      interpret=st.interpret,
+      name="nsa_compressed_attention_fwd",
+  )(q5, k_p, v_p)
+  out = tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v)
+  lse = tc.ungroup_heads(lse, st.seq_len, st.group)
+  return out, lse
+
+
+def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
+  q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
+  batch, seq_pad, hkv, group_p, dk_p = q5.shape
+  tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
+  block_q, block_k = st.launch.block_q, st.launch.block_k
+  # FA-2 preprocessing: delta = rowsum(dO * O). A cotangent on lse adds
+  # d_lse * dlse/ds = d_lse * P to dS, i.e. it enters as -d_lse in delta.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+  do5 = tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p)
+  lse4 = tc.group_heads(lse[..., None], hkv, seq_pad, group_p, 1)[..., 0]
+  delta4 = tc.group_heads(delta[..., None], hkv, seq_pad, group_p, 1)[..., 0]
+  params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
+
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, st=st),
+      grid=(batch, seq_pad // block_q, hkv),
+      in_specs=[_group_spec(block_q, group_p, dk_p), _kv_spec(tc_pad, dk_p),
+                _kv_spec(tc_pad, dv_p), _group_spec(block_q, group_p, dv_p),
+                _group_spec(block_q, group_p), _group_spec(block_q, group_p)],
+      out_specs=_group_spec(block_q, group_p, dk_p),
+      out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+      compiler_params=params,
+      interpret=st.interpret,
+      name="nsa_compressed_attention_dq",
+  )(q5, k_p, v_p, do5, lse4, delta4)
+
+  def whole(*block):  # all query positions of one (batch, kv head)
+    return pl.BlockSpec((None, seq_pad, None) + block,
+                        lambda b, c, g: (b, 0, g) + (0,) * len(block))
+
+  def chunk(dim):  # one chunk of block_k compressed tokens
+    return pl.BlockSpec((None, block_k, None, dim),
+                        lambda b, c, g: (b, c, g, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, st=st),
+      grid=(batch, tc_pad // block_k, hkv),
+      in_specs=[whole(group_p, dk_p), chunk(dk_p), chunk(dv_p),
+                whole(group_p, dv_p), whole(group_p), whole(group_p)],
+      out_specs=[chunk(dk_p), chunk(dv_p)],
+      out_shape=[jax.ShapeDtypeStruct(k_p.shape, k_cmp.dtype),
+                 jax.ShapeDtypeStruct(v_p.shape, v_cmp.dtype)],
+      compiler_params=params,
+      interpret=st.interpret,
+      name="nsa_compressed_attention_dkv",
+  )(q5, k_p, v_p, do5, lse4, delta4)
+  dq = tc.ungroup_heads(dq, st.seq_len, st.group, q.shape[-1])
+  dk = dk[:, :st.num_cmp, :, :k_cmp.shape[-1]]
+  dv = dv[:, :st.num_cmp, :, :v_cmp.shape[-1]]
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _compressed_attention(q, k_cmp, v_cmp, st: _Static):
+  return _fwd(q, k_cmp, v_cmp, st)
+
+
+def _vjp_fwd(q, k_cmp, v_cmp, st: _Static):
+  out, lse = _fwd(q, k_cmp, v_cmp, st)
+  return (out, lse), (q, k_cmp, v_cmp, out, lse)
+
+
+def _vjp_bwd(st: _Static, residuals, cotangents):
+  q, k_cmp, v_cmp, out, lse = residuals
+  d_out, d_lse = cotangents
+  return _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st)
+
+
+_compressed_attention.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
+                         scale: float | None = None,
+                         interpret: bool | None = None,
+                         block_q: int | None = None,
+                         block_k: int | None = None,
+                         num_warps: int | None = None,
+                         num_stages: int | None = None):
+  """NSA branch 1 (section 3.3.1) as a fused Pallas Triton kernel.
+
+  Query t sees compressed token i iff its whole block is in the past,
+  ``i*d + l - 1 <= t``. One program per (batch, tile of ``block_q`` query
+  positions, kv head) holds the queries of all G heads of the group
+  (``block_q * next_pow2(G)`` rows) and runs a FlashAttention-2 online softmax
+  over the visible compressed tokens, ``block_k`` at a time. The backward is
+  FlashAttention-2's: a dQ kernel on the same grid and a dK/dV kernel over
+  chunks of compressed tokens, each summing the G heads of its group (no
+  atomics, deterministic). Differentiable in ``out`` and ``lse``.
+
+  Args:
+    q: [B, T, Hq, Dk] queries, Hq = G * Hkv.
+    k_cmp: [B, Tc, Hkv, Dk] compressed keys.
+    v_cmp: [B, Tc, Hkv, Dv] compressed values (Dv may differ from Dk).
+    block_size: l, raw tokens per compressed token.
+    stride: d, distance between consecutive compressed blocks.
+    scale: softmax scale, defaults to 1/sqrt(Dk).
+    interpret: run in Pallas interpret mode; None means "when no GPU".
+    block_q: query positions per program (power of two); None: from the
+      launch table.
+    block_k: compressed tokens per inner step (power of two, >= 16).
+    num_warps: Triton warps; None: from the launch table.
+    num_stages: Triton pipelining stages; None: from the launch table.
+
+  Returns:
+    (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32 natural log).
+    Queries that see no compressed token (t < l - 1, or Tc = 0) get out = 0
+    and lse = -inf, with zero (never NaN) gradients.
+
+  Raises:
+    ValueError: on inconsistent shapes or block sizes.
+  """
+  batch, seq_len, num_heads, head_dim = q.shape
+  _, num_cmp, num_kv_heads, _ = k_cmp.shape
+  if k_cmp.shape[0] != batch or v_cmp.shape[:3] != k_cmp.shape[:3]:
+    raise ValueError(f"{q.shape=}, {k_cmp.shape=} and {v_cmp.shape=} "
+                     "disagree on batch, Tc or kv heads")
+  if k_cmp.shape[-1] != head_dim:
+    raise ValueError(f"{q.shape=} and {k_cmp.shape=} disagree on Dk")
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
+    raise ValueError(f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}")
+  if block_size % stride:
+    raise ValueError(f"{block_size=} must be a multiple of {stride=}")
+  expected = max(0, (seq_len - block_size) // stride + 1)
+  if num_cmp > expected:
+    raise ValueError(f"Tc={num_cmp} compressed tokens, but T={seq_len} with "
+                     f"l={block_size}, d={stride} has only {expected}")
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+  out_shape = (batch, seq_len, num_heads, v_cmp.shape[-1])
+  if num_cmp == 0:
+    # Nothing is visible: no kernel launch with an empty dimension.
+    return (jnp.zeros(out_shape, q.dtype),
+            jnp.full((batch, seq_len, num_heads), -jnp.inf, jnp.float32))
+  group = num_heads // num_kv_heads
+  launch = launch_config.get_config(
+      "compressed", group=group, seq_len=seq_len, num_keys=num_cmp,
+      head_dim=max(head_dim, v_cmp.shape[-1]))
+  launch = dataclasses.replace(
+      launch, **{name: value for name, value in (
+          ("block_q", block_q), ("block_k", block_k),
+          ("num_warps", num_warps), ("num_stages", num_stages))
+                 if value is not None})
+  launch_config.validate(launch, group)
+  st = _Static(block_size=block_size, stride=stride, scale=scale,
+               seq_len=seq_len, num_cmp=num_cmp, group=group,
+               head_dim_v=v_cmp.shape[-1], launch=launch,
+               interpret=tc.resolve_interpret(interpret))
+  return _compressed_attention(q, k_cmp, v_cmp, st)

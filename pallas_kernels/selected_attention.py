@@ -1,0 +1,451 @@
+"""NSA branch 2: attention over selected key blocks (Pallas Triton)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from pallas_kernels import launch_config
+from pallas_kernels import triton_compat as tc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Hashable settings of one call (the custom_vjp's non-differentiable arg)."""
+
+  block_size: int  # l', keys per selection block
+  window: int | None  # keys also need s > t - window
+  scale: float
+  seq_len: int  # T
+  group: int  # G
+  head_dim_v: int
+  launch: launch_config.LaunchConfig
+  interpret: bool
+
+
+def _key_mask(t, key_pos, st: _Static):
+  """Causal (and window) visibility, [rows, block_size]."""
+  mask = key_pos[None, :] <= t[:, None]
+  if st.window is not None:
+    mask &= key_pos[None, :] > t[:, None] - st.window
+  return mask
+
+
+def _union_loop(idx_ref, q, t, st: _Static, update, carry):
+  """Runs ``update`` once per distinct block selected by the tile's positions.
+
+  The tile's block table is [block_q, n]. Slot (p, s) is visited in row-major
+  order and skipped if empty (-1) or if an earlier slot named the same block,
+  so each K/V block is fetched once for all positions and heads of the tile
+  (NSA section 3.4: blocks shared by the GQA group, here also by neighbouring
+  positions). Rows of positions that did not select the block are masked.
+
+  Args:
+    idx_ref: [block_q, n] int32 block table of the tile.
+    q: [rows, Dk] query tile, rows = block_q * Gp.
+    t: [rows] query position of each row.
+    st: static settings.
+    update: (carry, blk, mask [rows, block_size]) -> carry.
+    carry: initial loop carry.
+
+  Returns:
+    The final carry.
+  """
+  block_q, n = idx_ref.shape
+  group_p = q.shape[0] // block_q
+  table = idx_ref[...]  # [block_q, n]
+  slot = jnp.arange(block_q)[:, None] * n + jnp.arange(n)[None, :]
+  key_offsets = jnp.arange(st.block_size)
+
+  def body(i, carry):
+    blk = idx_ref[lax.div(i, n), lax.rem(i, n)]
+    # Triton has no reduce_or: any() as a max over int32.
+    hits = (table == blk).astype(jnp.int32)  # [block_q, n]
+    seen_before = jnp.max(jnp.where(slot < i, hits, 0)) > 0
+    # [block_q] -> [rows]: does the row's position select blk?
+    selected = jnp.max(hits, axis=1) > 0
+    selected = jnp.broadcast_to(selected[:, None], (block_q, group_p))
+    selected = selected.reshape(block_q * group_p)
+
+    def visit(carry):
+      key_pos = blk * st.block_size + key_offsets
+      mask = selected[:, None] & _key_mask(t, key_pos, st)
+      return update(carry, blk, mask)
+
+    return lax.cond((blk >= 0) & ~seen_before, visit, lambda c: c, carry)
+
+  return lax.fori_loop(0, block_q * n, body, carry)
+
+
+def _tile_setup(q_ref):
+  block_q, group_p, dk = q_ref.shape
+  rows = block_q * group_p
+  q = q_ref[...].reshape(rows, dk)
+  t = pl.program_id(1) * block_q + lax.div(jnp.arange(rows), group_p)
+  return q, t
+
+
+def _load_block(ref, blk, block_size):
+  return ref[pl.ds(pl.multiple_of(blk * block_size, block_size), block_size),
+             :]
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, st: _Static):
+  """Online softmax (FlashAttention-2) over the tile's selected blocks.
+
+  Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n]
+  -> o [block_q, Gp, Dv], lse [block_q, Gp] (natural log).
+  """
+  q, t = _tile_setup(q_ref)
+  rows = q.shape[0]
+
+  def update(carry, blk, mask):
+    acc, m, l = carry
+    k = _load_block(k_ref, blk, st.block_size)  # [l', Dk]
+    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, l']
+    s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    v = _load_block(v_ref, blk, st.block_size)  # [l', Dv]
+    acc = alpha[:, None] * acc + tc.dot(p.astype(v.dtype), v)
+    return acc, m_new, alpha * l + jnp.sum(p, axis=1)
+
+  carry = (jnp.zeros((rows, v_ref.shape[-1]), jnp.float32),
+           jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  acc, m, l = _union_loop(idx_ref, q, t, st, update, carry)
+  seen = l > 0.0
+  out = acc / jnp.where(seen, l, 1.0)[:, None]
+  lse = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * tc.LN2,
+                  -jnp.inf)
+  o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
+  lse_ref[...] = lse.reshape(lse_ref.shape)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *, st: _Static):
+  """dQ over the selected blocks, same grid and union loop as the forward.
+
+  Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n],
+  do [block_q, Gp, Dv], lse / delta [block_q, Gp] -> dq [block_q, Gp, Dk].
+  """
+  q, t = _tile_setup(q_ref)
+  rows, dk = q.shape
+  do = do_ref[...].reshape(rows, do_ref.shape[-1])
+  lse2 = lse_ref[...].reshape(rows) * tc.LOG2E
+  delta = delta_ref[...].reshape(rows)
+
+  def update(dq, blk, mask):
+    k = _load_block(k_ref, blk, st.block_size)
+    v = _load_block(v_ref, blk, st.block_size)
+    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)
+    p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
+    ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
+    return dq + tc.dot(ds.astype(k.dtype), k)
+
+  dq = _union_loop(idx_ref, q, t, st, update,
+                   jnp.zeros((rows, dk), jnp.float32))
+  dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offsets_ref,
+                positions_ref, dk_ref, dv_ref, *, st: _Static):
+  """dK, dV of one selection block, KV-block-major and deterministic.
+
+  The block table is inverted in XLA (``_invert_block_table``): the queries
+  that selected block j are ``positions[offsets[j]:offsets[j+1]]``, ascending.
+  The program gathers ``block_k`` of them at a time (all Gp heads each) and
+  accumulates dV += P^T dO and dK += dS^T Q (FlashAttention-2 backward) in
+  registers, so no atomics and no T x T memory.
+
+  Refs: q [Tp, Gp, Dk], k [l', Dk], v [l', Dv], do [Tp, Gp, Dv],
+  lse / delta [Tp, Gp], offsets [Ts + 1], positions [T * n + pad]
+  -> dk [l', Dk], dv [l', Dv].
+  """
+  _, group_p, dk = q_ref.shape
+  block_pos = st.launch.block_k
+  rows = block_pos * group_p
+  blk = pl.program_id(1)
+  k = k_ref[...]
+  v = v_ref[...]
+  key_pos = blk * st.block_size + jnp.arange(st.block_size)
+  lo = offsets_ref[blk]
+  hi = offsets_ref[blk + 1]
+
+  def to_rows(x):  # [block_pos] -> [rows]
+    return jnp.broadcast_to(x[:, None], (block_pos, group_p)).reshape(rows)
+
+  def body(step, carry):
+    dk_acc, dv_acc = carry
+    start = lo + step * block_pos
+    valid = start + jnp.arange(block_pos) < hi
+    pos = jnp.where(valid, positions_ref[pl.ds(start, block_pos)], 0)
+    q = q_ref[pos].reshape(rows, dk)  # gather: [block_pos, Gp, Dk]
+    do = do_ref[pos].reshape(rows, v.shape[-1])
+    lse2 = lse_ref[pos].reshape(rows) * tc.LOG2E
+    delta = delta_ref[pos].reshape(rows)
+    mask = to_rows(valid)[:, None] & _key_mask(to_rows(pos), key_pos, st)
+    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, l']
+    p = jnp.where(mask, jnp.exp2(s - lse2[:, None]), 0.0)
+    ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
+    dv_acc = dv_acc + tc.dot(p.astype(do.dtype), do, trans_a=True)
+    dk_acc = dk_acc + tc.dot(ds.astype(q.dtype), q, trans_a=True)
+    return dk_acc, dv_acc
+
+  num_steps = lax.div(hi - lo + block_pos - 1, block_pos)
+  dk_acc, dv_acc = lax.fori_loop(
+      0, num_steps, body,
+      (jnp.zeros((st.block_size, dk), jnp.float32),
+       jnp.zeros((st.block_size, v.shape[-1]), jnp.float32)))
+  dk_ref[...] = (dk_acc * st.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_acc.astype(dv_ref.dtype)
+
+
+def _invert_block_table(block_indices, num_blocks, pad):
+  """Per (batch, kv head): which query positions selected each block.
+
+  Args:
+    block_indices: int32 [B, T, Hkv, n], -1 for empty slots.
+    num_blocks: Ts.
+    pad: trailing entries added to ``positions`` so fixed-size chunk loads
+      past the last list stay in bounds.
+
+  Returns:
+    offsets int32 [B, Hkv, Ts + 1] and positions int32 [B, Hkv, T*n + pad]:
+    the positions that selected block j are positions[offsets[j]:
+    offsets[j+1]], ascending (a CSR matrix of the block table's transpose).
+  """
+  batch, seq_len, hkv, n = block_indices.shape
+  t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None, None]
+  blk = jnp.where(block_indices >= 0, block_indices, num_blocks)
+  key = (blk * seq_len + t).transpose(0, 2, 1, 3).reshape(batch, hkv, -1)
+  key = jnp.sort(key, axis=-1)
+  positions = tc.pad_axis(key % seq_len, 2, key.shape[-1] + pad)
+  boundaries = jnp.arange(num_blocks + 1, dtype=jnp.int32) * seq_len
+  offsets = jax.vmap(jax.vmap(
+      lambda k: jnp.searchsorted(k, boundaries, side="left")))(key)
+  return offsets.astype(jnp.int32), positions.astype(jnp.int32)
+
+
+def _pad_inputs(q, k, v, block_indices, st: _Static):
+  hkv = k.shape[2]
+  block_q = st.launch.block_q
+  seq_pad = tc.round_up(st.seq_len, block_q)
+  group_p = tc.next_pow2(st.group)
+  dk_p = tc.next_pow2(q.shape[-1], tc.MIN_DOT_DIM)
+  dv_p = tc.next_pow2(v.shape[-1], tc.MIN_DOT_DIM)
+  keys_pad = tc.round_up(k.shape[1], st.block_size)
+  q5 = tc.group_heads(q, hkv, seq_pad, group_p, dk_p)
+  k_p = tc.pad_axis(tc.pad_axis(k, 1, keys_pad), 3, dk_p)
+  v_p = tc.pad_axis(tc.pad_axis(v, 1, keys_pad), 3, dv_p)
+  idx = tc.pad_axis(block_indices.astype(jnp.int32), 1, seq_pad, -1)
+  idx = tc.pad_axis(idx, 3, tc.next_pow2(idx.shape[-1]), -1)
+  return q5, k_p, v_p, idx
+
+
+def _group_spec(block_q, *block):
+  """BlockSpec of a [B, Tp, Hkv, ...] array for grid (b, q tile, kv head)."""
+  return pl.BlockSpec((None, block_q, None) + block,
+                      lambda b, i, g: (b, i, g) + (0,) * len(block))
+
+
+def _kv_spec(num_keys, dim):
+  return pl.BlockSpec((None, num_keys, None, dim), lambda b, i, g: (b, 0, g, 0))
+
+
+def _fwd(q, k, v, block_indices, st: _Static):
+  q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
+  batch, seq_pad, hkv, group_p, dk_p = q5.shape
+  keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
+  block_q = st.launch.block_q
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, st=st),
+      grid=(batch, seq_pad // block_q, hkv),
+      in_specs=[_group_spec(block_q, group_p, dk_p), _kv_spec(keys_pad, dk_p),
+                _kv_spec(keys_pad, dv_p), _group_spec(block_q, idx.shape[-1])],
+      out_specs=[_group_spec(block_q, group_p, dv_p),
+                 _group_spec(block_q, group_p)],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p, dv_p), q.dtype),
+          jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p), jnp.float32),
+      ],
+      compiler_params=tc.compiler_params(st.launch.num_warps,
+                                         st.launch.num_stages),
+      interpret=st.interpret,
+      name="nsa_selected_attention_fwd",
+  )(q5, k_p, v_p, idx)
+  out = tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v)
+  return out, tc.ungroup_heads(lse, st.seq_len, st.group)
+
+
+def _bwd(q, k, v, block_indices, out, lse, d_out, st: _Static):
+  q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
+  batch, seq_pad, hkv, group_p, dk_p = q5.shape
+  keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
+  block_q, block_pos = st.launch.block_q, st.launch.block_k
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  do5 = tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p)
+  lse4 = tc.group_heads(lse[..., None], hkv, seq_pad, group_p, 1)[..., 0]
+  delta4 = tc.group_heads(delta[..., None], hkv, seq_pad, group_p, 1)[..., 0]
+  params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
+
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, st=st),
+      grid=(batch, seq_pad // block_q, hkv),
+      in_specs=[_group_spec(block_q, group_p, dk_p), _kv_spec(keys_pad, dk_p),
+                _kv_spec(keys_pad, dv_p), _group_spec(block_q, idx.shape[-1]),
+                _group_spec(block_q, group_p, dv_p),
+                _group_spec(block_q, group_p), _group_spec(block_q, group_p)],
+      out_specs=_group_spec(block_q, group_p, dk_p),
+      out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+      compiler_params=params,
+      interpret=st.interpret,
+      name="nsa_selected_attention_dq",
+  )(q5, k_p, v_p, idx, do5, lse4, delta4)
+
+  num_blocks = keys_pad // st.block_size
+  offsets, positions = _invert_block_table(block_indices, num_blocks,
+                                           block_pos)
+
+  def whole(*block):  # all query positions of one (batch, kv head)
+    return pl.BlockSpec((None, seq_pad, None) + block,
+                        lambda b, j, g: (b, 0, g) + (0,) * len(block))
+
+  def key_block(dim):
+    return pl.BlockSpec((None, st.block_size, None, dim),
+                        lambda b, j, g: (b, j, g, 0))
+
+  def table(size):
+    return pl.BlockSpec((None, None, size), lambda b, j, g: (b, g, 0))
+
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, st=st),
+      grid=(batch, num_blocks, hkv),
+      in_specs=[whole(group_p, dk_p), key_block(dk_p), key_block(dv_p),
+                whole(group_p, dv_p), whole(group_p), whole(group_p),
+                table(offsets.shape[-1]), table(positions.shape[-1])],
+      out_specs=[key_block(dk_p), key_block(dv_p)],
+      out_shape=[jax.ShapeDtypeStruct(k_p.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v_p.shape, v.dtype)],
+      compiler_params=params,
+      interpret=st.interpret,
+      name="nsa_selected_attention_dkv",
+  )(q5, k_p, v_p, do5, lse4, delta4, offsets, positions)
+  dq = tc.ungroup_heads(dq, st.seq_len, st.group, q.shape[-1])
+  dk = dk[:, :k.shape[1], :, :k.shape[-1]]
+  dv = dv[:, :v.shape[1], :, :v.shape[-1]]
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _selected_attention(q, k, v, block_indices, st: _Static):
+  return _fwd(q, k, v, block_indices, st)[0]
+
+
+def _vjp_fwd(q, k, v, block_indices, st: _Static):
+  out, lse = _fwd(q, k, v, block_indices, st)
+  return out, (q, k, v, block_indices, out, lse)
+
+
+def _vjp_bwd(st: _Static, residuals, d_out):
+  q, k, v, block_indices, out, lse = residuals
+  dq, dk, dv = _bwd(q, k, v, block_indices, out, lse, d_out, st)
+  return dq, dk, dv, None  # the integer block table has no cotangent
+
+
+_selected_attention.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def supports_block_size(block_size: int) -> bool:
+  """Whether the kernel takes this l': a power of two >= tc.MIN_DOT_DIM."""
+  return block_size >= tc.MIN_DOT_DIM and not block_size & (block_size - 1)
+
+
+def selected_attention(q, k, v, block_indices, *, block_size: int,
+                       scale: float | None = None,
+                       window: int | None = None,
+                       interpret: bool | None = None,
+                       block_q: int | None = None,
+                       block_k: int | None = None,
+                       num_warps: int | None = None,
+                       num_stages: int | None = None):
+  """NSA branch 2 (section 3.3.2) with the kernel design of section 3.4.
+
+  One program per (batch, tile of ``block_q`` query positions, kv head) loads
+  the queries of all G heads of the group (``block_q * next_pow2(G)`` rows,
+  >= 16 for the tensor cores), reads the tile's rows of the block table and
+  fetches each distinct selected K/V block once (a data-dependent load), then
+  runs a FlashAttention-2 online softmax over them with keys s > t masked. With
+  G >= 16 the table picks ``block_q = 1``: the paper's design exactly. Smaller
+  groups tile neighbouring positions, whose block sets overlap heavily (the
+  forced initial and local blocks at least); rows whose position did not
+  select a block are masked out of it.
+
+  Backward: dQ on the forward's grid; dK/dV KV-block-major over an inverted
+  block table (sorted in XLA), deterministic and without atomics. Atomic adds
+  were not used: every query adds into the forced initial block, so their
+  contention would serialise at that block.
+
+  Args:
+    q: [B, T, Hq, Dk] queries, Hq = G * Hkv.
+    k: [B, T, Hkv, Dk] keys.
+    v: [B, T, Hkv, Dv] values.
+    block_indices: int [B, T, Hkv, n] selected blocks in [0, ceil(T/l')) or
+      -1 for an empty slot; repeats are counted once.
+    block_size: l', keys per selection block; a power of two >= 16.
+    scale: softmax scale, defaults to 1/sqrt(Dk).
+    window: if set, keys also need s > t - window (branch 3 uses this).
+    interpret: run in Pallas interpret mode; None means "when no GPU".
+    block_q: query positions per program; None: from the launch table.
+    block_k: query positions per dK/dV gather step; None: from the table.
+    num_warps: Triton warps; None: from the launch table.
+    num_stages: Triton pipelining stages; None: from the launch table.
+
+  Returns:
+    [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
+    s <= t gets 0, with zero (never NaN) gradients.
+
+  Raises:
+    ValueError: on inconsistent shapes or block sizes.
+  """
+  batch, seq_len, num_heads, head_dim = q.shape
+  if k.shape[:2] != (batch, seq_len) or v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"{q.shape=}, {k.shape=} and {v.shape=} disagree on "
+                     "batch, sequence or kv heads")
+  if k.shape[-1] != head_dim:
+    raise ValueError(f"{q.shape=} and {k.shape=} disagree on Dk")
+  num_kv_heads = k.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}")
+  if block_indices.shape[:3] != (batch, seq_len, num_kv_heads):
+    raise ValueError(f"{block_indices.shape=} must be [B, T, Hkv, n] for "
+                     f"{q.shape=} and {k.shape=}")
+  if not supports_block_size(block_size):
+    raise ValueError(f"{block_size=} must be a power of two >= "
+                     f"{tc.MIN_DOT_DIM}")
+  if window is not None and window < 1:
+    raise ValueError(f"{window=} must be >= 1")
+  if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+    raise ValueError(f"{block_indices.dtype=} must be an integer type")
+  group = num_heads // num_kv_heads
+  launch = launch_config.get_config(
+      "selected", group=group, seq_len=seq_len,
+      head_dim=max(head_dim, v.shape[-1]))
+  launch = dataclasses.replace(
+      launch, **{name: value for name, value in (
+          ("block_q", block_q), ("block_k", block_k),
+          ("num_warps", num_warps), ("num_stages", num_stages))
+                 if value is not None})
+  launch_config.validate(launch, group, block_k_in_rows=True)
+  st = _Static(block_size=block_size, window=window,
+               scale=head_dim ** -0.5 if scale is None else float(scale),
+               seq_len=seq_len, group=group, head_dim_v=v.shape[-1],
+               launch=launch, interpret=tc.resolve_interpret(interpret))
+  return _selected_attention(q, k, v, block_indices.astype(jnp.int32), st)

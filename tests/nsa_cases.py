@@ -1,0 +1,76 @@
+"""Shapes that stress NSA's masks, tolerances, and random inputs for them."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import NSAConfig
+
+# l=8, d=4, l'=16, n=4 (1 initial + 2 local + 1 free), w=32.
+TINY = NSAConfig.tiny()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One shape: batch, length, query/kv heads, key/value head dims."""
+  b: int
+  t: int
+  hq: int
+  hkv: int
+  dk: int
+  dv: int
+
+  def __str__(self):
+    return (f"B{self.b}-T{self.t}-Hq{self.hq}-Hkv{self.hkv}-Dk{self.dk}"
+            f"-Dv{self.dv}")
+
+
+# T off every block edge, T < l (no compressed token), T == l, T on a
+# selection-block edge; GQA groups 1, 2, 4, 16; Dk != Dv; batch > 1.
+CASES = [
+    Case(2, 37, 4, 2, 16, 8),
+    Case(1, 5, 2, 2, 8, 8),
+    Case(1, 8, 4, 4, 8, 8),
+    Case(1, 48, 16, 1, 8, 12),
+    Case(2, 50, 4, 1, 8, 8),
+]
+
+TOLERANCE = {
+    jnp.float32: dict(atol=2e-5, rtol=2e-5),
+    jnp.bfloat16: dict(atol=3e-2, rtol=3e-2),
+    jnp.float64: dict(atol=1e-10, rtol=1e-10),
+}
+
+
+def make_inputs(case: Case, dtype=jnp.float32, config: NSAConfig = TINY,
+                seed: int = 0):
+  """Random q, k, v, k_cmp, v_cmp, gates for ``case`` in ``dtype``."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  tc = config.num_compressed(case.t)
+  normal = lambda key, shape: jax.random.normal(key, shape, dtype)
+  return dict(
+      q=normal(keys[0], (case.b, case.t, case.hq, case.dk)),
+      k=normal(keys[1], (case.b, case.t, case.hkv, case.dk)),
+      v=normal(keys[2], (case.b, case.t, case.hkv, case.dv)),
+      k_cmp=normal(keys[3], (case.b, tc, case.hkv, case.dk)),
+      v_cmp=normal(keys[4], (case.b, tc, case.hkv, case.dv)),
+      gates=jax.nn.sigmoid(
+          normal(keys[5], (case.b, case.t, case.hq, 3))).astype(dtype),
+  )
+
+
+def random_block_table(case: Case, num_slots: int, block_size: int,
+                       seed: int = 0):
+  """int32 [B, T, Hkv, n]: distinct random causal blocks, some slots -1."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  table = np.full((case.b, case.t, case.hkv, num_slots), -1, np.int32)
+  for b in range(case.b):
+    for t in range(case.t):
+      causal = t // block_size + 1
+      for g in range(case.hkv):
+        count = rng.integers(0, min(num_slots, causal) + 1)
+        table[b, t, g, :count] = rng.choice(causal, count, replace=False)
+        rng.shuffle(table[b, t, g])
+  return jnp.asarray(table)

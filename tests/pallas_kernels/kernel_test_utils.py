@@ -1,0 +1,39 @@
+"""Shared helpers of the Pallas kernel tests: inputs, tolerances, checks."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (forward, gradient) tolerances per input dtype, used as atol and rtol.
+TOLERANCES = {
+    jnp.float32: (2e-5, 5e-5),
+    jnp.bfloat16: (3e-2, 8e-2),
+}
+
+
+def tolerance(dtype, kind="fwd"):
+  fwd, grad = TOLERANCES[jnp.dtype(dtype).type]
+  return fwd if kind == "fwd" else grad
+
+
+def normal(key, shape, dtype):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def assert_close(actual, expected, dtype, kind="fwd"):
+  """Compares as float32 with the per-dtype tolerance; -inf must match."""
+  tol = tolerance(dtype, kind)
+  to32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32))
+  chex.assert_trees_all_close(jax.tree.map(to32, actual),
+                              jax.tree.map(to32, expected), atol=tol, rtol=tol)
+
+
+def assert_finite(tree):
+  for leaf in jax.tree.leaves(tree):
+    assert not np.isnan(np.asarray(leaf, np.float32)).any(), "NaN found"
+
+
+def lower_for_cuda(fn, *args):
+  """Runs the real Pallas -> Triton lowering on this CPU host."""
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))

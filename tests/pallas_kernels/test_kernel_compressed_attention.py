@@ -1,0 +1,109 @@
+"""Branch-1 kernel vs the dense reference: forward, gradients, lowering."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax import reference
+from pallas_kernels import compressed_attention
+from pallas_kernels import launch_config
+import kernel_test_utils as u
+
+L, D = 8, 4  # compressed block l and stride d
+
+
+def _inputs(seq_len, num_kv_heads, group, dk, dv, dtype, seed=0):
+  tc = max(0, (seq_len - L) // D + 1)
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = u.normal(ks[0], (2, seq_len, num_kv_heads * group, dk), dtype)
+  k = u.normal(ks[1], (2, tc, num_kv_heads, dk), dtype)
+  v = u.normal(ks[2], (2, tc, num_kv_heads, dv), dtype)
+  d_out = u.normal(ks[3], (2, seq_len, num_kv_heads * group, dv), jnp.float32)
+  return q, k, v, d_out
+
+
+def _loss(fn, d_out):
+  def loss(q, k, v):
+    out, lse = fn(q, k, v)
+    # lse enters the loss too (its cotangent feeds the kernel's delta term);
+    # -inf rows are masked out of the sum.
+    lse_term = jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0)
+    return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(lse_term)
+  return loss
+
+
+@pytest.mark.parametrize(
+    "seq_len,num_kv_heads,group,dk,dv,dtype,block_k",
+    [
+        (37, 2, 1, 16, 16, jnp.float32, None),  # G=1, T not a multiple
+        (50, 1, 2, 24, 16, jnp.float32, None),  # Dk != Dv, both padded
+        (37, 2, 4, 16, 32, jnp.bfloat16, None),
+        (33, 1, 16, 16, 16, jnp.float32, None),  # G=16: block_q = 1
+        (100, 1, 3, 16, 24, jnp.float32, 16),  # G=3 padded, 2 key chunks
+        (8, 1, 2, 16, 16, jnp.float32, None),  # T = l: Tc = 1
+    ])
+def test_forward_and_gradients(seq_len, num_kv_heads, group, dk, dv, dtype,
+                               block_k):
+  q, k, v, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype)
+  kernel = functools.partial(compressed_attention, block_size=L, stride=D,
+                             interpret=True, block_k=block_k)
+  ref = functools.partial(reference.compressed_attention_reference,
+                          block_size=L, stride=D)
+  out, lse = kernel(q, k, v)
+  ref_out, ref_lse = ref(q, k, v)
+  assert out.dtype == q.dtype and lse.dtype == jnp.float32
+  u.assert_close(out, ref_out, dtype)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+  # Queries t < l - 1 see nothing: exactly 0 and -inf.
+  assert np.all(np.asarray(out[:, :L - 1]) == 0)
+  assert np.all(np.isneginf(np.asarray(lse[:, :L - 1])))
+  finite = np.isfinite(np.asarray(ref_lse))
+  u.assert_close(np.where(finite, lse, 0), np.where(finite, ref_lse, 0), dtype)
+
+  grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
+  u.assert_finite(grads)
+  u.assert_close(grads, ref_grads, dtype, "grad")
+  # Rows that see nothing get no gradient.
+  assert np.all(np.asarray(grads[0][:, :L - 1]) == 0)
+
+
+def test_no_compressed_tokens():
+  q, k, v, d_out = _inputs(5, 1, 2, 16, 24, jnp.float32)  # T < l: Tc = 0
+  assert k.shape[1] == 0
+  kernel = functools.partial(compressed_attention, block_size=L, stride=D,
+                             interpret=True)
+  out, lse = kernel(q, k, v)
+  assert out.shape == (2, 5, 2, 24)
+  assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+  grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
+  u.assert_finite(grads)
+  assert np.all(np.asarray(grads[0]) == 0)
+
+
+def test_rejects_bad_shapes():
+  q, k, v, _ = _inputs(37, 2, 2, 16, 16, jnp.float32)
+  with pytest.raises(ValueError, match="Dk"):
+    compressed_attention(q, k[..., :8], v, block_size=L, stride=D)
+  with pytest.raises(ValueError, match="compressed tokens"):
+    compressed_attention(q[:, :20], k, v, block_size=L, stride=D)
+  with pytest.raises(ValueError, match="block_q"):
+    compressed_attention(q, k, v, block_size=L, stride=D, block_q=2)
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("entry", launch_config.table_entries("compressed"))
+@pytest.mark.parametrize("group,dk,dv", [(1, 24, 16), (16, 192, 128)])
+def test_lowers_to_triton(entry, group, dk, dv):
+  q, k, v, d_out = _inputs(70, 1, group, dk, dv, jnp.bfloat16)
+  launch = launch_config.make_config(entry, group=group, seq_len=70,
+                                     num_keys=k.shape[1])
+  kernel = functools.partial(
+      compressed_attention, block_size=L, stride=D, interpret=False,
+      block_q=launch.block_q, block_k=launch.block_k,
+      num_warps=launch.num_warps, num_stages=launch.num_stages)
+  u.lower_for_cuda(kernel, q, k, v)
+  u.lower_for_cuda(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)), q, k, v)

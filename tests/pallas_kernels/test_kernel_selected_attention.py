@@ -1,0 +1,116 @@
+"""Branch-2 kernel vs the dense reference: forward, gradients, lowering."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax import reference
+from pallas_kernels import launch_config
+from pallas_kernels import selected_attention
+from pallas_kernels.selected_attention import _invert_block_table
+import kernel_test_utils as u
+
+BS = 16  # selection block l'
+
+
+def _inputs(seq_len, num_kv_heads, group, dk, dv, dtype, num_slots, seed=0):
+  """Random inputs and a random repeat-free block table with -1 slots."""
+  ks = jax.random.split(jax.random.key(seed), 6)
+  num_blocks = -(-seq_len // BS)
+  q = u.normal(ks[0], (2, seq_len, num_kv_heads * group, dk), dtype)
+  k = u.normal(ks[1], (2, seq_len, num_kv_heads, dk), dtype)
+  v = u.normal(ks[2], (2, seq_len, num_kv_heads, dv), dtype)
+  d_out = u.normal(ks[3], (2, seq_len, num_kv_heads * group, dv), jnp.float32)
+  # Any block, future ones included: the kernel must mask s > t itself.
+  perm = jnp.argsort(jax.random.uniform(ks[4], (2, seq_len, num_kv_heads,
+                                               num_blocks)), axis=-1)
+  idx = perm[..., :num_slots].astype(jnp.int32)
+  idx = jnp.where(jax.random.uniform(ks[5], idx.shape) < 0.3, -1, idx)
+  # Position 3 selects nothing; position 20 only a block wholly in its future.
+  idx = idx.at[:, 3].set(-1)
+  idx = idx.at[:, 20].set(-1).at[:, 20, :, 0].set(2)
+  return q, k, v, idx, d_out
+
+
+def _loss(fn, d_out):
+  return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * d_out)
+
+
+@pytest.mark.parametrize(
+    "seq_len,num_kv_heads,group,dk,dv,dtype,num_slots,block_q",
+    [
+        (37, 2, 1, 16, 16, jnp.float32, 3, None),  # G=1: 16 positions/tile
+        (50, 1, 2, 24, 16, jnp.float32, 4, None),  # Dk != Dv, padded
+        (50, 1, 2, 24, 16, jnp.float32, 4, 16),  # larger position tile
+        (37, 2, 4, 16, 32, jnp.bfloat16, 3, None),
+        (37, 1, 16, 16, 16, jnp.float32, 2, None),  # G=16: the paper's tile
+    ])
+def test_forward_and_gradients(seq_len, num_kv_heads, group, dk, dv, dtype,
+                               num_slots, block_q):
+  q, k, v, idx, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype,
+                                num_slots)
+  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
+      q, k, v, idx, block_size=BS, interpret=True, block_q=block_q)
+  def ref(q, k, v):
+    return reference.selected_attention_reference(q, k, v, idx,
+                                                  block_size=BS)
+  out = kernel(q, k, v)
+  assert out.dtype == q.dtype
+  u.assert_close(out, ref(q, k, v), dtype)
+  assert np.all(np.asarray(out[:, 3]) == 0)  # nothing selected
+  assert np.all(np.asarray(out[:, 20]) == 0)  # only future keys selected
+  grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
+  u.assert_finite(grads)
+  u.assert_close(grads, ref_grads, dtype, "grad")
+  assert np.all(np.asarray(grads[0][:, 3]) == 0)
+
+
+def test_window_mask():
+  q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
+  window = 9
+  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
+      q, k, v, idx, block_size=BS, window=window, interpret=True)
+
+  def ref(q, k, v):
+    t = jnp.arange(37)
+    mask = reference.selected_block_mask(idx, 37, BS)
+    mask &= (t[None, :] > t[:, None] - window)[None, :, None, :]
+    mask = jnp.repeat(mask, 2, axis=2)
+    return reference.masked_attention(q, k, v, mask, 16 ** -0.5)[0]
+
+  u.assert_close(kernel(q, k, v), ref(q, k, v), jnp.float32)
+  u.assert_close(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v),
+                 jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v),
+                 jnp.float32, "grad")
+
+
+def test_inverted_block_table():
+  _, _, _, idx, _ = _inputs(37, 2, 1, 16, 16, jnp.float32, 3)
+  num_blocks = 3
+  offsets, positions = _invert_block_table(idx, num_blocks, pad=4)
+  offsets, positions, idx = map(np.asarray, (offsets, positions, idx))
+  for b in range(2):
+    for g in range(2):
+      for j in range(num_blocks):
+        got = positions[b, g, offsets[b, g, j]:offsets[b, g, j + 1]]
+        want = np.nonzero((idx[b, :, g] == j).any(-1))[0]
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("entry", launch_config.table_entries("selected"))
+@pytest.mark.parametrize("group,dk,dv", [(1, 24, 16), (4, 192, 128),
+                                         (16, 64, 64)])
+def test_lowers_to_triton(entry, group, dk, dv):
+  q, k, v, idx, d_out = _inputs(70, 1, group, dk, dv, jnp.bfloat16, 3)
+  launch = launch_config.make_config(entry, group=group, seq_len=70,
+                                     block_k_in_rows=True)
+  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
+      q, k, v, idx, block_size=BS, interpret=False, block_q=launch.block_q,
+      block_k=launch.block_k, num_warps=launch.num_warps,
+      num_stages=launch.num_stages)
+  u.lower_for_cuda(kernel, q, k, v)
+  u.lower_for_cuda(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)), q, k, v)
