@@ -10,6 +10,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from pallas_kernels import group_tiles
 from pallas_kernels import launch_config
 from pallas_kernels import triton_compat as tc
 
@@ -63,12 +64,11 @@ def _block_scores_kernel(q_ref, k_ref, lse_ref, out_ref, *, st: _Static):
   Refs: q [block_q, Gp, Dk], k [Tcp, Dk], lse [block_q, Gp]
   -> out [block_q, block_sel].
   """
-  block_q, group_p, dk = q_ref.shape
+  block_q, group_p, _ = q_ref.shape
   rows = block_q * group_p
   block_k = st.launch.block_k
-  q = q_ref[...].reshape(rows, dk)
+  q, t = group_tiles.query_tile(q_ref)
   lse2 = lse_ref[...].reshape(rows) * tc.LOG2E
-  t = pl.program_id(1) * block_q + lax.div(jnp.arange(rows), group_p)
   real_head = lax.rem(jnp.arange(rows), group_p) < st.group  # [rows]
   j = pl.program_id(2) * st.block_sel + jnp.arange(st.block_sel)[None, :]
   # Compressed tokens that cover this tile's blocks and that the tile's last

@@ -10,6 +10,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from pallas_kernels import group_tiles
 from pallas_kernels import launch_config
 from pallas_kernels import triton_compat as tc
 
@@ -37,11 +38,9 @@ def _first_invisible(t, block_size, stride, num_cmp):
 
 
 def _tile_setup(q_ref, st: _Static):
-  """The [rows, Dk] query tile and the query position of every row."""
-  block_q, group_p, dk = q_ref.shape
-  rows = block_q * group_p
-  q = q_ref[...].reshape(rows, dk)
-  t = pl.program_id(1) * block_q + lax.div(jnp.arange(rows), group_p)
+  """The [rows, Dk] query tile, each row's position, visible token count."""
+  block_q = q_ref.shape[0]
+  q, t = group_tiles.query_tile(q_ref)
   # Compressed tokens the last query of the tile can see; earlier queries of
   # the tile see a prefix of them (mask below).
   num_visible = _first_invisible(pl.program_id(1) * block_q + block_q - 1,
@@ -183,20 +182,6 @@ def _pad_inputs(q, k_cmp, v_cmp, st: _Static):
   return q5, k_p, v_p
 
 
-def _group_spec(block_q, group_p, dim=None):
-  """BlockSpec of a [B, Tp, Hkv, Gp(, D)] on grid (b, q tile, kv head)."""
-  if dim is None:
-    return pl.BlockSpec((None, block_q, None, group_p),
-                        lambda b, i, g: (b, i, g, 0))
-  return pl.BlockSpec((None, block_q, None, group_p, dim),
-                      lambda b, i, g: (b, i, g, 0, 0))
-
-
-def _kv_spec(num_keys, dim):
-  """BlockSpec of all keys [B, Tcp, Hkv, D] of one (batch, kv head)."""
-  return pl.BlockSpec((None, num_keys, None, dim), lambda b, i, g: (b, 0, g, 0))
-
-
 def _fwd(q, k_cmp, v_cmp, st: _Static):
   q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
@@ -205,10 +190,10 @@ def _fwd(q, k_cmp, v_cmp, st: _Static):
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
-      in_specs=[_group_spec(block_q, group_p, dk_p), _kv_spec(tc_pad, dk_p),
-                _kv_spec(tc_pad, dv_p)],
-      out_specs=[_group_spec(block_q, group_p, dv_p),
-                 _group_spec(block_q, group_p)],
+      in_specs=[group_tiles.group_spec(block_q, group_p, dk_p), group_tiles.kv_spec(tc_pad, dk_p),
+                group_tiles.kv_spec(tc_pad, dv_p)],
+      out_specs=[group_tiles.group_spec(block_q, group_p, dv_p),
+                 group_tiles.group_spec(block_q, group_p)],
       out_shape=[
           jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p, dv_p), q.dtype),
           jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p), jnp.float32),
@@ -240,10 +225,10 @@ def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
-      in_specs=[_group_spec(block_q, group_p, dk_p), _kv_spec(tc_pad, dk_p),
-                _kv_spec(tc_pad, dv_p), _group_spec(block_q, group_p, dv_p),
-                _group_spec(block_q, group_p), _group_spec(block_q, group_p)],
-      out_specs=_group_spec(block_q, group_p, dk_p),
+      in_specs=[group_tiles.group_spec(block_q, group_p, dk_p), group_tiles.kv_spec(tc_pad, dk_p),
+                group_tiles.kv_spec(tc_pad, dv_p), group_tiles.group_spec(block_q, group_p, dv_p),
+                group_tiles.group_spec(block_q, group_p), group_tiles.group_spec(block_q, group_p)],
+      out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
       out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
       compiler_params=params,
       interpret=st.interpret,

@@ -10,6 +10,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from pallas_kernels import group_tiles
 from pallas_kernels import launch_config
 from pallas_kernels import triton_compat as tc
 
@@ -82,14 +83,6 @@ def _union_loop(idx_ref, q, t, st: _Static, update, carry):
   return lax.fori_loop(0, block_q * n, body, carry)
 
 
-def _tile_setup(q_ref):
-  block_q, group_p, dk = q_ref.shape
-  rows = block_q * group_p
-  q = q_ref[...].reshape(rows, dk)
-  t = pl.program_id(1) * block_q + lax.div(jnp.arange(rows), group_p)
-  return q, t
-
-
 def _load_block(ref, blk, block_size):
   return ref[pl.ds(pl.multiple_of(blk * block_size, block_size), block_size),
              :]
@@ -101,7 +94,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, st: _Static):
   Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n]
   -> o [block_q, Gp, Dv], lse [block_q, Gp] (natural log).
   """
-  q, t = _tile_setup(q_ref)
+  q, t = group_tiles.query_tile(q_ref)
   rows = q.shape[0]
 
   def update(carry, blk, mask):
@@ -136,7 +129,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref,
   Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n],
   do [block_q, Gp, Dv], lse / delta [block_q, Gp] -> dq [block_q, Gp, Dk].
   """
-  q, t = _tile_setup(q_ref)
+  q, t = group_tiles.query_tile(q_ref)
   rows, dk = q.shape
   do = do_ref[...].reshape(rows, do_ref.shape[-1])
   lse2 = lse_ref[...].reshape(rows) * tc.LOG2E
@@ -250,16 +243,6 @@ def _pad_inputs(q, k, v, block_indices, st: _Static):
   return q5, k_p, v_p, idx
 
 
-def _group_spec(block_q, *block):
-  """BlockSpec of a [B, Tp, Hkv, ...] array for grid (b, q tile, kv head)."""
-  return pl.BlockSpec((None, block_q, None) + block,
-                      lambda b, i, g: (b, i, g) + (0,) * len(block))
-
-
-def _kv_spec(num_keys, dim):
-  return pl.BlockSpec((None, num_keys, None, dim), lambda b, i, g: (b, 0, g, 0))
-
-
 def _fwd(q, k, v, block_indices, st: _Static):
   q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
@@ -268,10 +251,10 @@ def _fwd(q, k, v, block_indices, st: _Static):
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
-      in_specs=[_group_spec(block_q, group_p, dk_p), _kv_spec(keys_pad, dk_p),
-                _kv_spec(keys_pad, dv_p), _group_spec(block_q, idx.shape[-1])],
-      out_specs=[_group_spec(block_q, group_p, dv_p),
-                 _group_spec(block_q, group_p)],
+      in_specs=[group_tiles.group_spec(block_q, group_p, dk_p), group_tiles.kv_spec(keys_pad, dk_p),
+                group_tiles.kv_spec(keys_pad, dv_p), group_tiles.group_spec(block_q, idx.shape[-1])],
+      out_specs=[group_tiles.group_spec(block_q, group_p, dv_p),
+                 group_tiles.group_spec(block_q, group_p)],
       out_shape=[
           jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p, dv_p), q.dtype),
           jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p), jnp.float32),
@@ -299,11 +282,11 @@ def _bwd(q, k, v, block_indices, out, lse, d_out, st: _Static):
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
-      in_specs=[_group_spec(block_q, group_p, dk_p), _kv_spec(keys_pad, dk_p),
-                _kv_spec(keys_pad, dv_p), _group_spec(block_q, idx.shape[-1]),
-                _group_spec(block_q, group_p, dv_p),
-                _group_spec(block_q, group_p), _group_spec(block_q, group_p)],
-      out_specs=_group_spec(block_q, group_p, dk_p),
+      in_specs=[group_tiles.group_spec(block_q, group_p, dk_p), group_tiles.kv_spec(keys_pad, dk_p),
+                group_tiles.kv_spec(keys_pad, dv_p), group_tiles.group_spec(block_q, idx.shape[-1]),
+                group_tiles.group_spec(block_q, group_p, dv_p),
+                group_tiles.group_spec(block_q, group_p), group_tiles.group_spec(block_q, group_p)],
+      out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
       out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
       compiler_params=params,
       interpret=st.interpret,
