@@ -20,6 +20,11 @@ def _check_heads(num_heads, num_kv_heads):
                      f"num_kv_heads={num_kv_heads}")
 
 
+def _check_head_dim(head_dim):
+  if head_dim < 2 or head_dim % 2:
+    raise ValueError(f"head_dim={head_dim} must be even and >= 2 (RoPE)")
+
+
 def _positions(x, positions):
   return jnp.arange(x.shape[1]) if positions is None else positions
 
@@ -30,7 +35,9 @@ class NSAAttention(nnx.Module):
   x [B, T, d_model] -> q [B, T, Hq, Dk]; keys/values per branch
   [B, T, Hkv, Dk/Dv] (independent per branch by default, one shared set with
   ``shared_kv=True``); RoPE on queries and raw keys; the compression branch
-  squeezes its keys/values into [B, Tc, Hkv, D] with ``BlockCompressor``;
+  squeezes its keys/values into [B, Tc, Hkv, D] with ``BlockCompressor``
+  (its keys after RoPE, so an MLP compressor sees absolute positions and the
+  layer is not exactly shift-invariant; "mean" compression is);
   gates = sigmoid(Linear(x)) [B, T, Hq, 3]; ``nsa_jax.ops.nsa_attention``
   mixes the branches; the output projection maps [B, T, Hq * Dv] back to
   [B, T, d_model].
@@ -56,10 +63,14 @@ class NSAAttention(nnx.Module):
       rngs: parameter initialisation.
     """
     _check_heads(num_heads, num_kv_heads)
+    _check_head_dim(head_dim)
+    if v_head_dim is not None and v_head_dim < 1:
+      raise ValueError(f"v_head_dim must be >= 1 (or None for head_dim), got "
+                       f"{v_head_dim}")
     if not isinstance(config, NSAConfig):
       raise TypeError(f"config must be an NSAConfig, got {type(config)}")
     ops.resolve_impl(impl)
-    v_head_dim = v_head_dim or head_dim
+    v_head_dim = head_dim if v_head_dim is None else v_head_dim
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim, self.v_head_dim = head_dim, v_head_dim
     self.config, self.shared_kv, self.impl = config, shared_kv, impl
@@ -137,6 +148,7 @@ class FullAttention(nnx.Module):
                head_dim: int, *, rope_base: float = 10000.0,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     _check_heads(num_heads, num_kv_heads)
+    _check_head_dim(head_dim)
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim, self.rope_base = head_dim, rope_base
     linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,

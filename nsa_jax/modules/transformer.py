@@ -66,9 +66,20 @@ class LMConfig:
                          f"{value!r}")
     for name in ("v_head_dim", "mlp_hidden"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value < 1):
+      if value is not None and (isinstance(value, bool) or
+                                not isinstance(value, int) or value < 1):
         raise ValueError(f"LMConfig.{name} must be None or a positive int, "
                          f"got {value!r}")
+    for name in ("shared_kv", "tie_embeddings"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"LMConfig.{name} must be a bool, got "
+                         f"{getattr(self, name)!r}")
+    for name in ("rope_base", "norm_eps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+          not value > 0):
+        raise ValueError(f"LMConfig.{name} must be a positive number, got "
+                         f"{value!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"LMConfig.num_heads={self.num_heads} must be a "
                        f"multiple of num_kv_heads={self.num_kv_heads}")
