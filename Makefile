@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(PY) experiments/demo_selection.py
+	$(PY) experiments/train_lm.py --preset cpu-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15

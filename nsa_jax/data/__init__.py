@@ -1,4 +1,4 @@
-"""Offline data: the stdlib code corpus, synthetic tasks, resumable iterators."""
+"""Offline data: stdlib code corpus, synthetic tasks, resumable iterators."""
 
 from nsa_jax.data.corpus import build_corpus
 from nsa_jax.data.corpus import Corpus

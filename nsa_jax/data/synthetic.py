@@ -129,7 +129,8 @@ def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int = 16,
   if free < 2 * num_queries:
     raise ValueError(
         f"seq_len={seq_len} is too short for {num_pairs} pairs and "
-        f"{num_queries} queries (needs >= {2 * num_pairs + 2 * num_queries - 1})")
+        f"{num_queries} queries (needs >= "
+        f"{2 * num_pairs + 2 * num_queries - 1})")
   keys = rng.choice(np.arange(128, 192), size=num_pairs, replace=False)
   values = rng.integers(192, 256, size=num_pairs)
   tokens = np.empty((seq_len + 1,), np.int32)

@@ -1,8 +1,8 @@
 """Orbax checkpoints of a training run that survive a crash.
 
-A checkpoint ``<directory>/<step>/`` holds three items: ``state`` (model and
-optimizer pytrees), ``rng`` (the run's JAX key) and ``meta`` (JSON: step, the
-data iterator's position, the run's config and any extra numbers). Orbax
+A checkpoint ``<directory>/<step>/`` holds two items: ``state`` (model and
+optimizer pytrees and the run's JAX key) and ``meta`` (JSON: step, the data
+iterator's position, the run's config and any extra numbers). Orbax
 writes each step into a temporary directory and renames it when complete;
 only directories that also carry orbax's commit markers count as complete.
 Anything else that looks like a step (a copy cut short, a crash on a file
@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
-_ITEMS = ("state", "rng", "meta")
+_ITEMS = ("state", "meta")
 PARTIAL_DIR = "_partial"
 
 
@@ -147,25 +147,28 @@ class Checkpointer:
     """Starts writing checkpoint ``step`` (returns before it is done if async).
     """
     state = _savable({"model": nnx.to_pure_dict(nnx.state(model)),
-                      "optimizer": nnx.to_pure_dict(nnx.state(optimizer))})
+                      "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+                      "rng": rng})
     meta = {"step": int(step), "data_state": data_state,
             "config": self.config, "extra": extra or {}}
     self._manager.save(
         int(step),
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            rng=ocp.args.JaxRandomKeySave(rng),
             meta=ocp.args.JsonSave(meta)),
         force=True)
 
   def restore(self, model: nnx.Module, optimizer: nnx.Optimizer,
-              step: int | None = None) -> Restored:
+              step: int | None = None,
+              rng_like: jax.Array | None = None) -> Restored:
     """Loads a checkpoint into ``model`` and ``optimizer`` in place.
 
     Args:
       model: the run's model, its shapes define what is expected.
       optimizer: its optimizer.
       step: which step, default the latest complete one.
+      rng_like: a key of the saved key's implementation (default
+        ``jax.random.key(0)``).
 
     Returns:
       The step, RNG key, data position and extra numbers saved with it.
@@ -201,13 +204,13 @@ class Checkpointer:
           f"checkpoint {path} was saved by a run with another config; "
           f"differing fields (saved, current): {diff}")
     target = {"model": nnx.to_pure_dict(nnx.state(model)),
-              "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+              "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+              "rng": jax.random.key(0) if rng_like is None else rng_like}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _savable(target))
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract),
-              rng=ocp.args.JaxRandomKeyRestore()))
+              state=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # orbax raises many types
       raise CheckpointError(
           f"checkpoint {path} does not fit this model/optimizer: {e}") from e
@@ -216,7 +219,7 @@ class Checkpointer:
     state = _unsavable(state, target)
     _update(model, state["model"])
     _update(optimizer, state["optimizer"])
-    return Restored(step=int(meta["step"]), rng=restored["rng"],
+    return Restored(step=int(meta["step"]), rng=state["rng"],
                     data_state=meta["data_state"], extra=meta.get("extra", {}))
 
   def wait(self) -> None:

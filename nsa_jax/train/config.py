@@ -77,7 +77,8 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
     if not 0.0 <= self.min_lr_ratio <= 1.0:
       raise ValueError(
-          f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+          "TrainConfig.min_lr_ratio must be in [0, 1], got "
+          f"{self.min_lr_ratio}")
     if self.weight_decay < 0 or self.clip_norm < 0:
       raise ValueError(
           f"TrainConfig.weight_decay={self.weight_decay} and "

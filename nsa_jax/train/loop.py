@@ -119,7 +119,7 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
   rng = jax.random.key(cfg.seed)
   start, train_s, elapsed_before = 0, 0.0, 0.0
   if resume:
-    restored = ckpt.restore(model, optimizer)
+    restored = ckpt.restore(model, optimizer, rng_like=rng)
     start, rng = restored.step, restored.rng
     train_data.restore(restored.data_state)
     train_s = float(restored.extra.get("train_s", 0.0))

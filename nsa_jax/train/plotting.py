@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
 
 from nsa_jax.train.metrics import read_metrics
 
@@ -55,6 +56,43 @@ def plot_runs(runs: Mapping[str, str | pathlib.Path],
     ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
+  fig.tight_layout()
+  out_path = pathlib.Path(out_path)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out_path, dpi=110)
+  plt.close(fig)
+  return out_path
+
+
+def plot_heatmaps(grids: Mapping[str, np.ndarray], lengths, depths,
+                  out_path: str | pathlib.Path, *,
+                  title: str = "passkey retrieval accuracy") -> pathlib.Path:
+  """One accuracy heatmap (depth x context length) per model, side by side.
+
+  Args:
+    grids: label -> float [len(depths), len(lengths)] in [0, 1].
+    lengths: context lengths (columns).
+    depths: needle depths (rows).
+    out_path: the PNG to write.
+    title: figure title.
+
+  Returns:
+    ``out_path``.
+  """
+  fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 3.8),
+                           squeeze=False)
+  for ax, (label, grid) in zip(axes[0], grids.items()):
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(t) for t in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_xlabel("context length")
+    ax.set_ylabel("needle depth")
+    ax.set_title(label)
+    for (r, c), value in np.ndenumerate(grid):
+      ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+              color="w" if value < 0.5 else "k")
+    fig.colorbar(image, ax=ax)
+  fig.suptitle(title)
   fig.tight_layout()
   out_path = pathlib.Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)

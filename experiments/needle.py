@@ -1,0 +1,115 @@
+"""Passkey retrieval accuracy over context length x needle depth.
+
+  python experiments/needle.py --workdir runs/cpu-demo
+  python experiments/needle.py --workdir runs/gpu-8k --lengths 2048,8192,16384
+
+For every attention type trained by ``train_lm.py`` in ``--workdir`` it loads
+the latest complete checkpoint, scores ``--samples`` passkey examples per
+cell, prints the grid and writes ``<workdir>/needle.png`` and
+``needle.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+
+from flax import nnx
+import numpy as np
+
+from nsa_jax import train as train_lib
+from nsa_jax.modules import TransformerLM
+
+
+def _train_lm():
+  path = pathlib.Path(__file__).with_name("train_lm.py")
+  spec = importlib.util.spec_from_file_location("train_lm", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["train_lm"] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def _floats(text: str) -> list[float]:
+  values = [float(x) for x in text.split(",") if x]
+  if not values or any(not 0.0 <= v <= 1.0 for v in values):
+    raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
+  return values
+
+
+def _ints(text: str) -> list[int]:
+  values = [int(x) for x in text.split(",") if x]
+  if not values or any(v < 128 for v in values):
+    raise argparse.ArgumentTypeError(
+        f"lengths must be >= 128 (a passkey prompt needs ~110), got {text!r}")
+  return values
+
+
+def load_run(run_dir: pathlib.Path) -> TransformerLM:
+  """The model of a ``train_lm.py`` run, from its latest checkpoint."""
+  config_path = run_dir / "run_config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(
+        f"{config_path} not found: is {run_dir} a train_lm.py run?")
+  saved = json.loads(config_path.read_text())
+  model = TransformerLM(_train_lm().load_model_config(run_dir),
+                        rngs=nnx.Rngs(0))
+  train_cfg = train_lib.TrainConfig(**saved["train"])
+  optimizer = nnx.Optimizer(model, train_lib.make_optimizer(train_cfg),
+                            wrt=nnx.Param)
+  ckpt = train_lib.Checkpointer(
+      run_dir / "checkpoints",
+      config={k: v for k, v in saved.items() if k != "train"})
+  step = ckpt.restore(model, optimizer).step
+  ckpt.close()
+  print(f"loaded {run_dir} at step {step}")
+  return model
+
+
+def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", default="runs/cpu-demo")
+  parser.add_argument("--attention", default="nsa,full")
+  parser.add_argument("--lengths", type=_ints, default=[256, 512, 1024])
+  parser.add_argument("--depths", type=_floats,
+                      default=[0.0, 0.25, 0.5, 0.75, 1.0])
+  parser.add_argument("--samples", type=int, default=8)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default=None,
+                      help="PNG path (default <workdir>/needle.png)")
+  args = parser.parse_args(argv)
+  if args.samples < 1:
+    parser.error(f"--samples must be >= 1, got {args.samples}")
+  workdir = pathlib.Path(args.workdir)
+  grids = {}
+  for name in [a.strip() for a in args.attention.split(",") if a.strip()]:
+    try:
+      model = load_run(workdir / name)
+    except (FileNotFoundError, train_lib.CheckpointError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(1) from e
+    grid = train_lib.accuracy_grid(model, args.lengths, args.depths,
+                                   samples=args.samples, seed=args.seed)
+    grids[name] = grid
+    print(f"\n{name}: accuracy, rows = depth, columns = context length")
+    print("depth  " + " ".join(f"{t:>6d}" for t in args.lengths))
+    for depth, row in zip(args.depths, grid):
+      print(f"{depth:5.2f}  " + " ".join(f"{v:6.2f}" for v in row))
+  (workdir / "needle.json").write_text(json.dumps(
+      {"lengths": args.lengths, "depths": args.depths,
+       "samples": args.samples,
+       "accuracy": {k: v.tolist() for k, v in grids.items()}}, indent=1))
+  png = train_lib.plot_heatmaps(
+      grids, args.lengths, args.depths,
+      args.out or workdir / "needle.png",
+      title=f"passkey accuracy, {args.samples} samples per cell ({workdir})")
+  print(f"wrote {png}")
+  return grids
+
+
+if __name__ == "__main__":
+  main()
