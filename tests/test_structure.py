@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from nsa_cases import CASES, TINY, make_inputs, random_block_table
+from nsa_cases import CASES, TINY, Case, make_inputs, random_block_table
 from nsa_jax import NSAConfig, ops
 from nsa_jax.reference import masked_attention
 
@@ -62,8 +62,9 @@ def test_gates_select_one_branch(case, impl):
   chex.assert_trees_all_close(nsa(0, 0, 1), o_win, **tol)
 
 
-# Finite differences in float64 on two small shapes (one with T < l).
-FD_CASES = [CASES[0], CASES[1]]
+# Finite differences in float64 on two small shapes: T = 21 (off every block
+# edge, two selection blocks, Dk != Dv, G = 2) and T = 5 < l.
+FD_CASES = [Case(1, 21, 4, 2, 8, 4), CASES[1]]
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference"])
