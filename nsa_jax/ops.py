@@ -99,8 +99,9 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
     impl: "auto", "pallas", "xla" or "reference".
 
   Returns:
-    (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32). A query with no
-    visible compressed token (t < l - 1) gets out = 0 and lse = -inf.
+    (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32; float64 for
+    float64 inputs on the xla/reference paths). A query with no visible
+    compressed token (t < l - 1) gets out = 0 and lse = -inf.
 
   Raises:
     ValueError, TypeError: shapes, dtypes or impl that do not fit.
