@@ -56,12 +56,7 @@ def plot_runs(runs: Mapping[str, str | pathlib.Path],
     ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  out_path = pathlib.Path(out_path)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out_path, dpi=110)
-  plt.close(fig)
-  return out_path
+  return _save(fig, out_path)
 
 
 def plot_heatmaps(grids: Mapping[str, np.ndarray], lengths, depths,
@@ -93,6 +88,11 @@ def plot_heatmaps(grids: Mapping[str, np.ndarray], lengths, depths,
               color="w" if value < 0.5 else "k")
     fig.colorbar(image, ax=ax)
   fig.suptitle(title)
+  return _save(fig, out_path)
+
+
+def _save(fig, out_path) -> pathlib.Path:
+  """Lays out, writes ``fig`` as a PNG (creating folders) and closes it."""
   fig.tight_layout()
   out_path = pathlib.Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
