@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import pathlib
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
 import numpy as np
 
 from nsa_jax.train.metrics import read_metrics
@@ -35,7 +32,8 @@ def plot_runs(runs: Mapping[str, str | pathlib.Path],
   Raises:
     FileNotFoundError: a metrics file does not exist.
   """
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig = Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
   for i, (label, path) in enumerate(runs.items()):
     path = pathlib.Path(path)
     if not path.exists():
@@ -74,28 +72,27 @@ def plot_heatmaps(grids: Mapping[str, np.ndarray], lengths, depths,
   Returns:
     ``out_path``.
   """
-  fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 3.8),
-                           squeeze=False)
+  fig = Figure(figsize=(4.5 * len(grids), 3.8))
+  axes = fig.subplots(1, len(grids), squeeze=False)
   for ax, (label, grid) in zip(axes[0], grids.items()):
     image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(t) for t in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-    ax.set_xlabel("context length")
+    ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
     ax.set_title(label)
     for (r, c), value in np.ndenumerate(grid):
       ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
               color="w" if value < 0.5 else "k")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label="accuracy (fraction of samples)")
   fig.suptitle(title)
   return _save(fig, out_path)
 
 
 def _save(fig, out_path) -> pathlib.Path:
-  """Lays out, writes ``fig`` as a PNG (creating folders) and closes it."""
+  """Lays out and writes ``fig`` as a PNG, creating folders."""
   fig.tight_layout()
   out_path = pathlib.Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out_path, dpi=110)
-  plt.close(fig)
   return out_path
