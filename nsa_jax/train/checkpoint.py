@@ -227,7 +227,14 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending writes and stops orbax's background workers."""
     self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def _check_shapes(path, restored, abstract) -> None:

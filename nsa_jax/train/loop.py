@@ -118,18 +118,23 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
       async_save=cfg.async_checkpoints)
   rng = jax.random.key(cfg.seed)
   start, train_s, elapsed_before = 0, 0.0, 0.0
-  if resume:
-    restored = ckpt.restore(model, optimizer, rng_like=rng)
-    start, rng = restored.step, restored.rng
-    train_data.restore(restored.data_state)
-    train_s = float(restored.extra.get("train_s", 0.0))
-    elapsed_before = float(restored.extra.get("elapsed_s", 0.0))
-    log(f"[{name}] resumed from {ckpt.directory / str(start)} at step {start}")
-  elif ckpt.latest_step() is not None:
-    raise checkpoint_lib.CheckpointError(
-        f"{ckpt.directory} already holds checkpoints (steps "
-        f"{ckpt.complete_steps()}); pass resume=True (--resume) to continue "
-        "that run or choose a new workdir")
+  try:
+    if resume:
+      restored = ckpt.restore(model, optimizer, rng_like=rng)
+      start, rng = restored.step, restored.rng
+      train_data.restore(restored.data_state)
+      train_s = float(restored.extra.get("train_s", 0.0))
+      elapsed_before = float(restored.extra.get("elapsed_s", 0.0))
+      log(f"[{name}] resumed from {ckpt.directory / str(start)} at step "
+          f"{start}")
+    elif ckpt.latest_step() is not None:
+      raise checkpoint_lib.CheckpointError(
+          f"{ckpt.directory} already holds checkpoints (steps "
+          f"{ckpt.complete_steps()}); pass resume=True (--resume) to continue "
+          "that run or choose a new workdir")
+  except BaseException:
+    ckpt.close()  # stop orbax's background workers before the error leaves
+    raise
   writer = metrics_lib.MetricsWriter(
       workdir / "metrics.jsonl", resume_step=start if resume else None)
   show_bar = cfg.progress and sys.stderr.isatty()
