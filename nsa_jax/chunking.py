@@ -1,4 +1,4 @@
-"""Runs a function over fixed-size chunks of query positions with bounded memory."""
+"""Maps a function over chunks of query positions, in bounded memory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def num_chunks(seq_len: int, chunk_size: int) -> tuple[int, int]:
 
 
 def map_query_chunks(body: Callable, per_query: Sequence[jax.Array],
-                     chunk_size: int, pad_values: Sequence[float] | None = None):
+                     chunk_size: int,
+                     pad_values: Sequence[float] | None = None):
   """Applies ``body`` to consecutive chunks of the sequence axis (axis 1).
 
   The body is rematerialised in the backward pass (``jax.checkpoint``), so

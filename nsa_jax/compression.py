@@ -1,4 +1,4 @@
-"""Cutting a sequence into the overlapping blocks that compressed tokens summarise."""
+"""The overlapping blocks of a sequence that compressed tokens summarise."""
 
 from __future__ import annotations
 

@@ -7,15 +7,16 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class NSAConfig:
-  """Hyper-parameters of NSA (paper defaults), hashable so usable as a jit static.
+  """Hyper-parameters of NSA (paper defaults); hashable, so a jit static.
 
   Attributes:
     cmp_block: l, raw tokens summarised by one compressed token.
     cmp_stride: d, distance between the starts of consecutive compressed blocks.
     sel_block: l', raw tokens in one selection block.
-    num_selected: n, selection blocks per (query, kv head), forced ones included.
+    num_selected: n, selection blocks per (query, kv head), forced included.
     num_initial: the first blocks, always selected.
-    num_local: the query's own block and the ones just before it, always selected.
+    num_local: the query's own block and those just before it, always
+      selected.
     window: w, keys ``t - w < s <= t`` seen by the sliding-window branch.
   """
 
@@ -61,7 +62,7 @@ class NSAConfig:
 
   @classmethod
   def paper(cls) -> NSAConfig:
-    """The paper's settings: l=32, d=16, l'=64, n=16 (1 initial, 2 local), w=512."""
+    """The paper's settings: l=32, d=16, l'=64, n=16 (1+2 forced), w=512."""
     return cls()
 
   @classmethod
@@ -71,7 +72,7 @@ class NSAConfig:
                num_initial=1, num_local=2, window=32)
 
   def num_compressed(self, seq_len: int) -> int:
-    """Tc = max(0, (T - l) // d + 1), compressed tokens for ``seq_len`` raw ones."""
+    """Tc = max(0, (T - l) // d + 1) compressed tokens for ``seq_len``."""
     if seq_len < self.cmp_block:
       return 0
     return (seq_len - self.cmp_block) // self.cmp_stride + 1

@@ -1,4 +1,4 @@
-"""Branch 2's block choice: importance scores by Eq. 9 and top-n selection in XLA."""
+"""Branch 2's block choice: Eq. 9 importance scores, top-n selection in XLA."""
 
 from __future__ import annotations
 

@@ -51,6 +51,14 @@ _TABLE = {
                      256: (64, 32, 8, 2)},
 }
 
+# The selected kernel's dK/dV step splits each key block's list of query
+# positions into segments of S positions, one program each (see
+# ``selected_segment``). PROVISIONAL, NOT MEASURED: the smallest S, and the
+# most segments per block (the partial dK/dV buffer is that many float32
+# copies of dK/dV).
+SELECTED_MIN_SEGMENT = 256
+SELECTED_MAX_SEGMENTS = 8
+
 # What ``bench_kernels.py --tune`` tries per bucket.
 CANDIDATES = {
     kernel: [(rows, block_k, warps, stages)
@@ -107,6 +115,24 @@ def get_config(kernel: str, *, group: int, head_dim: int, seq_len: int,
   entry = _TABLE[kernel][_bucket(head_dim)]
   return make_config(entry, group=group, seq_len=seq_len, num_keys=num_keys,
                      block_k_in_rows=kernel == "selected")
+
+
+def selected_segment(seq_len: int, block_k: int) -> int:
+  """S, query positions per program of the selected kernel's dK/dV step.
+
+  A block is selected by at most T positions, so ``ceil(T / S)`` segments
+  cover its list; S is the smallest power of two >= ``SELECTED_MIN_SEGMENT``
+  and ``block_k`` that keeps them <= ``SELECTED_MAX_SEGMENTS``.
+
+  Args:
+    seq_len: T, query positions.
+    block_k: positions per gather step (S is a whole number of steps).
+
+  Returns:
+    S = max(MIN_SEGMENT, block_k, next_pow2(ceil(T / MAX_SEGMENTS))).
+  """
+  return max(SELECTED_MIN_SEGMENT, block_k,
+             tc.next_pow2(-(-seq_len // SELECTED_MAX_SEGMENTS)))
 
 
 def validate(launch: LaunchConfig, group: int, *,

@@ -26,7 +26,13 @@ class _Static:
   group: int  # G
   head_dim_v: int
   launch: launch_config.LaunchConfig
+  segment: int  # S, query positions per dK/dV program
   interpret: bool
+
+  @property
+  def num_segments(self) -> int:
+    """ceil(T / S): a block is selected by at most T positions."""
+    return -(-self.seq_len // self.segment)
 
 
 def _key_mask(t, key_pos, st: _Static):
@@ -150,27 +156,30 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref,
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offsets_ref,
                 positions_ref, dk_ref, dv_ref, *, st: _Static):
-  """dK, dV of one selection block, KV-block-major and deterministic.
+  """Partial dK, dV of one selection block from one segment of its queries.
 
   The block table is inverted in XLA (``_invert_block_table``): the queries
   that selected block j are ``positions[offsets[j]:offsets[j+1]]``, ascending.
-  The program gathers ``block_k`` of them at a time (all Gp heads each) and
+  Program (b, j * num_segments + s, g) takes segment s of that list, at most
+  S positions, gathers ``block_k`` of them at a time (all Gp heads each) and
   accumulates dV += P^T dO and dK += dS^T Q (FlashAttention-2 backward) in
-  registers, so no atomics and no T x T memory.
+  registers: no atomics, no T x T memory. A segment past the list's end runs
+  no step and writes zeros; XLA sums the segments.
 
   Refs: q [Tp, Gp, Dk], k [l', Dk], v [l', Dv], do [Tp, Gp, Dv],
   lse / delta [Tp, Gp], offsets [Ts + 1], positions [T * n + pad]
-  -> dk [l', Dk], dv [l', Dv].
+  -> float32 dk [l', Dk], dv [l', Dv] (this segment's share).
   """
   _, group_p, dk = q_ref.shape
   block_pos = st.launch.block_k
   rows = block_pos * group_p
-  blk = pl.program_id(1)
+  blk = lax.div(pl.program_id(1), st.num_segments)
+  seg = lax.rem(pl.program_id(1), st.num_segments)
   k = k_ref[...]
   v = v_ref[...]
   key_pos = blk * st.block_size + jnp.arange(st.block_size)
-  lo = offsets_ref[blk]
-  hi = offsets_ref[blk + 1]
+  lo = offsets_ref[blk] + seg * st.segment
+  hi = jnp.minimum(offsets_ref[blk + 1], lo + st.segment)
 
   def to_rows(x):  # [block_pos] -> [rows]
     return jnp.broadcast_to(x[:, None], (block_pos, group_p)).reshape(rows)
@@ -192,17 +201,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offsets_ref,
     dk_acc = dk_acc + tc.dot(ds.astype(q.dtype), q, trans_a=True)
     return dk_acc, dv_acc
 
-  num_steps = lax.div(hi - lo + block_pos - 1, block_pos)
+  num_steps = lax.div(jnp.maximum(hi - lo, 0) + block_pos - 1, block_pos)
   dk_acc, dv_acc = lax.fori_loop(
       0, num_steps, body,
       (jnp.zeros((st.block_size, dk), jnp.float32),
        jnp.zeros((st.block_size, v.shape[-1]), jnp.float32)))
-  dk_ref[...] = (dk_acc * st.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv_acc.astype(dv_ref.dtype)
+  dk_ref[...] = dk_acc * st.scale
+  dv_ref[...] = dv_acc
 
 
 def _invert_block_table(block_indices, num_blocks, pad):
   """Per (batch, kv head): which query positions selected each block.
+
+  A repeated slot is dropped (as in the forward's union loop), so each list
+  holds at most T positions: the bound behind the segment count.
 
   Args:
     block_indices: int32 [B, T, Hkv, n], -1 for empty slots.
@@ -217,7 +229,10 @@ def _invert_block_table(block_indices, num_blocks, pad):
   """
   batch, seq_len, hkv, n = block_indices.shape
   t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None, None]
-  blk = jnp.where(block_indices >= 0, block_indices, num_blocks)
+  earlier = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [n, n]
+  repeat = jnp.any((block_indices[..., :, None] == block_indices[..., None, :])
+                   & earlier, axis=-1)  # [B, T, Hkv, n]: seen in a lower slot
+  blk = jnp.where((block_indices >= 0) & ~repeat, block_indices, num_blocks)
   key = (blk * seq_len + t).transpose(0, 2, 1, 3).reshape(batch, hkv, -1)
   key = jnp.sort(key, axis=-1)
   positions = tc.pad_axis(key % seq_len, 2, key.shape[-1] + pad)
@@ -251,8 +266,10 @@ def _fwd(q, k, v, block_indices, st: _Static):
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
-      in_specs=[group_tiles.group_spec(block_q, group_p, dk_p), group_tiles.kv_spec(keys_pad, dk_p),
-                group_tiles.kv_spec(keys_pad, dv_p), group_tiles.group_spec(block_q, idx.shape[-1])],
+      in_specs=[group_tiles.group_spec(block_q, group_p, dk_p),
+                group_tiles.kv_spec(keys_pad, dk_p),
+                group_tiles.kv_spec(keys_pad, dv_p),
+                group_tiles.group_spec(block_q, idx.shape[-1])],
       out_specs=[group_tiles.group_spec(block_q, group_p, dv_p),
                  group_tiles.group_spec(block_q, group_p)],
       out_shape=[
@@ -282,10 +299,13 @@ def _bwd(q, k, v, block_indices, out, lse, d_out, st: _Static):
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
-      in_specs=[group_tiles.group_spec(block_q, group_p, dk_p), group_tiles.kv_spec(keys_pad, dk_p),
-                group_tiles.kv_spec(keys_pad, dv_p), group_tiles.group_spec(block_q, idx.shape[-1]),
+      in_specs=[group_tiles.group_spec(block_q, group_p, dk_p),
+                group_tiles.kv_spec(keys_pad, dk_p),
+                group_tiles.kv_spec(keys_pad, dv_p),
+                group_tiles.group_spec(block_q, idx.shape[-1]),
                 group_tiles.group_spec(block_q, group_p, dv_p),
-                group_tiles.group_spec(block_q, group_p), group_tiles.group_spec(block_q, group_p)],
+                group_tiles.group_spec(block_q, group_p),
+                group_tiles.group_spec(block_q, group_p)],
       out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
       out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
       compiler_params=params,
@@ -294,6 +314,7 @@ def _bwd(q, k, v, block_indices, out, lse, d_out, st: _Static):
   )(q5, k_p, v_p, idx, do5, lse4, delta4)
 
   num_blocks = keys_pad // st.block_size
+  num_segments = st.num_segments
   offsets, positions = _invert_block_table(block_indices, num_blocks,
                                            block_pos)
 
@@ -301,30 +322,43 @@ def _bwd(q, k, v, block_indices, out, lse, d_out, st: _Static):
     return pl.BlockSpec((None, seq_pad, None) + block,
                         lambda b, j, g: (b, 0, g) + (0,) * len(block))
 
-  def key_block(dim):
+  def key_block(dim):  # grid axis 1 is block * num_segments + segment
+    return pl.BlockSpec((None, st.block_size, None, dim),
+                        lambda b, j, g: (b, lax.div(j, num_segments), g, 0))
+
+  def partial_block(dim):  # one [l', dim] slot per (block, segment)
     return pl.BlockSpec((None, st.block_size, None, dim),
                         lambda b, j, g: (b, j, g, 0))
 
   def table(size):
     return pl.BlockSpec((None, None, size), lambda b, j, g: (b, g, 0))
 
+  partial_keys = keys_pad * num_segments
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
-      grid=(batch, num_blocks, hkv),
+      grid=(batch, num_blocks * num_segments, hkv),
       in_specs=[whole(group_p, dk_p), key_block(dk_p), key_block(dv_p),
                 whole(group_p, dv_p), whole(group_p), whole(group_p),
                 table(offsets.shape[-1]), table(positions.shape[-1])],
-      out_specs=[key_block(dk_p), key_block(dv_p)],
-      out_shape=[jax.ShapeDtypeStruct(k_p.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v_p.shape, v.dtype)],
+      out_specs=[partial_block(dk_p), partial_block(dv_p)],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, partial_keys, hkv, dk_p), jnp.float32),
+          jax.ShapeDtypeStruct((batch, partial_keys, hkv, dv_p), jnp.float32),
+      ],
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_selected_attention_dkv",
   )(q5, k_p, v_p, do5, lse4, delta4, offsets, positions)
+
+  def sum_segments(x, like):
+    # [B, Ts * segs * l', Hkv, D] -> [B, Ts, segs, l', Hkv, D]: a fixed-order
+    # sum over segments, deterministic.
+    x = x.reshape(batch, num_blocks, num_segments, st.block_size, hkv, -1)
+    x = jnp.sum(x, axis=2).reshape(batch, keys_pad, hkv, -1)
+    return x[:, :like.shape[1], :, :like.shape[-1]].astype(like.dtype)
+
   dq = tc.ungroup_heads(dq, st.seq_len, st.group, q.shape[-1])
-  dk = dk[:, :k.shape[1], :, :k.shape[-1]]
-  dv = dv[:, :v.shape[1], :, :v.shape[-1]]
-  return dq, dk, dv
+  return dq, sum_segments(dk, k), sum_segments(dv, v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -357,6 +391,7 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                        interpret: bool | None = None,
                        block_q: int | None = None,
                        block_k: int | None = None,
+                       dkv_segment: int | None = None,
                        num_warps: int | None = None,
                        num_stages: int | None = None):
   """NSA branch 2 (section 3.3.2) with the kernel design of section 3.4.
@@ -376,6 +411,20 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   were not used: every query adds into the forced initial block, so their
   contention would serialise at that block.
 
+  The same skew unbalances the KV-block-major programs: block 0's list holds
+  all T positions, the average one about T * n / Ts (64x less at T = 64k,
+  n = 16, l' = 64). Each list is therefore split into segments of S
+  positions, one program per (batch, block * segment, kv head), so the
+  longest program walks S positions, not T. Triton has no dynamic grid, so
+  the segment count is static: the worst case ceil(T / S), with programs
+  past their list's end writing zeros. Each program writes a float32
+  partial, summed over segments in XLA (fixed order, deterministic). The
+  trade-off is that buffer, ceil(T / S) float32 copies of dK and dV: S
+  (``launch_config.selected_segment``) grows with T to keep the count <=
+  ``SELECTED_MAX_SEGMENTS`` (8: 16x the bf16 dK/dV bytes), so the longest
+  program does <= T / 8 positions, already below the per-SM share of the
+  total work (B * Hkv * T * n / #SMs) for the paper's shapes.
+
   Args:
     q: [B, T, Hq, Dk] queries, Hq = G * Hkv.
     k: [B, T, Hkv, Dk] keys.
@@ -388,6 +437,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
     interpret: run in Pallas interpret mode; None means "when no GPU".
     block_q: query positions per program; None: from the launch table.
     block_k: query positions per dK/dV gather step; None: from the table.
+    dkv_segment: S, query positions per dK/dV program; a power of two >=
+      the gather step. None: ``launch_config.selected_segment``.
     num_warps: Triton warps; None: from the launch table.
     num_stages: Triton pipelining stages; None: from the launch table.
 
@@ -427,8 +478,14 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
           ("num_warps", num_warps), ("num_stages", num_stages))
                  if value is not None})
   launch_config.validate(launch, group, block_k_in_rows=True)
+  if dkv_segment is None:
+    dkv_segment = launch_config.selected_segment(seq_len, launch.block_k)
+  if dkv_segment < launch.block_k or dkv_segment & (dkv_segment - 1):
+    raise ValueError(f"{dkv_segment=} must be a power of two >= "
+                     f"block_k={launch.block_k}")
   st = _Static(block_size=block_size, window=window,
                scale=head_dim ** -0.5 if scale is None else float(scale),
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],
-               launch=launch, interpret=tc.resolve_interpret(interpret))
+               launch=launch, segment=dkv_segment,
+               interpret=tc.resolve_interpret(interpret))
   return _selected_attention(q, k, v, block_indices.astype(jnp.int32), st)

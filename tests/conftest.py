@@ -1,4 +1,4 @@
-"""Fixtures of the nsa_jax tests: ``case`` runs a test on every shape of CASES."""
+"""Fixtures of the nsa_jax tests: ``case`` runs a test on each CASES shape."""
 
 import pytest
 

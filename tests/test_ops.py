@@ -203,7 +203,8 @@ def test_nsa_attention_pallas_interpret(case):
 
 
 def test_auto_falls_back_to_xla_for_block_sizes_the_kernel_lacks(monkeypatch):
+  # pylint: disable=protected-access
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert ops._resolve_selected("auto", 24) == "xla"  # pylint: disable=protected-access
-  assert ops._resolve_selected("auto", 32) == "pallas"  # pylint: disable=protected-access
-  assert ops._resolve_selected("xla", 32) == "xla"  # pylint: disable=protected-access
+  assert ops._resolve_selected("auto", 24) == "xla"
+  assert ops._resolve_selected("auto", 32) == "pallas"
+  assert ops._resolve_selected("xla", 32) == "xla"

@@ -9,5 +9,6 @@ def test_readme_usage_example_runs():
   blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
   assert blocks, "README.md has no python example"
   namespace = {}
-  exec(compile(blocks[0], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  code = compile(blocks[0], "README.md", "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
   assert namespace["y"].shape == (1, 3000, 512)

@@ -1,4 +1,4 @@
-"""Attention layers: NSAAttention (three gated branches) and dense FullAttention."""
+"""Attention layers: NSAAttention (three gated branches), FullAttention."""
 
 from __future__ import annotations
 

@@ -15,8 +15,13 @@ import kernel_test_utils as u
 BS = 16  # selection block l'
 
 
-def _inputs(seq_len, num_kv_heads, group, dk, dv, dtype, num_slots, seed=0):
-  """Random inputs and a random repeat-free block table with -1 slots."""
+def _inputs(seq_len, num_kv_heads, group, dk, dv, dtype, num_slots, seed=0,
+            force_initial=False):
+  """Random inputs and a random repeat-free block table with -1 slots.
+
+  With ``force_initial`` (and ``num_slots`` = all blocks) every position
+  but 3 and 20 selects block 0, as NSA's forced initial block.
+  """
   ks = jax.random.split(jax.random.key(seed), 6)
   num_blocks = -(-seq_len // BS)
   q = u.normal(ks[0], (2, seq_len, num_kv_heads * group, dk), dtype)
@@ -27,7 +32,10 @@ def _inputs(seq_len, num_kv_heads, group, dk, dv, dtype, num_slots, seed=0):
   perm = jnp.argsort(jax.random.uniform(ks[4], (2, seq_len, num_kv_heads,
                                                num_blocks)), axis=-1)
   idx = perm[..., :num_slots].astype(jnp.int32)
-  idx = jnp.where(jax.random.uniform(ks[5], idx.shape) < 0.3, -1, idx)
+  drop = jax.random.uniform(ks[5], idx.shape) < 0.3
+  if force_initial:
+    drop &= idx != 0
+  idx = jnp.where(drop, -1, idx)
   # Position 3 selects nothing; position 20 only a block wholly in its future.
   idx = idx.at[:, 3].set(-1)
   idx = idx.at[:, 20].set(-1).at[:, 20, :, 0].set(2)
@@ -68,6 +76,35 @@ def test_forward_and_gradients(seq_len, num_kv_heads, group, dk, dv, dtype,
   assert np.all(np.asarray(grads[0][:, 3]) == 0)
 
 
+def test_dkv_segments():
+  """Block 0's list of 48 positions spans segments of 16 (the last empty)."""
+  q, k, v, idx, d_out = _inputs(50, 1, 2, 16, 16, jnp.float32, 4,
+                                force_initial=True)
+  assert int(jnp.sum(jnp.any(idx[0, :, 0] == 0, -1))) == 48
+  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
+      q, k, v, idx, block_size=BS, interpret=True, block_k=8, dkv_segment=16)
+  def ref(q, k, v):
+    return reference.selected_attention_reference(q, k, v, idx,
+                                                  block_size=BS)
+  u.assert_close(jax.grad(_loss(kernel, d_out), argnums=(1, 2))(q, k, v),
+                 jax.grad(_loss(ref, d_out), argnums=(1, 2))(q, k, v),
+                 jnp.float32, "grad")
+
+
+def test_segment_rule():
+  seg = launch_config.selected_segment
+  assert seg(50, 64) == launch_config.SELECTED_MIN_SEGMENT
+  assert seg(50, 512) == 512  # a whole number of gather steps
+  for seq_len in (1000, 4096, 65536, 100_000):
+    assert -(-seq_len // seg(seq_len, 64)) <= (
+        launch_config.SELECTED_MAX_SEGMENTS)
+  assert seg(65536, 64) == 8192
+  with pytest.raises(ValueError, match="dkv_segment"):
+    q, k, v, idx, _ = _inputs(37, 1, 2, 16, 16, jnp.float32, 3)
+    selected_attention(q, k, v, idx, block_size=BS, block_k=16,
+                       dkv_segment=8)
+
+
 def test_window_mask():
   q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
   window = 9
@@ -100,6 +137,13 @@ def test_inverted_block_table():
         np.testing.assert_array_equal(got, want)
 
 
+def test_inverted_block_table_drops_repeats():
+  idx = jnp.array([[0, 0], [1, -1], [1, 0]], jnp.int32)[None, :, None]
+  offsets, positions = _invert_block_table(idx, 2, pad=0)
+  np.testing.assert_array_equal(offsets[0, 0], [0, 2, 4])
+  np.testing.assert_array_equal(positions[0, 0, :4], [0, 2, 1, 2])
+
+
 @pytest.mark.lowering
 @pytest.mark.parametrize("entry", launch_config.table_entries("selected"))
 @pytest.mark.parametrize("group,dk,dv", [(1, 24, 16), (4, 192, 128),
@@ -108,9 +152,10 @@ def test_lowers_to_triton(entry, group, dk, dv):
   q, k, v, idx, d_out = _inputs(70, 1, group, dk, dv, jnp.bfloat16, 3)
   launch = launch_config.make_config(entry, group=group, seq_len=70,
                                      block_k_in_rows=True)
+  # The smallest segment: dK/dV runs ceil(70 / block_k) >= 2 segments.
   kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
       q, k, v, idx, block_size=BS, interpret=False, block_q=launch.block_q,
-      block_k=launch.block_k, num_warps=launch.num_warps,
-      num_stages=launch.num_stages)
+      block_k=launch.block_k, dkv_segment=launch.block_k,
+      num_warps=launch.num_warps, num_stages=launch.num_stages)
   u.lower_for_cuda(kernel, q, k, v)
   u.lower_for_cuda(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)), q, k, v)
