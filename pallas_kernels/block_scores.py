@@ -184,7 +184,7 @@ def _block_scores(q, k_cmp, lse, st: _Static):
   q5 = tc.group_heads(q, hkv, seq_pad, group_p, dk_p)
   k_p = tc.pad_axis(tc.pad_axis(k_cmp, 1, tc.round_up(st.num_cmp,
                                                       launch.block_k)), 3, dk_p)
-  lse4 = tc.group_heads(lse[..., None], hkv, seq_pad, group_p, 1)[..., 0]
+  lse4 = group_tiles.group_rows(lse, hkv, seq_pad, group_p)
   sel_pad = tc.round_up(-(-q.shape[1] // st.sel_block), st.block_sel)
   batch = q.shape[0]
 

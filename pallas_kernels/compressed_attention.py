@@ -219,8 +219,8 @@ def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
   delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
   do5 = tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p)
-  lse4 = tc.group_heads(lse[..., None], hkv, seq_pad, group_p, 1)[..., 0]
-  delta4 = tc.group_heads(delta[..., None], hkv, seq_pad, group_p, 1)[..., 0]
+  lse4 = group_tiles.group_rows(lse, hkv, seq_pad, group_p)
+  delta4 = group_tiles.group_rows(delta, hkv, seq_pad, group_p)
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
 
   dq = pl.pallas_call(

@@ -13,6 +13,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from pallas_kernels import triton_compat as tc
+
 
 def group_spec(block_q: int, *block: int) -> pl.BlockSpec:
   """BlockSpec of a [B, Tp, Hkv, *block] array on grid (b, q tile, kv head)."""
@@ -36,3 +38,15 @@ def query_tile(q_ref):
   q = q_ref[...].reshape(rows, dk)
   t = pl.program_id(1) * block_q + lax.div(jnp.arange(rows), group_p)
   return q, t
+
+
+def group_rows(x, num_kv_heads: int, seq_pad: int, group_p: int):
+  """A per-(position, head) statistic in the kernels' grouped layout.
+
+  Args:
+    x: [B, T, Hq] (lse, delta), Hq = G * Hkv.
+
+  Returns:
+    [B, seq_pad, Hkv, Gp], zero-padded like the grouped queries.
+  """
+  return tc.group_heads(x[..., None], num_kv_heads, seq_pad, group_p, 1)[..., 0]
