@@ -214,13 +214,8 @@ def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q, block_k = st.launch.block_q, st.launch.block_k
-  # FA-2 preprocessing: delta = rowsum(dO * O). A cotangent on lse adds
-  # d_lse * dlse/ds = d_lse * P to dS, i.e. it enters as -d_lse in delta.
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
-  delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
-  do5 = tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p)
-  lse4 = group_tiles.group_rows(lse, hkv, seq_pad, group_p)
-  delta4 = group_tiles.group_rows(delta, hkv, seq_pad, group_p)
+  do5, lse4, delta4 = group_tiles.backward_rows(out, d_out, lse, q5, dv_p,
+                                                d_lse=d_lse)
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
 
   dq = pl.pallas_call(

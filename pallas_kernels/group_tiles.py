@@ -50,3 +50,28 @@ def group_rows(x, num_kv_heads: int, seq_pad: int, group_p: int):
     [B, seq_pad, Hkv, Gp], zero-padded like the grouped queries.
   """
   return tc.group_heads(x[..., None], num_kv_heads, seq_pad, group_p, 1)[..., 0]
+
+
+def backward_rows(out, d_out, lse, q5, dv_p: int, d_lse=None):
+  """FlashAttention-2 backward preprocessing, in the grouped layout.
+
+  delta = rowsum(dO * O). A cotangent ``d_lse`` on the returned lse adds
+  d_lse * P to dS, so it enters delta as ``-d_lse`` (where lse is finite).
+
+  Args:
+    out, d_out: [B, T, Hq, Dv] forward output and its cotangent.
+    lse: [B, T, Hq] float32 forward log-sum-exp.
+    q5: the grouped queries [B, Tp, Hkv, Gp, Dk] (gives the layout).
+    dv_p: padded Dv.
+    d_lse: optional [B, T, Hq] cotangent of lse.
+
+  Returns:
+    (dO [B, Tp, Hkv, Gp, dv_p], lse [B, Tp, Hkv, Gp], delta [B, Tp, Hkv, Gp]).
+  """
+  _, seq_pad, hkv, group_p, _ = q5.shape
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  if d_lse is not None:
+    delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+  return (tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p),
+          group_rows(lse, hkv, seq_pad, group_p),
+          group_rows(delta, hkv, seq_pad, group_p))

@@ -290,10 +290,7 @@ def _bwd(q, k, v, block_indices, out, lse, d_out, st: _Static):
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q, block_pos = st.launch.block_q, st.launch.block_k
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
-  do5 = tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p)
-  lse4 = group_tiles.group_rows(lse, hkv, seq_pad, group_p)
-  delta4 = group_tiles.group_rows(delta, hkv, seq_pad, group_p)
+  do5, lse4, delta4 = group_tiles.backward_rows(out, d_out, lse, q5, dv_p)
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
 
   dq = pl.pallas_call(
