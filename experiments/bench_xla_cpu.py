@@ -24,7 +24,6 @@ def _measure(impl, seq_len, heads, kv_heads, head_dim, repeats):
   import resource  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from nsa_jax import NSAConfig, ops  # pylint: disable=g-import-not-at-top
 

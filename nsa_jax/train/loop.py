@@ -12,7 +12,6 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 
 from nsa_jax.data.iterators import Batch
