@@ -164,13 +164,30 @@ def select_blocks(q, k_cmp, lse, config: NSAConfig, *, scale=None,
     q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; lse: float32 [B, T, Hq].
     config: selection settings (``num_selected``, forced blocks, sizes).
     scale: the scale used for ``lse``.
-    impl: how the block scores are computed (top-n runs in XLA always).
+    impl: "pallas" scores and ranks on the GPU (``pallas_kernels.
+      block_select``); "xla"/"reference" score in XLA and rank by top_k.
 
   Returns:
     int32 [B, T, Hkv, num_selected], entries in [0, Ts) or -1, no repeats.
   """
+  resolved = resolve_impl(impl)
+  if resolved == "pallas" and _kernels().supports_selection(config):
+    validation.check_config(config)
+    validation.check_rank4(q=q, k_cmp=k_cmp)
+    validation.check_float(q=q, k_cmp=k_cmp)
+    validation.check_lse(lse, q)
+    validation.check_compressed(q, k_cmp, config.cmp_block, config.cmp_stride)
+    return _pallas_select(q, k_cmp, lse, config, _scale(q, scale))
   return selection.top_n_blocks(
       block_scores(q, k_cmp, lse, config, scale=scale, impl=impl), config)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale"))
+def _pallas_select(q, k_cmp, lse, config, scale):
+  return _kernels().select_blocks(
+      q, k_cmp, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+      sel_block=config.sel_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local, scale=scale)
 
 
 @_checked_jit("block_size", "scale", "impl")

@@ -1,6 +1,8 @@
 """Pallas Triton kernels of Native Sparse Attention (jax only, no flax)."""
 
 from pallas_kernels.block_scores import block_scores
+from pallas_kernels.block_select import select_blocks
+from pallas_kernels.block_select import supports_selection
 from pallas_kernels.compressed_attention import compressed_attention
 from pallas_kernels.launch_config import LaunchConfig
 from pallas_kernels.selected_attention import selected_attention
@@ -13,7 +15,9 @@ __all__ = [
     "block_scores",
     "compressed_attention",
     "default_interpret",
+    "select_blocks",
     "selected_attention",
     "sliding_window_attention",
     "supports_block_size",
+    "supports_selection",
 ]

@@ -11,11 +11,52 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from pallas_kernels import group_tiles
-from pallas_kernels import launch_config
 from pallas_kernels import triton_compat as tc
 
-# Default selection blocks per program (a tile of the output's last axis).
-_BLOCK_SEL = 64
+# Query rows (positions x padded group) per program, and selection blocks per
+# inner step, by input itemsize: fp32 tiles hold twice the bytes, so they
+# take half the rows to stay inside shared memory.
+_ROWS = {2: 128, 4: 64}
+_BLOCK_SEL = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreLaunch:
+  """One launch of the block-score kernel.
+
+  Attributes:
+    block_q: query positions per program (``block_q * next_pow2(G)`` rows).
+    block_sel: selection blocks per inner step; the step reads
+      ``block_sel * l'/d`` compressed tokens.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining stages.
+  """
+
+  block_q: int
+  block_sel: int = _BLOCK_SEL
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_sel"):
+      value = getattr(self, name)
+      if value < 1 or value & (value - 1):
+        raise ValueError(f"ScoreLaunch.{name}={value} must be a power of two")
+    if self.block_sel < tc.MIN_DOT_DIM:
+      raise ValueError(f"ScoreLaunch.block_sel={self.block_sel} must be >= "
+                       f"{tc.MIN_DOT_DIM} (it is a matmul dimension)")
+    if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+      raise ValueError(f"bad num_warps={self.num_warps} or "
+                       f"num_stages={self.num_stages}")
+
+
+def default_launch(group: int, seq_len: int, dtype) -> ScoreLaunch:
+  """The launch used when the caller gives none: >= 16 rows, dtype-sized."""
+  group_p = tc.next_pow2(group)
+  rows = _ROWS[jnp.dtype(dtype).itemsize]
+  block_q = max(max(1, tc.MIN_DOT_DIM // group_p),
+                min(rows // group_p, tc.next_pow2(seq_len)))
+  return ScoreLaunch(block_q=block_q, num_warps=8 if rows >= 128 else 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,111 +65,203 @@ class _Static:
   cmp_stride: int  # d
   sel_block: int  # l'
   scale: float
-  num_cmp: int  # Tc
+  seq_len: int  # T of the whole sequence
+  q_offset: int  # position of this call's first query
   group: int  # G
-  num_kv_heads: int
-  block_sel: int  # selection blocks per program
-  launch: launch_config.LaunchConfig
+  launch: ScoreLaunch
   interpret: bool
 
+  @property
+  def ratio(self) -> int:
+    """a = l'/d: stride chunks per selection block."""
+    return self.sel_block // self.cmp_stride
 
-def _coverage(i, j, st: _Static):
-  """Eq. 9 weights W[i, j] = #{(m, n): j*a + m - n = i, m < a, n < b}.
+  @property
+  def block_k(self) -> int:
+    """Compressed tokens read per inner step."""
+    return self.launch.block_sel * self.ratio
 
-  For fixed (i, j), n = j*a + m - i must lie in [0, b), so m ranges over
-  [i - j*a, i - j*a + b - 1] intersected with [0, a - 1].
+
+def coverage(token, block, cmp_block: int, cmp_stride: int, sel_block: int):
+  """Eq. 9 weight of compressed token ``token`` in selection block ``block``.
+
+  ``#{(m, n): block*a + m - n = token, 0 <= m < a, 0 <= n < b}`` with
+  ``a = l'/d``, ``b = l/d``. It depends on ``token - block*a`` only, so
+  chunk-local indices give the same weights.
 
   Args:
-    i: [block_k, 1] compressed token indices.
-    j: [1, block_sel] selection block indices.
-    st: static settings.
+    token: int array of compressed-token indices.
+    block: int array of selection-block indices (broadcast with ``token``).
+    cmp_block, cmp_stride, sel_block: l, d, l'.
 
   Returns:
-    float32 [block_k, block_sel].
+    float32 weights in [0, b].
   """
-  a = st.sel_block // st.cmp_stride
-  b = st.cmp_block // st.cmp_stride
-  lo = jnp.maximum(i - j * a, 0)
-  hi = jnp.minimum(i - j * a + b - 1, a - 1)
+  a = sel_block // cmp_stride
+  b = cmp_block // cmp_stride
+  r = token - block * a
+  lo = jnp.maximum(r, 0)
+  hi = jnp.minimum(r + b - 1, a - 1)
   return jnp.maximum(hi - lo + 1, 0).astype(jnp.float32)
 
 
-def _block_scores_kernel(q_ref, k_ref, lse_ref, out_ref, *, st: _Static):
-  """P[t, j] for a tile of positions and of selection blocks, one kv head.
+def _split_dot(p, w):
+  """p @ w for float32 p and small-integer w, near float32 accuracy.
 
-  p_cmp = exp(scale * q.k_cmp - lse) is recomputed per [rows, block_k] tile
-  from branch 1's lse (no new softmax statistics), mapped to selection blocks
-  by a matmul with the Eq. 9 coverage matrix [block_k, block_sel], and the G
-  heads of the group are summed. Nothing of size [T, Hq, Tc] reaches HBM.
+  p = hi + mid + lo in bfloat16 (8 mantissa bits each): three bf16 tensor-core
+  matmuls with float32 accumulation replace one IEEE float32 matmul (which
+  Triton runs on the CUDA cores). w's entries are exact in bfloat16.
+  """
+  hi = p.astype(jnp.bfloat16)
+  rest = p - hi.astype(jnp.float32)
+  mid = rest.astype(jnp.bfloat16)
+  lo = (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+  w = w.astype(jnp.bfloat16)
+  return tc.dot(lo, w) + tc.dot(mid, w) + tc.dot(hi, w)
 
-  Refs: q [block_q, Gp, Dk], k [Tcp, Dk], lse [block_q, Gp]
-  -> out [block_q, block_sel].
+
+def _scores_kernel(q_ref, k_ref, lse_ref, out_ref, *, st: _Static):
+  """P[t, j] for one tile of positions, every causal selection block.
+
+  Step c reads compressed tokens [c*bk, (c+1)*bk), bk = block_sel * a, and
+  recomputes their probabilities p = exp(scale q.k - lse) from branch 1's
+  lse ([rows, bk], rows = positions x heads of the GQA group). A matmul with
+  the Eq. 9 coverage [bk, block_sel] maps them to selection blocks
+  [c*block_sel, (c+1)*block_sel); the b-1 last tokens of a step also cover
+  the next step's first block, carried as one [rows] vector. The G heads are
+  summed and the [block_q, block_sel] tile is stored. Columns past the
+  tile's last causal block are not written (the top-n kernel masks them).
+
+  Refs: q [block_q, Gp, Dk], k [Tk, Dk], lse [block_q, Gp]
+  -> out [block_q, Ts_p] float32.
   """
   block_q, group_p, _ = q_ref.shape
   rows = block_q * group_p
-  block_k = st.launch.block_k
+  block_sel, block_k = st.launch.block_sel, st.block_k
   q, t = group_tiles.query_tile(q_ref)
+  t = t + st.q_offset
   lse2 = lse_ref[...].reshape(rows) * tc.LOG2E
-  real_head = lax.rem(jnp.arange(rows), group_p) < st.group  # [rows]
-  j = pl.program_id(2) * st.block_sel + jnp.arange(st.block_sel)[None, :]
-  # Compressed tokens that cover this tile's blocks and that the tile's last
-  # query can see: i in [j0*a - b + 1, (j0 + block_sel)*a).
-  a = st.sel_block // st.cmp_stride
-  b = st.cmp_block // st.cmp_stride
-  t_last = pl.program_id(1) * block_q + block_q - 1
-  num_visible = jnp.where(
-      t_last >= st.cmp_block - 1,
-      lax.div(t_last - (st.cmp_block - 1), st.cmp_stride) + 1, 0)
-  i_hi = jnp.minimum(jnp.minimum(num_visible, st.num_cmp),
-                     (pl.program_id(2) + 1) * st.block_sel * a)
-  i_lo = jnp.maximum(pl.program_id(2) * st.block_sel * a - b + 1, 0)
+  real_head = lax.rem(jnp.arange(rows), group_p) < st.group
+  token = jnp.arange(block_k)
+  sel = jnp.arange(block_sel)
+  weights = coverage(token[:, None], sel[None, :], st.cmp_block,
+                     st.cmp_stride, st.sel_block)  # [bk, block_sel]
+  spill = coverage(token, block_sel, st.cmp_block, st.cmp_stride,
+                   st.sel_block)  # [bk]: into the next step's first block
+  t_last = jnp.minimum(st.q_offset + (pl.program_id(1) + 1) * block_q,
+                       st.seq_len) - 1
+  num_blocks = lax.div(t_last, st.sel_block) + 1
+  num_steps = lax.div(num_blocks + block_sel - 1, block_sel)
 
-  def body(chunk, acc):
-    start = pl.multiple_of(chunk * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]  # [block_k, Dk]
-    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, block_k]
-    i = start + jnp.arange(block_k)
+  def body(step, carry):
+    start = pl.multiple_of(step * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]  # [bk, Dk]
+    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, bk]
+    i = start + token
     visible = ((i[None, :] * st.cmp_stride + (st.cmp_block - 1) <= t[:, None])
                & real_head[:, None])
     p = jnp.where(visible, jnp.exp2(s - lse2[:, None]), 0.0)
-    return acc + tc.dot(p, _coverage(i[:, None], j, st))  # [rows, block_sel]
+    scores = _split_dot(p, weights)  # [rows, block_sel]
+    scores += jnp.where(sel[None, :] == 0, carry[:, None], 0.0)
+    # GQA sharing: one score per (position, kv head), summed over the group.
+    out_ref[:, pl.ds(pl.multiple_of(step * block_sel, block_sel),
+                     block_sel)] = jnp.sum(
+                         scores.reshape(block_q, group_p, block_sel), axis=1)
+    return jnp.sum(p * spill[None, :], axis=1)
 
-  acc = lax.fori_loop(
-      lax.div(i_lo, block_k), lax.div(i_hi + block_k - 1, block_k), body,
-      jnp.zeros((rows, st.block_sel), jnp.float32))
-  # GQA sharing: one score per (position, kv head), summed over the group.
-  out_ref[...] = jnp.sum(acc.reshape(block_q, group_p, st.block_sel), axis=1)
+  lax.fori_loop(0, num_steps, body, jnp.zeros((rows,), jnp.float32))
+
+
+def check_block_sizes(cmp_block: int, cmp_stride: int, sel_block: int):
+  """Raises ValueError unless the kernel can tile these block sizes."""
+  if cmp_block % cmp_stride or sel_block % cmp_stride:
+    raise ValueError(f"{cmp_stride=} must divide {cmp_block=} and "
+                     f"{sel_block=}")
+  ratio = sel_block // cmp_stride
+  if ratio & (ratio - 1):
+    raise ValueError(f"the Pallas block scores need sel_block / cmp_stride "
+                     f"= {ratio} to be a power of two")
+
+
+def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
+                  sel_block: int, scale: float, seq_len: int, q_offset: int,
+                  launch: ScoreLaunch, interpret: bool):
+  """Raw kernel output for queries at positions q_offset .. q_offset + Tq - 1.
+
+  Args:
+    q: [B, Tq, Hq, Dk] a slice of the queries; k_cmp: [B, Tc, Hkv, Dk] all
+      compressed keys; lse: float32 [B, Tq, Hq] for the same queries.
+    seq_len: T of the whole sequence.
+    q_offset: position of q's first row.
+
+  Returns:
+    float32 [B, Tq_p, Hkv, Ts_p]: Tq_p = Tq rounded up to block_q, Ts_p the
+    power of two >= max(Ts, block_sel). Columns past a tile's last causal
+    block hold garbage.
+  """
+  batch, num_q, num_heads, head_dim = q.shape
+  hkv = k_cmp.shape[2]
+  group = num_heads // hkv
+  st = _Static(cmp_block=cmp_block, cmp_stride=cmp_stride,
+               sel_block=sel_block, scale=scale, seq_len=seq_len,
+               q_offset=q_offset, group=group, launch=launch,
+               interpret=interpret)
+  block_q, block_sel = launch.block_q, launch.block_sel
+  seq_pad = tc.round_up(num_q, block_q)
+  group_p = tc.next_pow2(group)
+  dk_p = tc.next_pow2(head_dim, tc.MIN_DOT_DIM)
+  sel_pad = tc.next_pow2(-(-seq_len // sel_block), block_sel)
+  q5 = tc.group_heads(q, hkv, seq_pad, group_p, dk_p)
+  k_p = tc.pad_axis(tc.pad_axis(k_cmp, 1, sel_pad * st.ratio), 3, dk_p)
+  lse4 = group_tiles.group_rows(lse, hkv, seq_pad, group_p)
+
+  def bg(x):  # Triton grids are 3-D at most: axis 0 is (batch, kv head).
+    return lax.div(x, hkv), lax.rem(x, hkv)
+
+  return pl.pallas_call(
+      functools.partial(_scores_kernel, st=st),
+      grid=(batch * hkv, seq_pad // block_q),
+      in_specs=[
+          pl.BlockSpec((None, block_q, None, group_p, dk_p),
+                       lambda x, i: (bg(x)[0], i, bg(x)[1], 0, 0)),
+          pl.BlockSpec((None, k_p.shape[1], None, dk_p),
+                       lambda x, i: (bg(x)[0], 0, bg(x)[1], 0)),
+          pl.BlockSpec((None, block_q, None, group_p),
+                       lambda x, i: (bg(x)[0], i, bg(x)[1], 0)),
+      ],
+      out_specs=pl.BlockSpec((None, block_q, None, sel_pad),
+                             lambda x, i: (bg(x)[0], i, bg(x)[1], 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, seq_pad, hkv, sel_pad),
+                                     jnp.float32),
+      compiler_params=tc.compiler_params(launch.num_warps,
+                                         launch.num_stages),
+      interpret=interpret,
+      name="nsa_block_scores",
+  )(q5, k_p, lse4)
 
 
 def block_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
                  sel_block: int, scale: float | None = None,
                  interpret: bool | None = None,
-                 block_q: int | None = None,
-                 block_k: int | None = None,
-                 num_warps: int | None = None,
-                 num_stages: int | None = None,
-                 block_sel: int | None = None):
+                 launch: ScoreLaunch | None = None):
   """Selection-block importance P of NSA section 3.3.2 (Eq. 8-10), fused.
 
   ``P[t, g, j] = sum_{h in group g} sum_{m<a} sum_{n<b} p_cmp[t, h, j*a+m-n]``
   with ``a = l'/d``, ``b = l/d``, ``p_cmp = exp(scale q.k_cmp - lse)`` the
   probabilities of branch 1 (0 where invisible or lse = -inf) and indices
   outside [0, Tc) dropped. Not differentiable (selection is not): inputs are
-  wrapped in ``stop_gradient``. Top-k runs in XLA on the result.
+  wrapped in ``stop_gradient``. ``block_select.select_blocks`` runs the same
+  kernel and ranks its output on the GPU; this entry point returns the
+  scores themselves (non-causal blocks, j > t // l', are 0).
 
   Args:
     q: [B, T, Hq, Dk] queries.
     k_cmp: [B, Tc, Hkv, Dk] compressed keys.
     lse: [B, T, Hq] float32 log-sum-exp of branch 1 (natural log).
-    cmp_block: l. cmp_stride: d. sel_block: l'.
+    cmp_block: l. cmp_stride: d. sel_block: l'; l'/d a power of two.
     scale: softmax scale, defaults to 1/sqrt(Dk); must be branch 1's.
     interpret: run in Pallas interpret mode; None means "when no GPU".
-    block_q: query positions per program; None: from the launch table.
-    block_k: compressed tokens per inner step; None: from the launch table.
-    num_warps: Triton warps; None: from the launch table.
-    num_stages: Triton pipelining stages; None: from the launch table.
-    block_sel: selection blocks per program (power of two >= 16); None:
-      min(64, next_pow2(Ts)).
+    launch: tile sizes; None: ``default_launch``.
 
   Returns:
     float32 [B, T, Hkv, Ts], Ts = ceil(T / l').
@@ -142,71 +275,21 @@ def block_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
     raise ValueError(f"{q.shape=} and {k_cmp.shape=} disagree")
   if lse.shape != q.shape[:3]:
     raise ValueError(f"{lse.shape=} must be {q.shape[:3]}")
-  if num_heads % num_kv_heads:
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
     raise ValueError(f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}")
-  if cmp_block % cmp_stride or sel_block % cmp_stride:
-    raise ValueError(f"{cmp_stride=} must divide {cmp_block=} and "
-                     f"{sel_block=}")
+  check_block_sizes(cmp_block, cmp_stride, sel_block)
   num_sel = -(-seq_len // sel_block)
-  if num_cmp == 0:
+  if num_cmp == 0 or seq_len == 0:
     return jnp.zeros((batch, seq_len, num_kv_heads, num_sel), jnp.float32)
-  group = num_heads // num_kv_heads
-  launch = launch_config.get_config(
-      "block_scores", group=group, seq_len=seq_len, num_keys=num_cmp,
-      head_dim=head_dim)
-  launch = dataclasses.replace(
-      launch, **{name: value for name, value in (
-          ("block_q", block_q), ("block_k", block_k),
-          ("num_warps", num_warps), ("num_stages", num_stages))
-                 if value is not None})
-  launch_config.validate(launch, group)
-  if block_sel is None:
-    block_sel = min(tc.next_pow2(num_sel, tc.MIN_DOT_DIM), _BLOCK_SEL)
-  if block_sel < tc.MIN_DOT_DIM or block_sel & (block_sel - 1):
-    raise ValueError(f"{block_sel=} must be a power of two >= "
-                     f"{tc.MIN_DOT_DIM}")
-  st = _Static(cmp_block=cmp_block, cmp_stride=cmp_stride,
-               sel_block=sel_block,
-               scale=head_dim ** -0.5 if scale is None else float(scale),
-               num_cmp=num_cmp, group=group, num_kv_heads=num_kv_heads,
-               block_sel=block_sel, launch=launch,
-               interpret=tc.resolve_interpret(interpret))
+  if launch is None:
+    launch = default_launch(num_heads // num_kv_heads, seq_len, q.dtype)
   q, k_cmp, lse = jax.tree.map(jax.lax.stop_gradient, (q, k_cmp, lse))
-  return _block_scores(q, k_cmp, lse, st)[:, :seq_len, :, :num_sel]
-
-
-def _block_scores(q, k_cmp, lse, st: _Static):
-  launch = st.launch
-  hkv = st.num_kv_heads
-  seq_pad = tc.round_up(q.shape[1], launch.block_q)
-  group_p = tc.next_pow2(st.group)
-  dk_p = tc.next_pow2(q.shape[-1], tc.MIN_DOT_DIM)
-  q5 = tc.group_heads(q, hkv, seq_pad, group_p, dk_p)
-  k_p = tc.pad_axis(tc.pad_axis(k_cmp, 1, tc.round_up(st.num_cmp,
-                                                      launch.block_k)), 3, dk_p)
-  lse4 = group_tiles.group_rows(lse, hkv, seq_pad, group_p)
-  sel_pad = tc.round_up(-(-q.shape[1] // st.sel_block), st.block_sel)
-  batch = q.shape[0]
-
-  def bg(x):  # Triton grids are 3-D: axis 0 enumerates (batch, kv head).
-    return lax.div(x, hkv), lax.rem(x, hkv)
-
-  return pl.pallas_call(
-      functools.partial(_block_scores_kernel, st=st),
-      grid=(batch * hkv, seq_pad // launch.block_q, sel_pad // st.block_sel),
-      in_specs=[
-          pl.BlockSpec((None, launch.block_q, None, group_p, dk_p),
-                       lambda x, i, s: (bg(x)[0], i, bg(x)[1], 0, 0)),
-          pl.BlockSpec((None, k_p.shape[1], None, dk_p),
-                       lambda x, i, s: (bg(x)[0], 0, bg(x)[1], 0)),
-          pl.BlockSpec((None, launch.block_q, None, group_p),
-                       lambda x, i, s: (bg(x)[0], i, bg(x)[1], 0)),
-      ],
-      out_specs=pl.BlockSpec((None, launch.block_q, None, st.block_sel),
-                             lambda x, i, s: (bg(x)[0], i, bg(x)[1], s)),
-      out_shape=jax.ShapeDtypeStruct((batch, seq_pad, hkv, sel_pad),
-                                     jnp.float32),
-      compiler_params=tc.compiler_params(launch.num_warps, launch.num_stages),
-      interpret=st.interpret,
-      name="nsa_block_scores",
-  )(q5, k_p, lse4)
+  scores = padded_scores(
+      q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride,
+      sel_block=sel_block,
+      scale=head_dim ** -0.5 if scale is None else float(scale),
+      seq_len=seq_len, q_offset=0, launch=launch,
+      interpret=tc.resolve_interpret(interpret))[:, :seq_len, :, :num_sel]
+  causal = (jnp.arange(num_sel)[None, :]
+            <= (jnp.arange(seq_len) // sel_block)[:, None])
+  return jnp.where(causal[None, :, None, :], scores, 0.0)

@@ -27,7 +27,13 @@ class _Static:
   group: int  # G
   head_dim_v: int  # Dv, to slice the padded output
   launch: launch_config.LaunchConfig
+  segment: int  # query positions per dK/dV program
   interpret: bool
+
+  @property
+  def num_chunks(self) -> int:
+    """Chunks of block_k compressed tokens (the padded Tc / block_k)."""
+    return -(-self.num_cmp // self.launch.block_k)
 
 
 def _first_invisible(t, block_size, stride, num_cmp):
@@ -129,19 +135,30 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
                 dv_ref, *, st: _Static):
-  """dK, dV of one [block_k] chunk of compressed tokens, all G heads summed.
+  """Partial dK, dV of one chunk of compressed tokens from one query segment.
+
+  Program (b, seg * num_chunks + c, g) takes chunk c of ``block_k``
+  compressed tokens and the query tiles of segment ``seg`` that see it, all
+  G heads summed, and accumulates dV += P^T dO, dK += dS^T Q
+  (FlashAttention-2 backward) in float32 registers. Splitting the queries
+  into segments gives B * Hkv * (Tc / block_k) * S programs instead of
+  B * Hkv * Tc / block_k long ones (Tc is T / d: few chunks, each seen by
+  almost every query); XLA sums the S partials in a fixed order, so the
+  result is deterministic.
 
   Refs: q [Tp, Gp, Dk], k [block_k, Dk], v [block_k, Dv], do [Tp, Gp, Dv],
-  lse / delta [Tp, Gp] -> dk [block_k, Dk], dv [block_k, Dv]. Loops over the
-  query tiles from the first one that sees the chunk's first token.
+  lse / delta [Tp, Gp] -> float32 dk [block_k, Dk], dv [block_k, Dv].
   """
   seq_pad, group_p, dk = q_ref.shape
   block_q, block_k = st.launch.block_q, st.launch.block_k
   rows = block_q * group_p
+  num_chunks = st.num_chunks
+  chunk = lax.rem(pl.program_id(1), num_chunks)
+  seg = lax.div(pl.program_id(1), num_chunks)
   k = k_ref[...]
   v = v_ref[...]
-  i = pl.program_id(1) * block_k + jnp.arange(block_k)
-  first_t = pl.program_id(1) * block_k * st.stride + st.block_size - 1
+  i = chunk * block_k + jnp.arange(block_k)
+  first_t = chunk * block_k * st.stride + st.block_size - 1
 
   def body(tile, carry):
     dk_acc, dv_acc = carry
@@ -159,13 +176,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
     dk_acc = dk_acc + tc.dot(ds.astype(q.dtype), q, trans_a=True)
     return dk_acc, dv_acc
 
-  first_tile = lax.div(jnp.minimum(first_t, seq_pad), block_q)
+  seg_tiles = st.segment // block_q
+  lo = jnp.maximum(lax.div(jnp.minimum(first_t, seq_pad), block_q),
+                   seg * seg_tiles)
+  hi = jnp.minimum(seq_pad // block_q, (seg + 1) * seg_tiles)
   dk_acc, dv_acc = lax.fori_loop(
-      first_tile, seq_pad // block_q, body,
+      lo, jnp.maximum(lo, hi), body,
       (jnp.zeros((block_k, dk), jnp.float32),
        jnp.zeros((block_k, v.shape[-1]), jnp.float32)))
-  dk_ref[...] = (dk_acc * st.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv_acc.astype(dv_ref.dtype)
+  dk_ref[...] = dk_acc * st.scale
+  dv_ref[...] = dv_acc
 
 
 def _pad_inputs(q, k_cmp, v_cmp, st: _Static):
@@ -234,29 +254,54 @@ def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
       name="nsa_compressed_attention_dq",
   )(q5, k_p, v_p, do5, lse4, delta4)
 
+  num_chunks = st.num_chunks
+  num_segments = -(-seq_pad // st.segment)
+
   def whole(*block):  # all query positions of one (batch, kv head)
     return pl.BlockSpec((None, seq_pad, None) + block,
-                        lambda b, c, g: (b, 0, g) + (0,) * len(block))
+                        lambda b, j, g: (b, 0, g) + (0,) * len(block))
 
-  def chunk(dim):  # one chunk of block_k compressed tokens
+  def chunk(dim):  # the program's chunk of block_k compressed tokens
     return pl.BlockSpec((None, block_k, None, dim),
-                        lambda b, c, g: (b, c, g, 0))
+                        lambda b, j, g: (b, lax.rem(j, num_chunks), g, 0))
+
+  def partial(dim):  # one [block_k, dim] slot per (segment, chunk)
+    return pl.BlockSpec((None, block_k, None, dim),
+                        lambda b, j, g: (b, j, g, 0))
+
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
-      grid=(batch, tc_pad // block_k, hkv),
+      grid=(batch, num_segments * num_chunks, hkv),
       in_specs=[whole(group_p, dk_p), chunk(dk_p), chunk(dv_p),
                 whole(group_p, dv_p), whole(group_p), whole(group_p)],
-      out_specs=[chunk(dk_p), chunk(dv_p)],
-      out_shape=[jax.ShapeDtypeStruct(k_p.shape, k_cmp.dtype),
-                 jax.ShapeDtypeStruct(v_p.shape, v_cmp.dtype)],
+      out_specs=[partial(dk_p), partial(dv_p)],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, num_segments * tc_pad, hkv, dk_p),
+                               jnp.float32),
+          jax.ShapeDtypeStruct((batch, num_segments * tc_pad, hkv, dv_p),
+                               jnp.float32)],
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_compressed_attention_dkv",
   )(q5, k_p, v_p, do5, lse4, delta4)
+
+  def sum_segments(x, like):  # fixed-order sum over segments: deterministic
+    x = x.reshape(batch, num_segments, tc_pad, hkv, -1).sum(axis=1)
+    return x[:, :st.num_cmp, :, :like.shape[-1]].astype(like.dtype)
+
   dq = tc.ungroup_heads(dq, st.seq_len, st.group, q.shape[-1])
-  dk = dk[:, :st.num_cmp, :, :k_cmp.shape[-1]]
-  dv = dv[:, :st.num_cmp, :, :v_cmp.shape[-1]]
-  return dq, dk, dv
+  return dq, sum_segments(dk, k_cmp), sum_segments(dv, v_cmp)
+
+
+# The dK/dV step splits the queries into at most this many segments.
+_MAX_SEGMENTS = 16
+_MIN_SEGMENT = 1024
+
+
+def dkv_segment(seq_len: int, block_q: int) -> int:
+  """Query positions per dK/dV program: >= 1024, <= 16 segments of T."""
+  return tc.round_up(max(_MIN_SEGMENT, -(-seq_len // _MAX_SEGMENTS)),
+                     block_q)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -284,7 +329,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
                          block_q: int | None = None,
                          block_k: int | None = None,
                          num_warps: int | None = None,
-                         num_stages: int | None = None):
+                         num_stages: int | None = None,
+                         segment: int | None = None):
   """NSA branch 1 (section 3.3.1) as a fused Pallas Triton kernel.
 
   Query t sees compressed token i iff its whole block is in the past,
@@ -293,7 +339,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
   (``block_q * next_pow2(G)`` rows) and runs a FlashAttention-2 online softmax
   over the visible compressed tokens, ``block_k`` at a time. The backward is
   FlashAttention-2's: a dQ kernel on the same grid and a dK/dV kernel over
-  chunks of compressed tokens, each summing the G heads of its group (no
+  (chunk of compressed tokens, segment of queries) pairs, each summing the G
+  heads of its group; the segments' float32 partials are summed in XLA (no
   atomics, deterministic). Differentiable in ``out`` and ``lse``.
 
   Args:
@@ -309,6 +356,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
     block_k: compressed tokens per inner step (power of two, >= 16).
     num_warps: Triton warps; None: from the launch table.
     num_stages: Triton pipelining stages; None: from the launch table.
+    segment: query positions per dK/dV program (a multiple of block_q);
+      None: ``dkv_segment``.
 
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32 natural log).
@@ -349,8 +398,13 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
           ("num_warps", num_warps), ("num_stages", num_stages))
                  if value is not None})
   launch_config.validate(launch, group)
+  if segment is not None and (segment < 1 or segment % launch.block_q):
+    raise ValueError(f"{segment=} must be a positive multiple of "
+                     f"block_q={launch.block_q}")
   st = _Static(block_size=block_size, stride=stride, scale=scale,
                seq_len=seq_len, num_cmp=num_cmp, group=group,
                head_dim_v=v_cmp.shape[-1], launch=launch,
+               segment=(dkv_segment(seq_len, launch.block_q)
+                        if segment is None else segment),
                interpret=tc.resolve_interpret(interpret))
   return _compressed_attention(q, k_cmp, v_cmp, st)

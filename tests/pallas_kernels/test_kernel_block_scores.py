@@ -1,4 +1,4 @@
-"""Fused block scores vs the literal Eq. 9 reference, and lowering."""
+"""Fused block scores and GPU top-n selection vs the references; lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 
 from nsa_jax import reference
+from nsa_jax import selection
 from nsa_jax.config import NSAConfig
 from pallas_kernels import block_scores
-from pallas_kernels import launch_config
+from pallas_kernels import select_blocks
+from pallas_kernels.block_scores import ScoreLaunch
 import kernel_test_utils as u
+
+# a = l'/d = 2, b = l/d = 2: a block covered by tokens of two steps.
+_SMALL = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=4,
+                   window=8)
+# a = 4, b = 2 (the paper's ratios) with n = 5.
+_PAPER = NSAConfig(num_selected=5)
 
 
 def _inputs(config, seq_len, num_kv_heads, group, dk, dtype, seed=0):
@@ -29,48 +37,119 @@ def _scores(q, k, lse, config, **kwargs):
                       sel_block=config.sel_block, interpret=True, **kwargs)
 
 
-@pytest.mark.parametrize(
-    "config,seq_len,group,dtype,kwargs",
-    [
-        (NSAConfig.tiny(), 50, 1, jnp.float32, {}),
-        (NSAConfig.tiny(), 37, 3, jnp.float32, {}),  # G padded to 4
-        (NSAConfig.tiny(), 33, 16, jnp.bfloat16, {}),
-        # a = 2, b = 2, Ts = 18: two tiles of 16 selection blocks, 3 key chunks.
-        (NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=4,
-                   window=8), 70, 2, jnp.float32,
-         {"block_sel": 16, "block_k": 16}),
-    ])
-def test_matches_reference(config, seq_len, group, dtype, kwargs):
-  q, k, lse = _inputs(config, seq_len, 2, group, 16, dtype)
-  got = _scores(q, k, lse, config, **kwargs)
+def _select(q, k, lse, config, **kwargs):
+  return select_blocks(
+      q, k, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+      sel_block=config.sel_block, num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local,
+      interpret=True, **kwargs)
+
+
+def assert_same_sets_up_to_ties(got, want, scores, rtol=1e-5):
+  """Block sets equal, except where two candidates' scores tie within rtol.
+
+  Args:
+    got, want: int32 [B, T, Hkv, n] tables (-1 empty); order is free.
+    scores: float32 [B, T, Hkv, Ts] reference scores.
+  """
+  got, want, scores = map(np.asarray, (got, want, scores))
+  assert got.shape == want.shape
+  same = np.all(np.sort(got, -1) == np.sort(want, -1), axis=-1)
+  for pos in zip(*np.nonzero(~same)):
+    g, w, s = set(got[pos]) - {-1}, set(want[pos]) - {-1}, scores[pos]
+    assert len(g) == len(w), (pos, g, w)
+    # Swapped blocks must score the same as the reference's lowest pick.
+    swapped = np.array(sorted(g ^ w))
+    floor = min(s[j] for j in w)
+    np.testing.assert_allclose(s[swapped], floor, rtol=rtol, atol=1e-7,
+                               err_msg=f"{pos}: {sorted(g)} vs {sorted(w)}")
+
+
+CASES = [
+    (NSAConfig.tiny(), 50, 2, 1, 16, jnp.float32),
+    (NSAConfig.tiny(), 37, 2, 3, 16, jnp.float32),  # G padded to 4
+    (NSAConfig.tiny(), 133, 1, 16, 32, jnp.bfloat16),
+    (NSAConfig.tiny(), 5, 1, 2, 16, jnp.float32),  # T < l: nothing visible
+    (NSAConfig.tiny(), 16, 1, 4, 16, jnp.float16),  # T = l'
+    (_SMALL, 70, 2, 2, 16, jnp.float32),
+    (_PAPER, 300, 1, 4, 24, jnp.float32),  # Dk padded to 32
+]
+
+
+@pytest.mark.parametrize("config,seq_len,hkv,group,dk,dtype", CASES)
+def test_scores_match_reference(config, seq_len, hkv, group, dk, dtype):
+  q, k, lse = _inputs(config, seq_len, hkv, group, dk, dtype)
+  got = _scores(q, k, lse, config)
   want = reference.block_scores_reference(q, k, lse, config)
   assert got.shape == want.shape and got.dtype == jnp.float32
-  # Scores are probabilities (<= b * G per block): float32 tolerance, also
-  # for bf16 inputs since both sides upcast the same values.
-  u.assert_close(got, want, jnp.float32 if dtype == jnp.float32 else dtype)
+  # Scores are sums of probabilities (<= b * G per block): float32
+  # tolerance whatever the input dtype, since both sides upcast the same
+  # products.
+  u.assert_close(got, want, jnp.float32)
 
 
-def test_no_compressed_tokens_and_no_gradient():
+@pytest.mark.parametrize("config,seq_len,hkv,group,dk,dtype", CASES)
+def test_selection_matches_reference(config, seq_len, hkv, group, dk, dtype):
+  q, k, lse = _inputs(config, seq_len, hkv, group, dk, dtype, seed=1)
+  got = _select(q, k, lse, config)
+  scores = reference.block_scores_reference(q, k, lse, config)
+  want = selection.top_n_blocks(scores, config)
+  assert got.dtype == jnp.int32
+  assert_same_sets_up_to_ties(got, want, scores)
+
+
+def test_slices_and_small_tiles_give_the_same_table():
+  """Query slices (bounded score memory) and other tiles change nothing."""
+  config = _SMALL
+  q, k, lse = _inputs(config, 70, 2, 2, 16, jnp.float32, seed=2)
+  whole = _select(q, k, lse, config)
+  sliced = _select(q, k, lse, config, score_bytes=1)  # one tile per slice
+  other = _select(q, k, lse, config,
+                  launch=ScoreLaunch(block_q=32, block_sel=32))
+  np.testing.assert_array_equal(whole, sliced)
+  np.testing.assert_array_equal(whole, other)
+
+
+def test_forced_blocks_ties_and_empty_slots():
+  """Equal logits: forced blocks, then the lowest indices, then -1.
+
+  With every logit 0, every fully visible block scores the same, so after
+  the forced blocks (0 and the query's own) the free slots go to blocks 1
+  and 2; a query with fewer than n causal blocks takes them all and pads -1.
+  """
+  config = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=4,
+                     num_initial=1, num_local=1, window=8)
+  seq_len = 40
+  q = jnp.zeros((1, seq_len, 2, 16), jnp.float32)
+  k = jnp.zeros((1, config.num_compressed(seq_len), 1, 16), jnp.float32)
+  _, lse = reference.compressed_attention_reference(
+      q, k, k, block_size=4, stride=2)
+  got = np.sort(np.asarray(_select(q, k, lse, config))[0, :, 0], -1)
+  for t in range(seq_len):
+    own = t // 4
+    if own < 4:
+      want = [-1] * (3 - own) + list(range(own + 1))
+    else:
+      want = [0, 1, 2, own]
+    np.testing.assert_array_equal(got[t], want, err_msg=f"t={t}")
+
+
+def test_no_gradient_flows():
   config = NSAConfig.tiny()
-  q, k, lse = _inputs(config, 6, 1, 2, 16, jnp.float32)
-  scores = _scores(q, k, lse, config)
-  assert scores.shape == (2, 6, 1, 1) and np.all(np.asarray(scores) == 0)
   q, k, lse = _inputs(config, 20, 1, 2, 16, jnp.float32)
   grad = jax.grad(lambda q: jnp.sum(_scores(q, k, lse, config)))(q)
   assert np.all(np.asarray(grad) == 0)
 
 
 @pytest.mark.lowering
-@pytest.mark.parametrize("entry", launch_config.table_entries("block_scores"))
-@pytest.mark.parametrize("group,dk", [(1, 24), (16, 192)])
-def test_lowers_to_triton(entry, group, dk):
-  config = NSAConfig.tiny()
-  q, k, lse = _inputs(config, 70, 1, group, dk, jnp.bfloat16)
-  launch = launch_config.make_config(entry, group=group, seq_len=70,
-                                     num_keys=k.shape[1])
+@pytest.mark.parametrize("group,dk,dtype", [
+    (1, 24, jnp.bfloat16), (16, 128, jnp.bfloat16), (16, 192, jnp.float32),
+    (4, 64, jnp.float16)])
+def test_lowers_to_triton(group, dk, dtype):
+  config = NSAConfig.paper()
+  q, k, lse = _inputs(config, 4133, 1, group, dk, dtype)
   u.lower_for_cuda(
-      lambda q, k, lse: block_scores(  # pylint: disable=g-long-lambda
-          q, k, lse, cmp_block=8, cmp_stride=4, sel_block=16,
-          interpret=False, block_q=launch.block_q, block_k=launch.block_k,
-          num_warps=launch.num_warps, num_stages=launch.num_stages),
+      lambda q, k, lse: select_blocks(  # pylint: disable=g-long-lambda
+          q, k, lse, cmp_block=32, cmp_stride=16, sel_block=64,
+          num_selected=16, num_initial=1, num_local=2, interpret=False),
       q, k, lse)

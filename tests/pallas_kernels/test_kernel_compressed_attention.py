@@ -36,20 +36,24 @@ def _loss(fn, d_out):
 
 
 @pytest.mark.parametrize(
-    "seq_len,num_kv_heads,group,dk,dv,dtype,block_k",
+    "seq_len,num_kv_heads,group,dk,dv,dtype,block_k,segment",
     [
-        (37, 2, 1, 16, 16, jnp.float32, None),  # G=1, T not a multiple
-        (50, 1, 2, 24, 16, jnp.float32, None),  # Dk != Dv, both padded
-        (37, 2, 4, 16, 32, jnp.bfloat16, None),
-        (33, 1, 16, 16, 16, jnp.float32, None),  # G=16: block_q = 1
-        (100, 1, 3, 16, 24, jnp.float32, 16),  # G=3 padded, 2 key chunks
-        (8, 1, 2, 16, 16, jnp.float32, None),  # T = l: Tc = 1
+        (37, 2, 1, 16, 16, jnp.float32, None, None),  # G=1, T off a tile
+        (50, 1, 2, 24, 16, jnp.float32, None, None),  # Dk != Dv, padded
+        (37, 2, 4, 16, 32, jnp.bfloat16, None, None),
+        (33, 1, 16, 16, 16, jnp.float32, None, None),  # G=16: block_q = 1
+        (100, 1, 3, 16, 24, jnp.float32, 16, None),  # G=3 padded, 2 chunks
+        (8, 1, 2, 16, 16, jnp.float32, None, None),  # T = l: Tc = 1
+        # dK/dV over 4 query segments of 32 positions, 2 chunks; segments
+        # before a chunk's first query write zeros.
+        (100, 1, 2, 16, 16, jnp.float32, 16, 32),
     ])
 def test_forward_and_gradients(seq_len, num_kv_heads, group, dk, dv, dtype,
-                               block_k):
+                               block_k, segment):
   q, k, v, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype)
   kernel = functools.partial(compressed_attention, block_size=L, stride=D,
-                             interpret=True, block_k=block_k)
+                             interpret=True, block_k=block_k,
+                             segment=segment)
   ref = functools.partial(reference.compressed_attention_reference,
                           block_size=L, stride=D)
   out, lse = kernel(q, k, v)
