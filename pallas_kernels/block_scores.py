@@ -50,13 +50,23 @@ class ScoreLaunch:
                        f"num_stages={self.num_stages}")
 
 
-def default_launch(group: int, seq_len: int, dtype) -> ScoreLaunch:
-  """The launch used when the caller gives none: >= 16 rows, dtype-sized."""
+def default_launch(group: int, seq_len: int, dtype,
+                   head_dim: int = 128) -> ScoreLaunch:
+  """The launch used when the caller gives none: >= 16 rows, dtype-sized.
+
+  Float32 tiles with a head dim padded to 256 get half the rows and no
+  pipelining, or they overflow the H100's shared memory.
+  """
   group_p = tc.next_pow2(group)
-  rows = _ROWS[jnp.dtype(dtype).itemsize]
+  itemsize = jnp.dtype(dtype).itemsize
+  rows = _ROWS[itemsize]
+  wide = itemsize >= 4 and tc.next_pow2(head_dim) > 128
+  if wide:
+    rows //= 2
   block_q = max(max(1, tc.MIN_DOT_DIM // group_p),
                 min(rows // group_p, tc.next_pow2(seq_len)))
-  return ScoreLaunch(block_q=block_q, num_warps=8 if rows >= 128 else 4)
+  return ScoreLaunch(block_q=block_q, num_warps=8 if rows >= 128 else 4,
+                     num_stages=1 if wide else 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +292,8 @@ def block_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   if num_cmp == 0 or seq_len == 0:
     return jnp.zeros((batch, seq_len, num_kv_heads, num_sel), jnp.float32)
   if launch is None:
-    launch = default_launch(num_heads // num_kv_heads, seq_len, q.dtype)
+    launch = default_launch(num_heads // num_kv_heads, seq_len, q.dtype,
+                            head_dim)
   q, k_cmp, lse = jax.tree.map(jax.lax.stop_gradient, (q, k_cmp, lse))
   scores = padded_scores(
       q, k_cmp, lse, cmp_block=cmp_block, cmp_stride=cmp_stride,

@@ -162,8 +162,8 @@ def select_blocks(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   if batch == 0 or seq_len == 0:
     return jnp.zeros((batch, seq_len, num_kv_heads, num_selected), jnp.int32)
   if launch is None:
-    launch = default_launch(num_heads // num_kv_heads,
-                                          seq_len, q.dtype)
+    launch = default_launch(num_heads // num_kv_heads, seq_len, q.dtype,
+                            head_dim)
   interpret = tc.resolve_interpret(interpret)
   scale = head_dim ** -0.5 if scale is None else float(scale)
   num_blocks = -(-seq_len // sel_block)

@@ -391,7 +391,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
   group = num_heads // num_kv_heads
   launch = launch_config.get_config(
       "compressed", group=group, seq_len=seq_len, num_keys=num_cmp,
-      head_dim=max(head_dim, v_cmp.shape[-1]))
+      head_dim=max(head_dim, v_cmp.shape[-1]),
+      itemsize=jnp.dtype(q.dtype).itemsize)
   launch = dataclasses.replace(
       launch, **{name: value for name, value in (
           ("block_q", block_q), ("block_k", block_k),

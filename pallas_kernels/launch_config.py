@@ -110,9 +110,19 @@ def make_config(entry, *, group: int, seq_len: int, num_keys: int = 0,
 
 
 def get_config(kernel: str, *, group: int, head_dim: int, seq_len: int,
-               num_keys: int = 0) -> LaunchConfig:
-  """The table's launch configuration for ``kernel`` on one problem shape."""
+               num_keys: int = 0, itemsize: int = 2) -> LaunchConfig:
+  """The table's launch configuration for ``kernel`` on one problem shape.
+
+  The table is sized for 2-byte inputs. Float32 tiles hold twice the bytes:
+  in the 256 bucket they overflow the H100's 227 KiB of shared memory per
+  block (seen: 254,464 bytes asked for Dk 192 / Dv 128), so they get half
+  the rows and keys and no software pipelining.
+  """
   entry = _TABLE[kernel][_bucket(head_dim)]
+  if itemsize >= 4 and _bucket(head_dim) == 256:
+    rows, block_k, num_warps, _ = entry
+    entry = (max(tc.MIN_DOT_DIM, rows // 2), max(tc.MIN_DOT_DIM, block_k // 2),
+             num_warps, 1)
   return make_config(entry, group=group, seq_len=seq_len, num_keys=num_keys,
                      block_k_in_rows=kernel == "selected")
 

@@ -68,6 +68,8 @@ def _union_loop(idx_ref, q, t, st: _Static, update, carry):
   table = idx_ref[...]  # [block_q, n]
   slot = jnp.arange(block_q)[:, None] * n + jnp.arange(n)[None, :]
   key_offsets = jnp.arange(st.block_size)
+  if block_q == 1:
+    return _slot_loop(idx_ref, t, st, update, carry)
 
   def body(i, carry):
     blk = idx_ref[lax.div(i, n), lax.rem(i, n)]
@@ -87,6 +89,40 @@ def _union_loop(idx_ref, q, t, st: _Static, update, carry):
     return lax.cond((blk >= 0) & ~seen_before, visit, lambda c: c, carry)
 
   return lax.fori_loop(0, block_q * n, body, carry)
+
+
+def _slot_loop(idx_ref, t, st: _Static, update, carry):
+  """The union loop of a one-position tile, without branches.
+
+  Every slot loads its block (block 0 for an empty or repeated slot, whose
+  keys are then all masked): with no ``cond`` in the loop body Triton's
+  software pipeliner prefetches the next slot's K/V tiles (``num_stages``)
+  while this one computes, which the branchy union loop prevents.
+
+  Args:
+    idx_ref: [1, n] int32 block table of the tile's position.
+    t: [rows] query position of each row (all equal).
+    st: static settings.
+    update: (carry, blk, mask [rows, block_size]) -> carry.
+    carry: initial loop carry.
+
+  Returns:
+    The final carry.
+  """
+  n = idx_ref.shape[1]
+  table = idx_ref[...]  # [1, n]
+  slot = jnp.arange(n)[None, :]
+  key_offsets = jnp.arange(st.block_size)
+
+  def body(i, carry):
+    blk = idx_ref[0, i]
+    repeat = jnp.max(jnp.where((slot < i) & (table == blk), 1, 0)) > 0
+    use = (blk >= 0) & ~repeat
+    blk = jnp.maximum(blk, 0)
+    mask = use & _key_mask(t, blk * st.block_size + key_offsets, st)
+    return update(carry, blk, mask)
+
+  return lax.fori_loop(0, n, body, carry)
 
 
 def _load_block(ref, blk, block_size):
@@ -468,7 +504,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   group = num_heads // num_kv_heads
   launch = launch_config.get_config(
       "selected", group=group, seq_len=seq_len,
-      head_dim=max(head_dim, v.shape[-1]))
+      head_dim=max(head_dim, v.shape[-1]),
+      itemsize=jnp.dtype(q.dtype).itemsize)
   launch = dataclasses.replace(
       launch, **{name: value for name, value in (
           ("block_q", block_q), ("block_k", block_k),

@@ -12,6 +12,7 @@ from pallas_kernels import block_scores
 from pallas_kernels import select_blocks
 from pallas_kernels.block_scores import ScoreLaunch
 import kernel_test_utils as u
+from selection_checks import assert_same_sets_up_to_ties
 
 # a = l'/d = 2, b = l/d = 2: a block covered by tokens of two steps.
 _SMALL = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=4,
@@ -43,26 +44,6 @@ def _select(q, k, lse, config, **kwargs):
       sel_block=config.sel_block, num_selected=config.num_selected,
       num_initial=config.num_initial, num_local=config.num_local,
       interpret=True, **kwargs)
-
-
-def assert_same_sets_up_to_ties(got, want, scores, rtol=1e-5):
-  """Block sets equal, except where two candidates' scores tie within rtol.
-
-  Args:
-    got, want: int32 [B, T, Hkv, n] tables (-1 empty); order is free.
-    scores: float32 [B, T, Hkv, Ts] reference scores.
-  """
-  got, want, scores = map(np.asarray, (got, want, scores))
-  assert got.shape == want.shape
-  same = np.all(np.sort(got, -1) == np.sort(want, -1), axis=-1)
-  for pos in zip(*np.nonzero(~same)):
-    g, w, s = set(got[pos]) - {-1}, set(want[pos]) - {-1}, scores[pos]
-    assert len(g) == len(w), (pos, g, w)
-    # Swapped blocks must score the same as the reference's lowest pick.
-    swapped = np.array(sorted(g ^ w))
-    floor = min(s[j] for j in w)
-    np.testing.assert_allclose(s[swapped], floor, rtol=rtol, atol=1e-7,
-                               err_msg=f"{pos}: {sorted(g)} vs {sorted(w)}")
 
 
 CASES = [

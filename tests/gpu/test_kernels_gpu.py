@@ -1,0 +1,134 @@
+"""Compiled Pallas kernels against the XLA path on a GPU, realistic shapes.
+
+T off every block edge (4133), T < l, Dk 192 / Dv 128, G = 1, 4, 16, float32
+and bfloat16, batch 2: forward and gradients. The XLA path runs with full
+float32 matmul precision, so float32 rows compare kernels with an exact
+reference; bf16 rows compare by relative norm, as METHOD.md advises.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax import ops
+from nsa_jax.config import NSAConfig
+from selection_checks import assert_same_sets_up_to_ties
+
+CONFIG = NSAConfig.paper()
+# Relative-norm tolerance: ||got - want|| / ||want||.
+RTOL = {jnp.float32: 2e-4, jnp.bfloat16: 2e-2}
+
+SHAPES = [
+    # (B, T, Hkv, G, Dk, Dv, dtype)
+    (2, 4133, 2, 16, 192, 128, jnp.bfloat16),
+    (2, 4133, 4, 1, 128, 128, jnp.float32),
+    (2, 4133, 2, 4, 192, 128, jnp.float32),
+    (2, 2000, 1, 4, 64, 64, jnp.bfloat16),
+    (2, 20, 1, 16, 128, 128, jnp.bfloat16),  # T < l: no compressed token
+]
+IDS = [f"B{b}-T{t}-Hkv{h}-G{g}-Dk{dk}-Dv{dv}-{jnp.dtype(d).name}"
+       for b, t, h, g, dk, dv, d in SHAPES]
+# Each op alone on the two shapes that stress the most (G 16 bf16 with
+# Dk != Dv; G 1 float32); the whole of NSA, every op composed, on all.
+OP_SHAPES, OP_IDS = SHAPES[:2], IDS[:2]
+
+
+def _inputs(b, t, hkv, g, dk, dv, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 7)
+  tc = CONFIG.num_compressed(t)
+  n = lambda k, s: jax.random.normal(k, s, jnp.float32).astype(dtype)
+  return dict(q=n(ks[0], (b, t, hkv * g, dk)), k=n(ks[1], (b, t, hkv, dk)),
+              v=n(ks[2], (b, t, hkv, dv)), k_cmp=n(ks[3], (b, tc, hkv, dk)),
+              v_cmp=n(ks[4], (b, tc, hkv, dv)),
+              gates=jax.nn.sigmoid(n(ks[5], (b, t, hkv * g, 3))),
+              d_out=n(ks[6], (b, t, hkv * g, dv)))
+
+
+def _rel(got, want):
+  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+  assert np.isfinite(got).all(), "non-finite values"
+  denom = max(np.linalg.norm(want), 1e-30)
+  return np.linalg.norm(got - want) / denom
+
+
+def _check(fn, args, d_out, dtype):
+  """Forward and VJP of fn(impl=...) agree between pallas and xla."""
+  def run(impl):
+    with jax.default_matmul_precision("highest"):
+      out, vjp = jax.vjp(functools.partial(fn, impl=impl), *args)
+      return out, vjp(d_out)
+  got, want = run("pallas"), run("xla")
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+      continue
+    assert _rel(g, w) < RTOL[jnp.dtype(dtype).type], _rel(g, w)
+
+
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=OP_IDS)
+def test_compressed_attention(shape):
+  x = _inputs(*shape)
+  fn = lambda q, kc, vc, impl: ops.compressed_attention(
+      q, kc, vc, block_size=CONFIG.cmp_block, stride=CONFIG.cmp_stride,
+      impl=impl)[0]
+  _check(fn, (x["q"], x["k_cmp"], x["v_cmp"]), x["d_out"], shape[-1])
+
+
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=OP_IDS)
+def test_select_blocks(shape):
+  x = _inputs(*shape)
+  q, k_cmp = x["q"], x["k_cmp"]
+  with jax.default_matmul_precision("highest"):
+    _, lse = ops.compressed_attention(
+        q, k_cmp, x["v_cmp"], block_size=CONFIG.cmp_block,
+        stride=CONFIG.cmp_stride, impl="xla")
+    got = ops.select_blocks(q, k_cmp, lse, CONFIG, impl="pallas")
+    want = ops.select_blocks(q, k_cmp, lse, CONFIG, impl="xla")
+    scores = ops.block_scores(q, k_cmp, lse, CONFIG, impl="xla")
+  assert got.dtype == jnp.int32 and got.shape == want.shape
+  assert_same_sets_up_to_ties(got, want, scores, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=OP_IDS)
+def test_selected_attention(shape):
+  x = _inputs(*shape)
+  with jax.default_matmul_precision("highest"):
+    _, lse = ops.compressed_attention(
+        x["q"], x["k_cmp"], x["v_cmp"], block_size=CONFIG.cmp_block,
+        stride=CONFIG.cmp_stride, impl="xla")
+    idx = ops.select_blocks(x["q"], x["k_cmp"], lse, CONFIG, impl="xla")
+  fn = lambda q, k, v, impl: ops.selected_attention(
+      q, k, v, idx, block_size=CONFIG.sel_block, impl=impl)
+  _check(fn, (x["q"], x["k"], x["v"]), x["d_out"], shape[-1])
+
+
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=OP_IDS)
+def test_sliding_window(shape):
+  x = _inputs(*shape)
+  fn = lambda q, k, v, impl: ops.sliding_window_attention(
+      q, k, v, window=CONFIG.window, impl=impl)
+  _check(fn, (x["q"], x["k"], x["v"]), x["d_out"], shape[-1])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_nsa_attention(shape):
+  x = _inputs(*shape)
+  fn = lambda q, k, v, kc, vc, g, impl: ops.nsa_attention(
+      q, k, v, g, CONFIG, k_cmp=kc, v_cmp=vc, impl=impl)
+  args = tuple(x[n] for n in ("q", "k", "v", "k_cmp", "v_cmp", "gates"))
+  _check(fn, args, x["d_out"], shape[-1])
+
+
+def test_deterministic():
+  """Two runs of the fused forward and backward are bitwise equal."""
+  x = _inputs(*SHAPES[0])
+  fn = jax.jit(jax.grad(lambda q, k, v, kc, vc, g: jnp.sum(ops.nsa_attention(
+      q, k, v, g, CONFIG, k_cmp=kc, v_cmp=vc, impl="pallas").astype(
+          jnp.float32)), argnums=(0, 1, 2, 3, 4)))
+  args = tuple(x[n] for n in ("q", "k", "v", "k_cmp", "v_cmp", "gates"))
+  first, second = fn(*args), fn(*args)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
