@@ -2,6 +2,7 @@
 
 from nsa_jax.train.checkpoint import Checkpointer
 from nsa_jax.train.checkpoint import CheckpointError
+from nsa_jax.train.checkpoint import CorruptCheckpointError
 from nsa_jax.train.config import TrainConfig
 from nsa_jax.train.loop import evaluate
 from nsa_jax.train.loop import RunResult
@@ -18,3 +19,6 @@ from nsa_jax.train.steps import eval_step
 from nsa_jax.train.steps import masked_loss_sum
 from nsa_jax.train.steps import predict_step
 from nsa_jax.train.steps import train_step
+from nsa_jax.train import cli
+from nsa_jax.train import presets
+from nsa_jax.train import runs

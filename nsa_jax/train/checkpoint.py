@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 _MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 _ITEMS = ("state", "meta")
 PARTIAL_DIR = "_partial"
+SET_ASIDE_DIR = "_set_aside"
 
 
 class CheckpointError(RuntimeError):
@@ -79,19 +80,25 @@ def scan(directory: str | pathlib.Path) -> tuple[list[int], list[int]]:
   return sorted(complete), sorted(partial)
 
 
+def _move_aside(root: pathlib.Path, step: int, folder: str) -> pathlib.Path:
+  """Moves step directory ``step`` into ``root/folder/`` (never overwrites)."""
+  dst = root / folder / str(step)
+  suffix = 0
+  while dst.exists():
+    suffix += 1
+    dst = root / folder / f"{step}.{suffix}"
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  shutil.move(str(root / str(step)), str(dst))
+  return dst
+
+
 def _quarantine(root: pathlib.Path, steps: list[int]) -> None:
   for step in steps:
     src = root / str(step)
     logging.warning(
         "checkpoint %s is partial (missing %s); moving it to %s", src,
         ", ".join(_missing_parts(src)), root / PARTIAL_DIR)
-    dst = root / PARTIAL_DIR / str(step)
-    suffix = 0
-    while dst.exists():
-      suffix += 1
-      dst = root / PARTIAL_DIR / f"{step}.{suffix}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), str(dst))
+    _move_aside(root, step, PARTIAL_DIR)
 
 
 def _savable(tree):
@@ -281,6 +288,26 @@ class Checkpointer:
     _update(optimizer, state["optimizer"])
     return Restored(step=int(meta["step"]), rng=state["rng"],
                     data_state=meta["data_state"], extra=meta.get("extra", {}))
+
+  def set_aside_after(self, step: int,
+                      log: Callable[[str], None] = logging.warning
+                      ) -> list[int]:
+    """Moves complete checkpoints newer than ``step`` to ``_set_aside/``.
+
+    A run continued from an older (chosen, or last good) checkpoint writes
+    those steps again; the old ones are kept aside, not deleted.
+
+    Returns:
+      The steps moved.
+    """
+    newer = [s for s in scan(self.directory)[0] if s > step]
+    if newer:
+      self.close()  # orbax caches the step list; a new manager rescans
+      for s in newer:
+        _move_aside(self.directory, s, SET_ASIDE_DIR)
+      log(f"continuing from step {step}: moved the newer checkpoints "
+          f"{newer} to {self.directory / SET_ASIDE_DIR}")
+    return newer
 
   def wait(self) -> None:
     """Blocks until background writes are on disk."""
