@@ -90,7 +90,8 @@ def _run_child(args, impl, seq_len):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   allow_abbrev=False)
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384])
   parser.add_argument("--impls", nargs="+", default=list(IMPLS),
                       choices=IMPLS)

@@ -48,7 +48,8 @@ def source_bytes(seq_len: int) -> tuple[jax.Array, str]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   allow_abbrev=False)
   parser.add_argument("--out", default="outputs/selection.png")
   parser.add_argument("--seq-len", type=int, default=512)
   parser.add_argument("--seed", type=int, default=0)
