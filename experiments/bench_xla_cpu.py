@@ -25,7 +25,8 @@ def _measure(impl, seq_len, heads, kv_heads, head_dim, repeats):
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  from nsa_jax import NSAConfig, ops  # pylint: disable=g-import-not-at-top
+  from nsa_jax import NSAConfig  # pylint: disable=g-import-not-at-top
+  from nsa_jax import ops  # pylint: disable=g-import-not-at-top
 
   config = NSAConfig.paper()
   keys = jax.random.split(jax.random.PRNGKey(0), 6)

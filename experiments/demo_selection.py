@@ -21,12 +21,13 @@ matplotlib.use("Agg")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import nsa_jax
-from nsa_jax import NSAConfig, viz
+from nsa_jax import NSAConfig
+from nsa_jax import viz
 from nsa_jax.modules import NSAAttention
 
 # Paper ratios (l = 2d, l' = 2l) at a quarter of the block sizes: 16 blocks of

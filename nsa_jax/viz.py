@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+import numpy as np
 
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.data.token_ids import check_token_ids
-from nsa_jax.modules.attention import FullAttention, NSAAttention
+from nsa_jax.modules.attention import FullAttention
+from nsa_jax.modules.attention import NSAAttention
 from nsa_jax.modules.compression import COMPRESSIONS
 from nsa_jax.validation import IMPLS
 

@@ -1,5 +1,8 @@
 """Training: optax AdamW loop, orbax checkpoints, JSONL metrics, plots."""
 
+from nsa_jax.train import cli
+from nsa_jax.train import presets
+from nsa_jax.train import runs
 from nsa_jax.train.checkpoint import Checkpointer
 from nsa_jax.train.checkpoint import CheckpointError
 from nsa_jax.train.checkpoint import CorruptCheckpointError
@@ -19,6 +22,3 @@ from nsa_jax.train.steps import eval_step
 from nsa_jax.train.steps import masked_loss_sum
 from nsa_jax.train.steps import predict_step
 from nsa_jax.train.steps import train_step
-from nsa_jax.train import cli
-from nsa_jax.train import presets
-from nsa_jax.train import runs

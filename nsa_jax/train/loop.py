@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
+from nsa_jax.data import token_ids
 from nsa_jax.data.iterators import Batch
 from nsa_jax.data.iterators import StepIterator
-from nsa_jax.data import token_ids
 from nsa_jax.train import checkpoint as checkpoint_lib
 from nsa_jax.train import metrics as metrics_lib
 from nsa_jax.train import optim

@@ -1,15 +1,16 @@
 """TransformerLM: logits, tying, bf16, causality and a few AdamW steps."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from nsa_jax import NSAConfig
-from nsa_jax.modules import LMConfig, TransformerLM
+from nsa_jax.modules import LMConfig
+from nsa_jax.modules import TransformerLM
 
 VOCAB = 64
 

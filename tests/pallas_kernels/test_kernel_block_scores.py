@@ -9,6 +9,7 @@ from nsa_jax import reference
 from nsa_jax.config import NSAConfig
 from pallas_kernels import block_scores
 from pallas_kernels import launch_config
+
 import kernel_test_utils as u
 
 

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from nsa_jax import train
 from nsa_jax.train import cli
 from nsa_jax.train import runs
 
