@@ -1,4 +1,4 @@
-"""Training: optax AdamW loop, orbax checkpoints, JSONL metrics, plots."""
+"""Training: AdamW loop, orbax checkpoints, metrics, plots, train_lm runs."""
 
 from nsa_jax.train import cli
 from nsa_jax.train import presets
