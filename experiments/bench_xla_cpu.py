@@ -25,7 +25,8 @@ def _measure(impl, seq_len, heads, kv_heads, head_dim, repeats):
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  from nsa_jax import NSAConfig, ops  # pylint: disable=g-import-not-at-top
+  from nsa_jax import NSAConfig  # pylint: disable=g-import-not-at-top
+  from nsa_jax import ops  # pylint: disable=g-import-not-at-top
 
   config = NSAConfig.paper()
   keys = jax.random.split(jax.random.PRNGKey(0), 6)
@@ -90,7 +91,8 @@ def _run_child(args, impl, seq_len):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   allow_abbrev=False)
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384])
   parser.add_argument("--impls", nargs="+", default=list(IMPLS),
                       choices=IMPLS)

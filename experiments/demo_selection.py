@@ -21,12 +21,13 @@ matplotlib.use("Agg")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import nsa_jax
-from nsa_jax import NSAConfig, viz
+from nsa_jax import NSAConfig
+from nsa_jax import viz
 from nsa_jax.modules import NSAAttention
 
 # Paper ratios (l = 2d, l' = 2l) at a quarter of the block sizes: 16 blocks of
@@ -48,7 +49,8 @@ def source_bytes(seq_len: int) -> tuple[jax.Array, str]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   allow_abbrev=False)
   parser.add_argument("--out", default="outputs/selection.png")
   parser.add_argument("--seq-len", type=int, default=512)
   parser.add_argument("--seed", type=int, default=0)

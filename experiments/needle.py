@@ -4,7 +4,7 @@
   python experiments/needle.py --workdir runs/gpu-8k --lengths 2048,8192,16384
 
 For every attention type trained by ``train_lm.py`` in ``--workdir`` it loads
-the latest complete checkpoint, scores ``--samples`` passkey examples per
+its newest good checkpoint, scores ``--samples`` passkey examples per
 cell, prints the grid and writes ``<workdir>/needle.png`` and
 ``needle.json``.
 """
@@ -12,25 +12,13 @@ cell, prints the grid and writes ``<workdir>/needle.png`` and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
 
-from flax import nnx
 import numpy as np
 
 from nsa_jax import train as train_lib
-from nsa_jax.modules import TransformerLM
-
-
-def _train_lm():
-  path = pathlib.Path(__file__).with_name("train_lm.py")
-  spec = importlib.util.spec_from_file_location("train_lm", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["train_lm"] = module  # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
 
 
 def _floats(text: str) -> list[float]:
@@ -48,30 +36,10 @@ def _ints(text: str) -> list[int]:
   return values
 
 
-def load_run(run_dir: pathlib.Path) -> TransformerLM:
-  """The model of a ``train_lm.py`` run, from its latest checkpoint."""
-  config_path = run_dir / "run_config.json"
-  if not config_path.exists():
-    raise FileNotFoundError(
-        f"{config_path} not found: is {run_dir} a train_lm.py run?")
-  saved = json.loads(config_path.read_text())
-  model = TransformerLM(_train_lm().load_model_config(run_dir),
-                        rngs=nnx.Rngs(0))
-  train_cfg = train_lib.TrainConfig(**saved["train"])
-  optimizer = nnx.Optimizer(model, train_lib.make_optimizer(train_cfg),
-                            wrt=nnx.Param)
-  ckpt = train_lib.Checkpointer(
-      run_dir / "checkpoints",
-      config={k: v for k, v in saved.items() if k != "train"})
-  step = ckpt.restore(model, optimizer).step
-  ckpt.close()
-  print(f"loaded {run_dir} at step {step}")
-  return model
-
-
 def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+      description=__doc__, allow_abbrev=False,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", default="runs/cpu-demo")
   parser.add_argument("--attention", default="nsa,full")
   parser.add_argument("--lengths", type=_ints, default=[256, 512, 1024])
@@ -88,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
   grids = {}
   for name in [a.strip() for a in args.attention.split(",") if a.strip()]:
     try:
-      model = load_run(workdir / name)
+      model = train_lib.runs.load_run(workdir / name)
     except (FileNotFoundError, train_lib.CheckpointError) as e:
       print(f"error: {e}", file=sys.stderr)
       raise SystemExit(1) from e

@@ -1,4 +1,4 @@
-"""The functional NSA API (NSA_SPEC.md): every op, one dispatcher per ``impl``.
+"""The functional NSA API (docs/SEMANTICS.md): one dispatcher per ``impl``.
 
 ``impl`` is one of:
   "reference"  dense, masked, float32 (``nsa_jax.reference``): the oracle.

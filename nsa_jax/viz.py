@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+import numpy as np
 
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
@@ -29,7 +29,7 @@ LABELS = {
 
 
 def branch_masks(block_indices, config: NSAConfig) -> dict[str, np.ndarray]:
-  """The keys each query sees through each branch (NSA_SPEC.md), for one head.
+  """Keys each query sees per branch, for one head (docs/SEMANTICS.md).
 
   Args:
     block_indices: int [T, n], the selected blocks of each query for one

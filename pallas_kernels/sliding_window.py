@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selected_attention import selected_attention
 from pallas_kernels import triton_compat as tc
+from pallas_kernels.selected_attention import selected_attention
 
 # Largest key block the Pallas path uses for the window.
 _MAX_WINDOW_BLOCK = 64

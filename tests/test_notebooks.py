@@ -11,8 +11,8 @@ import json
 import pathlib
 import sys
 
-import nbformat
 from nbclient import NotebookClient
+import nbformat
 import pytest
 
 COLAB = pathlib.Path(__file__).parents[1] / "colab"

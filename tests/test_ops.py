@@ -6,8 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_cases import CASES, TINY, TOLERANCE, make_inputs, random_block_table
 from nsa_jax import ops
+
+from nsa_cases import CASES
+from nsa_cases import make_inputs
+from nsa_cases import random_block_table
+from nsa_cases import TINY
+from nsa_cases import TOLERANCE
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 

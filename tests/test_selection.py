@@ -4,9 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_cases import TINY, make_inputs
-from nsa_jax import NSAConfig, ops, reference
-from nsa_jax.selection import compressed_to_selection_scores, top_n_blocks
+from nsa_jax import NSAConfig
+from nsa_jax import ops
+from nsa_jax import reference
+from nsa_jax.selection import compressed_to_selection_scores
+from nsa_jax.selection import top_n_blocks
+
+from nsa_cases import make_inputs
+from nsa_cases import TINY
 
 
 def _lse(x):

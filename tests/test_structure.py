@@ -3,12 +3,18 @@
 import chex
 import jax
 import jax.numpy as jnp
-import pytest
 from jax.test_util import check_grads
+import pytest
 
-from nsa_cases import CASES, TINY, Case, make_inputs, random_block_table
-from nsa_jax import NSAConfig, ops
+from nsa_jax import NSAConfig
+from nsa_jax import ops
 from nsa_jax.reference import masked_attention
+
+from nsa_cases import Case
+from nsa_cases import CASES
+from nsa_cases import make_inputs
+from nsa_cases import random_block_table
+from nsa_cases import TINY
 
 
 def _causal_full(x):

@@ -3,8 +3,11 @@
 import jax.numpy as jnp
 import pytest
 
-from nsa_cases import TINY, Case, make_inputs
 from nsa_jax import ops
+
+from nsa_cases import Case
+from nsa_cases import make_inputs
+from nsa_cases import TINY
 
 CASE = Case(2, 37, 4, 2, 16, 8)
 

@@ -5,12 +5,13 @@ import matplotlib
 matplotlib.use("Agg")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from nsa_jax import NSAConfig, viz
+from nsa_jax import NSAConfig
+from nsa_jax import viz
 from nsa_jax.modules import NSAAttention
 from nsa_jax.reference import selected_block_mask
 

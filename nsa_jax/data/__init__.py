@@ -14,6 +14,7 @@ from nsa_jax.data.synthetic import Example
 from nsa_jax.data.synthetic import mqar_example
 from nsa_jax.data.synthetic import passkey_example
 from nsa_jax.data.synthetic import stack_examples
+from nsa_jax.data.token_ids import check_token_ids
 from nsa_jax.data.tokenizer import decode
 from nsa_jax.data.tokenizer import DOC_SEP
 from nsa_jax.data.tokenizer import encode

@@ -13,17 +13,20 @@ import numpy as np
 
 from nsa_jax.data import tokenizer
 
+# Whole sentences of many lengths. Every length from _SHORTEST to
+# 2 * _SHORTEST - 1 (a sentence and the space after it) occurs, so any
+# stretch of at least _SHORTEST characters is filled exactly (``_filler``).
 _FILLER = (
-    "The grass is green.",
-    "The sky is blue.",
-    "The sun is yellow.",
-    "Here we go.",
-    "There and back again.",
-    "The river runs to the sea.",
-    "Birds sing in the morning.",
-    "A quiet wind moves the trees.",
+    "Go now.", "Look up.", "It rains.",
+    "Owls hoot.", "Here we go.", "Time passes.", "Snow is cold.",
+    "Fish can swim.", "Frogs can jump.", "The sky is blue.",
+    "Leaves turn gold.", "The sun is yellow.", "The grass is green.",
+    "There and back again.", "The river runs to the sea.",
+    "Birds sing in the morning.", "A quiet wind moves the trees.",
 )
-_QUESTION = " What is the pass key? The pass key is "
+_SHORTEST = min(len(f) for f in _FILLER) + 1
+_BY_SIZE = {len(f) + 1: f for f in _FILLER}
+_QUESTION = "What is the pass key? The pass key is "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,32 +44,48 @@ class Example:
   answer: str
 
 
-def _filler(rng: np.random.Generator, length: int) -> str:
-  """``length`` characters of repeated filler sentences in random order."""
-  out, size = [], 0
-  while size < length:
-    sentence = " " + _FILLER[rng.integers(len(_FILLER))]
-    out.append(sentence)
-    size += len(sentence)
-  return "".join(out)[:length]
+def _filler(rng: np.random.Generator, size: int) -> list[str]:
+  """Random whole sentences whose lengths plus one space each sum to ``size``.
 
-
-def passkey_overhead(num_digits: int = 5) -> int:
-  """Tokens a passkey example needs beyond the filler."""
-  key = "0" * num_digits
-  return len(_needle(key)) + len(_QUESTION) + num_digits + 1
+  ``size`` must be 0 or at least ``_SHORTEST``.
+  """
+  out = []
+  while size:
+    if size < 2 * _SHORTEST:  # one exact sentence ends it
+      choice = _BY_SIZE[size]
+    else:
+      fits = [f for f in _FILLER if len(f) + 1 <= size - _SHORTEST]
+      choice = fits[rng.integers(len(fits))]
+    out.append(choice)
+    size -= len(choice) + 1
+  return out
 
 
 def _needle(key: str) -> str:
-  return f" The pass key is {key}. Remember it. {key} is the pass key."
+  return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def passkey_overhead(num_digits: int = 5) -> int:
+  """Tokens of a passkey example that are not filler."""
+  key = "0" * num_digits
+  return len(_needle(key)) + 1 + len(_QUESTION) + num_digits + 1
+
+
+def _split(size: int, depth: float) -> int:
+  """Filler characters before the needle: near ``depth * size``, and both
+  parts 0 or at least ``_SHORTEST`` long."""
+  allowed = [0, size] + list(range(_SHORTEST, size - _SHORTEST + 1))
+  return min(allowed, key=lambda b: (abs(b - depth * size), b))
 
 
 def passkey_example(rng: np.random.Generator, seq_len: int, depth: float,
                     num_digits: int = 5) -> Example:
   """A passkey hidden in filler text at ``depth``, asked for at the end.
 
-  Layout: ``filler[:a] needle filler[a:] question key "."`` with
-  ``a = round(depth * len(filler))``; only the key's digits are scored.
+  Layout: ``filler needle filler question key "."``, whole sentences
+  separated by single spaces; the filler before the needle holds about
+  ``depth`` of all filler text (split between sentences). Only the key's
+  digits are scored.
 
   Args:
     rng: numpy generator (key digits and filler order).
@@ -85,16 +104,18 @@ def passkey_example(rng: np.random.Generator, seq_len: int, depth: float,
     raise ValueError(f"depth must be in [0, 1], got {depth}")
   if num_digits < 1:
     raise ValueError(f"num_digits must be >= 1, got {num_digits}")
-  overhead = passkey_overhead(num_digits)
-  if seq_len + 1 <= overhead:
+  size = seq_len + 1 - passkey_overhead(num_digits)
+  if size < _SHORTEST:
     raise ValueError(
         f"seq_len={seq_len} is too short for a passkey example, which needs "
-        f"more than {overhead - 1} tokens")
+        f"at least {seq_len - size + _SHORTEST} tokens")
   key = "".join(str(d) for d in rng.integers(0, 10, size=num_digits))
-  filler = _filler(rng, seq_len + 1 - overhead)
-  cut = int(round(depth * len(filler)))
-  prompt = filler[:cut] + _needle(key) + filler[cut:] + _QUESTION
-  tokens = tokenizer.encode(prompt + key + ".").astype(np.int32)
+  before = _split(size, depth)
+  sentences = (_filler(rng, before) + [_needle(key)]
+               + _filler(rng, size - before) + [_QUESTION + key + "."])
+  text = " ".join(sentences)
+  prompt = text[:-num_digits - 1]
+  tokens = tokenizer.encode(text).astype(np.int32)
   mask = np.zeros((seq_len,), np.float32)
   mask[len(prompt) - 1:len(prompt) - 1 + num_digits] = 1.0  # predicts digits
   return Example(tokens=tokens, mask=mask, answer=key)

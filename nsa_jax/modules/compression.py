@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from nsa_jax.compression import extract_blocks
 

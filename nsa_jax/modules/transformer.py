@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.modules.attention import FullAttention, NSAAttention
+from nsa_jax.data.token_ids import check_token_ids
+from nsa_jax.modules.attention import FullAttention
+from nsa_jax.modules.attention import NSAAttention
 from nsa_jax.modules.compression import COMPRESSIONS
 from nsa_jax.validation import IMPLS
 
@@ -154,6 +157,14 @@ class TransformerLM(nnx.Module):
 
   Parameters are float32; ``config.dtype="bfloat16"`` runs activations and
   matmuls in bf16 (mixed precision). Logits are float32.
+
+  Token ids must lie in ``[0, vocab_size)``. Concrete ids (an eager call)
+  are checked and a bad one raises ``ValueError`` naming it and its
+  position. Traced ids (under ``jax.jit``) cannot be checked: an
+  out-of-range id, negative ones included, is embedded as a zero vector, so
+  its row stays finite and the other positions are computed as usual (the
+  logits at and after it do see the zero input). ``nsa_jax.data.
+  check_token_ids`` checks ids before a jitted call, e.g. in generation.
   """
 
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
@@ -177,7 +188,13 @@ class TransformerLM(nnx.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be int [B, T], got {tokens.shape} "
                        f"{tokens.dtype}")
-    x = self.embed(tokens)
+    try:
+      concrete = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:
+      concrete = None  # traced: out-of-range ids embed as zeros
+    if concrete is not None:
+      check_token_ids(concrete, self.config.vocab_size)
+    x = self._embed(tokens)
     for layer in self.layers:
       x = layer(x, positions)
     x = self.final_norm(x)
@@ -186,3 +203,9 @@ class TransformerLM(nnx.Module):
     else:
       logits = self.lm_head(x)
     return logits.astype(jnp.float32)
+
+  def _embed(self, tokens):
+    """Embeddings [B, T, d_model]; ids outside the vocabulary give zeros."""
+    valid = (tokens >= 0) & (tokens < self.config.vocab_size)
+    x = self.embed(jnp.where(valid, tokens, 0))
+    return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))

@@ -1,7 +1,11 @@
-"""Training: optax AdamW loop, orbax checkpoints, JSONL metrics, plots."""
+"""Training: AdamW loop, orbax checkpoints, metrics, plots, train_lm runs."""
 
+from nsa_jax.train import cli
+from nsa_jax.train import presets
+from nsa_jax.train import runs
 from nsa_jax.train.checkpoint import Checkpointer
 from nsa_jax.train.checkpoint import CheckpointError
+from nsa_jax.train.checkpoint import CorruptCheckpointError
 from nsa_jax.train.config import TrainConfig
 from nsa_jax.train.loop import evaluate
 from nsa_jax.train.loop import RunResult

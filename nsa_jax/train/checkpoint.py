@@ -8,10 +8,14 @@ only directories that also carry orbax's commit markers count as complete.
 Anything else that looks like a step (a copy cut short, a crash on a file
 system without atomic renames) is reported and moved to
 ``<directory>/_partial/`` so it can never be restored or block later saves.
+A complete checkpoint whose files do not read back (a data file truncated or
+deleted later) is corrupt: a restore without an explicit step reports it and
+falls back to the newest older one that reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import json
 import logging
@@ -27,10 +31,15 @@ import orbax.checkpoint as ocp
 _MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 _ITEMS = ("state", "meta")
 PARTIAL_DIR = "_partial"
+SET_ASIDE_DIR = "_set_aside"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint directory is missing, partial or does not fit the run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A complete checkpoint whose files do not read back (truncated, lost)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,19 +80,25 @@ def scan(directory: str | pathlib.Path) -> tuple[list[int], list[int]]:
   return sorted(complete), sorted(partial)
 
 
+def _move_aside(root: pathlib.Path, step: int, folder: str) -> pathlib.Path:
+  """Moves step directory ``step`` into ``root/folder/`` (never overwrites)."""
+  dst = root / folder / str(step)
+  suffix = 0
+  while dst.exists():
+    suffix += 1
+    dst = root / folder / f"{step}.{suffix}"
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  shutil.move(str(root / str(step)), str(dst))
+  return dst
+
+
 def _quarantine(root: pathlib.Path, steps: list[int]) -> None:
   for step in steps:
     src = root / str(step)
     logging.warning(
         "checkpoint %s is partial (missing %s); moving it to %s", src,
         ", ".join(_missing_parts(src)), root / PARTIAL_DIR)
-    dst = root / PARTIAL_DIR / str(step)
-    suffix = 0
-    while dst.exists():
-      suffix += 1
-      dst = root / PARTIAL_DIR / f"{step}.{suffix}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), str(dst))
+    _move_aside(root, step, PARTIAL_DIR)
 
 
 def _savable(tree):
@@ -124,14 +139,24 @@ class Checkpointer:
                async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
     self.config = json.loads(json.dumps(config or {}))
+    self._keep, self._async = keep, async_save
     _, partial = scan(self.directory)
     _quarantine(self.directory, partial)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save),
-    )
+    # Made on first save or restore, so that a refused run creates nothing.
+    self._manager = None
+
+  def _orbax(self) -> ocp.CheckpointManager:
+    """The orbax manager (created on first use)."""
+    if self._manager is None:
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=self._keep, create=True,
+              cleanup_tmp_directories=True,
+              enable_async_checkpointing=self._async),
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
+    return self._manager
 
   def complete_steps(self) -> list[int]:
     """Steps with a complete checkpoint, oldest first."""
@@ -151,7 +176,7 @@ class Checkpointer:
                       "rng": rng})
     meta = {"step": int(step), "data_state": data_state,
             "config": self.config, "extra": extra or {}}
-    self._manager.save(
+    self._orbax().save(
         int(step),
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -160,44 +185,75 @@ class Checkpointer:
 
   def restore(self, model: nnx.Module, optimizer: nnx.Optimizer,
               step: int | None = None,
-              rng_like: jax.Array | None = None) -> Restored:
+              rng_like: jax.Array | None = None,
+              log: Callable[[str], None] = logging.warning) -> Restored:
     """Loads a checkpoint into ``model`` and ``optimizer`` in place.
+
+    Without ``step`` it takes the newest complete checkpoint that reads
+    back; a corrupt one (a data file truncated or deleted) is reported
+    through ``log`` and the next older one is tried.
 
     Args:
       model: the run's model, its shapes define what is expected.
       optimizer: its optimizer.
-      step: which step, default the latest complete one.
+      step: which step, default the newest good one.
       rng_like: a key of the saved key's implementation (default
         ``jax.random.key(0)``).
+      log: where the notes about skipped corrupt checkpoints go.
 
     Returns:
       The step, RNG key, data position and extra numbers saved with it.
 
     Raises:
-      CheckpointError: no complete checkpoint, or one that does not fit the
-        model, optimizer or config; the message names the directory.
+      CheckpointError: no complete checkpoint, the chosen one is corrupt,
+        all are corrupt, or one that does not fit the model, optimizer or
+        config; the message names the directory.
     """
     self.wait()
     complete, _ = scan(self.directory)
     if not complete:
-      partial = sorted(p.name for p in (self.directory / PARTIAL_DIR).glob("*")
-                       ) if (self.directory / PARTIAL_DIR).is_dir() else []
+      parked = self.directory / PARTIAL_DIR
+      partial = sorted(p.name for p in parked.glob("*")
+                       ) if parked.is_dir() else []
       what = ("does not exist" if not self.directory.is_dir()
               else "holds no complete checkpoint")
       raise CheckpointError(
           f"cannot resume: checkpoint directory {self.directory} {what}"
           + (f" (partial checkpoints set aside: {partial})" if partial else ""))
-    step = complete[-1] if step is None else step
-    if step not in complete:
-      raise CheckpointError(
-          f"no complete checkpoint for step {step} in {self.directory}; "
-          f"complete steps: {complete}")
+    if step is not None:
+      if step not in complete:
+        raise CheckpointError(
+            f"no complete checkpoint for step {step} in {self.directory}; "
+            f"complete steps: {complete}")
+      return self._restore_step(step, model, optimizer, rng_like)
+    corrupt = []
+    for candidate in reversed(complete):
+      try:
+        restored = self._restore_step(candidate, model, optimizer, rng_like)
+      except CorruptCheckpointError as e:
+        corrupt.append(candidate)
+        older = [s for s in complete if s < candidate]
+        log(f"{e}; " + (f"falling back to step {older[-1]}" if older
+                        else "no older checkpoint is left"))
+        continue
+      return restored
+    raise CheckpointError(
+        f"cannot resume: every checkpoint in {self.directory} is corrupt "
+        f"(steps {corrupt})")
+
+  def _restore_step(self, step: int, model: nnx.Module,
+                    optimizer: nnx.Optimizer,
+                    rng_like: jax.Array | None) -> Restored:
+    """Restores one step; corrupt files raise ``CorruptCheckpointError``."""
+    manager = self._orbax()
     path = self.directory / str(step)
     try:
-      meta = self._manager.restore(
+      meta = manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax raises many types
-      raise CheckpointError(f"cannot read metadata of {path}: {e}") from e
+      raise CorruptCheckpointError(
+          f"checkpoint {path} is corrupt: its metadata does not read back "
+          f"({_first_line(e)})") from e
     diff = _diff(meta.get("config", {}), self.config)
     if diff:
       raise CheckpointError(
@@ -208,27 +264,61 @@ class Checkpointer:
               "rng": jax.random.key(0) if rng_like is None else rng_like}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _savable(target))
     try:
-      restored = self._manager.restore(
+      saved = manager.item_metadata(step)["state"]
+    except Exception as e:  # orbax raises many types
+      raise CorruptCheckpointError(
+          f"checkpoint {path} is corrupt: its array metadata does not read "
+          f"back ({_first_line(e)})") from e
+    if saved is None:
+      raise CorruptCheckpointError(
+          f"checkpoint {path} is corrupt: it has no array metadata")
+    # Shapes are compared before any array is read: a mismatch is refused
+    # without starting orbax's readers (which log tracebacks when cut off).
+    _check_fit(path, getattr(saved, "tree", saved), abstract)
+    try:
+      restored = manager.restore(
           step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # orbax raises many types
-      raise CheckpointError(
-          f"checkpoint {path} does not fit this model/optimizer: {e}") from e
-    state = restored["state"]
-    _check_shapes(path, state, abstract)
-    state = _unsavable(state, target)
+      raise CorruptCheckpointError(
+          f"checkpoint {path} is corrupt: its arrays do not read back "
+          f"({_first_line(e)})") from e
+    state = _unsavable(restored["state"], target)
     _update(model, state["model"])
     _update(optimizer, state["optimizer"])
     return Restored(step=int(meta["step"]), rng=state["rng"],
                     data_state=meta["data_state"], extra=meta.get("extra", {}))
 
+  def set_aside_after(self, step: int,
+                      log: Callable[[str], None] = logging.warning
+                      ) -> list[int]:
+    """Moves complete checkpoints newer than ``step`` to ``_set_aside/``.
+
+    A run continued from an older (chosen, or last good) checkpoint writes
+    those steps again; the old ones are kept aside, not deleted.
+
+    Returns:
+      The steps moved.
+    """
+    newer = [s for s in scan(self.directory)[0] if s > step]
+    if newer:
+      self.close()  # orbax caches the step list; a new manager rescans
+      for s in newer:
+        _move_aside(self.directory, s, SET_ASIDE_DIR)
+      log(f"continuing from step {step}: moved the newer checkpoints "
+          f"{newer} to {self.directory / SET_ASIDE_DIR}")
+    return newer
+
   def wait(self) -> None:
     """Blocks until background writes are on disk."""
-    self._manager.wait_until_finished()
+    if self._manager is not None:
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending writes and stops orbax's background workers."""
-    self._manager.close()
+    if self._manager is not None:
+      self._manager.close()
+      self._manager = None
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -237,20 +327,40 @@ class Checkpointer:
     self.close()
 
 
-def _check_shapes(path, restored, abstract) -> None:
-  bad = []
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
-  def check(keypath, r, a):
-    if tuple(np.shape(r)) != tuple(a.shape) or np.asarray(r).dtype != a.dtype:
-      bad.append(f"{jax.tree_util.keystr(keypath)}: saved "
-                 f"{np.asarray(r).dtype}{list(np.shape(r))}, expected "
+
+def _by_path(tree) -> dict[str, Any]:
+  """Leaves keyed by their path, dict keys and list indices alike as text."""
+  def name(key):
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _check_fit(path, saved, abstract) -> None:
+  """Refuses a checkpoint whose arrays differ from ``abstract`` in name,
+  shape or dtype, reading only its metadata."""
+  saved, wanted = _by_path(saved), _by_path(abstract)
+  bad = [f"{k}: missing in the checkpoint" for k in wanted if k not in saved]
+  bad += [f"{k}: not in this model/optimizer" for k in saved
+          if k not in wanted]
+  for k in wanted.keys() & saved.keys():
+    s, a = saved[k], wanted[k]
+    shape, dtype = tuple(getattr(s, "shape", ())), getattr(s, "dtype", None)
+    if shape != tuple(a.shape) or (dtype is not None
+                                   and np.dtype(dtype) != a.dtype):
+      bad.append(f"{k}: saved {dtype}{list(shape)}, expected "
                  f"{a.dtype}{list(a.shape)}")
-
-  jax.tree_util.tree_map_with_path(check, restored, abstract)
   if bad:
     raise CheckpointError(
         f"checkpoint {path} does not fit this model/optimizer: "
-        + "; ".join(bad[:5]))
+        + "; ".join(sorted(bad)[:5]))
 
 
 def _update(node, pure: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
+from nsa_jax.data import token_ids
 from nsa_jax.data.iterators import Batch
 from nsa_jax.data.iterators import StepIterator
 from nsa_jax.train import checkpoint as checkpoint_lib
@@ -47,17 +48,48 @@ class RunResult:
 
 
 def evaluate(model: nnx.Module, batches: Sequence[Batch]) -> float:
-  """Mean masked cross-entropy (nats/token) over ``batches``."""
+  """Mean masked cross-entropy (nats/token) over ``batches``.
+
+  Raises:
+    ValueError: token ids outside ``model.config.vocab_size``, if it has one.
+  """
+  vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
   total, count = 0.0, 0.0
   for batch in batches:
-    loss_sum, n = steps_lib.eval_step(model, _to_device(batch))
+    loss_sum, n = steps_lib.eval_step(model, _to_device(batch, vocab_size))
     total += float(loss_sum)
     count += float(n)
   return total / max(count, 1.0)
 
 
-def _to_device(batch: Batch) -> dict[str, jax.Array]:
+def _to_device(batch: Batch,
+               vocab_size: int | None = None) -> dict[str, jax.Array]:
+  """The batch on device, its token ids checked while still on the host."""
+  if vocab_size is not None:
+    for key in ("inputs", "targets"):
+      if key in batch:
+        token_ids.check_token_ids(batch[key], vocab_size,
+                                   what=f"batch {key!r}")
   return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _saved_result(metrics_path: pathlib.Path, step: int, steps: int,
+                  train_s: float, elapsed_s: float, name: str,
+                  log: Callable[[str], None]) -> RunResult:
+  """The result of a run whose checkpoint is at or past ``steps``."""
+  rows = (metrics_lib.read_metrics(metrics_path)
+          if metrics_path.exists() else [])
+  rows = [r for r in rows if r.get("step", 0) <= step]
+  losses = [r["loss"] for r in rows if r["kind"] == "train"]
+  val_losses = [r["val_loss"] for r in rows if r["kind"] == "eval"]
+  what = ("finished" if step == steps
+          else f"past the requested {steps} steps")
+  log(f"[{name}] the checkpoint at step {step} is {what}; nothing to train")
+  return RunResult(start_step=step, final_step=step,
+                   final_loss=losses[-1] if losses else None,
+                   final_val_loss=val_losses[-1] if val_losses else None,
+                   train_s=train_s, elapsed_s=elapsed_s,
+                   metrics_path=metrics_path)
 
 
 def _format_eta(seconds: float) -> str:
@@ -69,7 +101,9 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
           workdir: str | pathlib.Path, *,
           eval_data: Sequence[Batch] | None = None,
           resume: bool = False,
+          resume_step: int | None = None,
           run_config: dict[str, Any] | None = None,
+          on_accept: Callable[[], None] | None = None,
           name: str = "train",
           log: Callable[[str], None] = print,
           debug_step_delay: float = 0.0) -> RunResult:
@@ -78,9 +112,12 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
   Writes ``<workdir>/metrics.jsonl`` (rows ``kind="train"``: step, loss,
   grad_norm, lr, tokens, tokens_per_s, train_s, elapsed_s; rows
   ``kind="eval"``: step, val_loss, train_s, elapsed_s) and orbax checkpoints
-  under ``<workdir>/checkpoints``. With ``resume=True`` it restores the latest
-  complete checkpoint (model, optimizer, RNG, data position) and continues so
-  that the remaining steps are those of an uninterrupted run.
+  under ``<workdir>/checkpoints``. With ``resume=True`` it restores the newest
+  good checkpoint (model, optimizer, RNG, data position; a corrupt newer one
+  is reported and skipped) and continues so that the remaining steps are
+  those of an uninterrupted run. A checkpoint at or past ``cfg.steps`` trains
+  nothing: the result reports the run as saved, losses read from its metrics.
+  Nothing is written under ``workdir`` before the run is accepted.
 
   Args:
     model: NNX module, ``model(int32 [B, T]) -> logits [B, T, V]``.
@@ -89,8 +126,13 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
     workdir: run directory.
     eval_data: fixed validation batches, or None.
     resume: continue from ``<workdir>/checkpoints``.
+    resume_step: with ``resume``, the checkpoint step to continue from
+      (default the newest good one).
     run_config: JSON-able description of model and data; a checkpoint of
       another config is refused.
+    on_accept: called once the run is accepted (checkpoint restored, or a
+      fresh start allowed), before anything is written; e.g. to save the
+      run's config next to it.
     name: label of the progress bar and log lines.
     log: where text lines go.
     debug_step_delay: seconds to sleep after every step (tests that kill a
@@ -102,7 +144,8 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
   Raises:
     CheckpointError: resuming without a usable checkpoint, or starting fresh
       in a directory that already holds checkpoints.
-    ValueError: data whose batch shape disagrees with ``cfg``.
+    ValueError: data whose batch shape disagrees with ``cfg``, or token ids
+      outside the model's vocabulary (``model.config.vocab_size``).
   """
   if (train_data.batch_size, train_data.seq_len) != (cfg.batch_size,
                                                      cfg.seq_len):
@@ -118,9 +161,13 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
   rng = jax.random.key(cfg.seed)
   start, train_s, elapsed_before = 0, 0.0, 0.0
   try:
+    if resume_step is not None and not resume:
+      raise ValueError("resume_step needs resume=True")
     if resume:
-      restored = ckpt.restore(model, optimizer, rng_like=rng)
+      restored = ckpt.restore(model, optimizer, step=resume_step,
+                              rng_like=rng, log=log)
       start, rng = restored.step, restored.rng
+      ckpt.set_aside_after(start, log=log)
       train_data.restore(restored.data_state)
       train_s = float(restored.extra.get("train_s", 0.0))
       elapsed_before = float(restored.extra.get("elapsed_s", 0.0))
@@ -134,6 +181,13 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
   except BaseException:
     ckpt.close()  # stop orbax's background workers before the error leaves
     raise
+  if on_accept is not None:
+    on_accept()
+  if start >= cfg.steps:
+    ckpt.close()
+    return _saved_result(workdir / "metrics.jsonl", start, cfg.steps, train_s,
+                         elapsed_before, name, log)
+  vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
   writer = metrics_lib.MetricsWriter(
       workdir / "metrics.jsonl", resume_step=start if resume else None)
   show_bar = cfg.progress and sys.stderr.isatty()
@@ -161,7 +215,7 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
 
   try:
     for step in range(start, cfg.steps):
-      batch = _to_device(next(train_data))
+      batch = _to_device(next(train_data), vocab_size)
       t0 = time.perf_counter()
       out = steps_lib.train_step(model, optimizer, batch,
                                  grad_accum=cfg.grad_accum)

@@ -1,5 +1,7 @@
 """Tests of the synthetic passkey and MQAR tasks."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,32 @@ def test_mqar_targets_are_values_of_queried_keys():
     assert ex.tokens[pos + 1] == pairs[ex.tokens[pos]]
   with pytest.raises(ValueError, match="too short"):
     data.mqar_example(np.random.default_rng(0), 20, num_pairs=8)
+
+
+def _allowed_sentences(key):
+  return set(data.synthetic._FILLER) | {  # pylint: disable=protected-access
+      f"The pass key is {key}.", "Remember it.", f"{key} is the pass key.",
+      "What is the pass key?"}
+
+
+@pytest.mark.parametrize("seq_len", [110, 128, 131, 257, 1000])
+def test_passkey_text_is_whole_sentences(seq_len):
+  """No cut sentences, double spaces or '..': only known whole sentences."""
+  for seed in range(6):
+    for depth in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
+      ex = data.passkey_example(np.random.default_rng(seed), seq_len, depth)
+      text = data.decode(ex.tokens)
+      assert len(text) == seq_len + 1
+      assert "  " not in text and ".." not in text and text == text.strip()
+      sentences = re.findall(r"[^.?]+[.?]", text)
+      assert "".join(sentences) == text
+      assert all(s.startswith(" ") for s in sentences[1:])
+      allowed = _allowed_sentences(ex.answer)
+      bad = [s.strip() for s in sentences if s.strip() not in allowed]
+      assert not bad, (text, bad)
+
+
+def test_shortest_passkey_length_is_stated():
+  with pytest.raises(ValueError, match="needs at least 110 tokens"):
+    data.passkey_example(np.random.default_rng(0), 109, 0.5)
+  data.passkey_example(np.random.default_rng(0), 110, 0.5)

@@ -1,11 +1,11 @@
 """BlockCompressor and extract_blocks against plain Python loops."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nsa_jax import compression
 from nsa_jax.modules import BlockCompressor

@@ -1,13 +1,13 @@
 """NSAAttention inside a flax.linen model through flax.nnx.bridge.to_linen."""
 
 import chex
+from flax import linen as nn
+from flax import nnx
+from flax.nnx import bridge
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
-from flax import nnx
-from flax.nnx import bridge
 
 from nsa_jax import NSAConfig
 from nsa_jax.modules import NSAAttention

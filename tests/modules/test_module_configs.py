@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from nsa_jax import NSAConfig, ops
+from nsa_jax import NSAConfig
+from nsa_jax import ops
 from nsa_jax.modules import LMConfig
 
 # (overrides of NSAConfig.tiny(), a regex the message must contain).

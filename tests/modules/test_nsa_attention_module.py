@@ -1,12 +1,12 @@
 """NSAAttention (Flax NNX): shapes, transforms, impl agreement, gradients."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from flax import nnx
-from jax.test_util import check_grads
 
 from nsa_jax import NSAConfig
 from nsa_jax.modules import NSAAttention

@@ -1,15 +1,16 @@
 """TransformerLM: logits, tying, bf16, causality and a few AdamW steps."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from nsa_jax import NSAConfig
-from nsa_jax.modules import LMConfig, TransformerLM
+from nsa_jax.modules import LMConfig
+from nsa_jax.modules import TransformerLM
 
 VOCAB = 64
 
@@ -130,3 +131,30 @@ def test_adamw_steps_reduce_loss_on_a_fixed_batch(attention):
   assert np.all(np.isfinite(losses))
   assert abs(losses[0] - np.log(VOCAB)) < 0.5  # starts near uniform
   assert final < 0.8 * losses[0], (losses, final)
+
+
+def test_eager_call_names_a_bad_token_id_and_its_position():
+  model = TransformerLM(make_config(attention="full"), rngs=nnx.Rngs(0))
+  tokens = make_tokens(2, 12)
+  with pytest.raises(ValueError, match=r"token id 64 at position \(1, 7\)"):
+    model(tokens.at[1, 7].set(VOCAB))
+  with pytest.raises(ValueError, match=r"token id -1 at position \(0, 2\)"):
+    model(tokens.at[0, 2].set(-1))
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_out_of_range_ids_under_jit_embed_as_zeros(attention):
+  """A bad id poisons nothing: earlier positions are unchanged, all finite."""
+  model = TransformerLM(make_config(attention=attention), rngs=nnx.Rngs(0))
+  tokens = make_tokens(1, 40)
+  bad = tokens.at[0, 20].set(VOCAB + 5).at[0, 30].set(-1)
+  clean, logits = forward(model, tokens), forward(model, bad)
+  chex.assert_tree_all_finite(logits)
+  chex.assert_trees_all_close(logits[:, :20], clean[:, :20], rtol=1e-5,
+                              atol=1e-5)
+  # -1 is not read as vocab_size - 1: both bad ids mean a zero embedding.
+  wrapped = forward(model, bad.at[0, 30].set(VOCAB - 1))
+  assert float(jnp.abs(wrapped[:, 30] - logits[:, 30]).max()) > 1e-4
+  zeros = nnx.jit(lambda m, t: m._embed(t))(model, bad)  # pylint: disable=protected-access
+  assert float(jnp.abs(zeros[0, 20]).max()) == 0.0
+  assert float(jnp.abs(zeros[0, 30]).max()) == 0.0

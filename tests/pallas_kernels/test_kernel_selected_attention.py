@@ -10,6 +10,7 @@ from nsa_jax import reference
 from pallas_kernels import launch_config
 from pallas_kernels import selected_attention
 from pallas_kernels.selected_attention import _invert_block_table
+
 import kernel_test_utils as u
 
 BS = 16  # selection block l'

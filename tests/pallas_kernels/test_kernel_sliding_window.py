@@ -9,6 +9,7 @@ from nsa_jax import reference
 from pallas_kernels import sliding_window_attention
 from pallas_kernels.sliding_window import cudnn_supported
 from pallas_kernels.sliding_window import window_block_table
+
 import kernel_test_utils as u
 
 

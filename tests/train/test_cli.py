@@ -1,51 +1,70 @@
-"""Bad command lines of experiments/train_lm.py fail with a readable message."""
+"""The train_lm.py command line: bad flags fail readably, presets resolve."""
 
-import importlib.util
 import pathlib
+import subprocess
 import sys
 
 import pytest
 
-_PATH = pathlib.Path(__file__).parents[2] / "experiments" / "train_lm.py"
+from nsa_jax.train import cli
+from nsa_jax.train import presets
+
+_ROOT = pathlib.Path(__file__).parents[2]
 
 
-@pytest.fixture(name="train_lm", scope="module")
-def fixture_train_lm():
-  spec = importlib.util.spec_from_file_location("train_lm", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["train_lm"] = module  # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
+def _main(argv):
+  args, parser = cli.parse(argv)
+  return cli.resolve(args, parser)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "tpu-1m"], "invalid choice: 'tpu-1m'"),
     (["--steps", "0"], "TrainConfig.steps must be a positive int"),
-    (["--d_model", "abc"], "argument --d_model: invalid int value: 'abc'"),
-    (["--nsa_cmp_stride", "5"], "must be a multiple of cmp_stride=5"),
+    (["--d-model", "abc"], "argument --d-model: invalid int value: 'abc'"),
+    (["--nsa-cmp-stride", "5"], "must be a multiple of cmp_stride=5"),
     (["--attention", "nsa,sparse"], "LMConfig.attention='sparse'"),
     (["--attention", "full,full"], "distinct"),
-    (["--batch_size", "6", "--grad_accum", "4"], "divisible by grad_accum"),
-    (["--passkey_rows", "4"], "--passkey_rows=4 must be in"),
-    (["--async_checkpoints", "maybe"], "expected true/false"),
+    (["--batch-size", "6", "--grad-accum", "4"], "divisible by grad_accum"),
+    (["--passkey-rows", "4"], "--passkey-rows=4 must be in"),
+    (["--async-checkpoints", "maybe"], "unrecognized arguments: maybe"),
+    (["--seq_len", "64"], "flags are spelled with dashes (--seq-len)"),
+    (["--seq", "64"], "unrecognized arguments: --seq"),
+    (["--fresh", "--resume"], "not allowed with argument"),
+    (["--fresh", "--resume-step", "3"], "exclude each other"),
+    (["--data", "wiki"], "--data='wiki' is not one of"),
 ])
-def test_bad_arguments(train_lm, capsys, argv, message):
+def test_bad_arguments(capsys, argv, message):
   with pytest.raises(SystemExit) as info:
-    train_lm.main(argv)
+    _main(argv)
   assert info.value.code == 2
   err = capsys.readouterr().err
   assert message in err
   assert "Traceback" not in err
 
 
-def test_presets_resolve(train_lm):
-  parser = train_lm.build_parser()
-  for name in train_lm.PRESETS:
-    plan = train_lm.resolve(parser.parse_args(["--preset", name]), parser)
+def test_presets_resolve():
+  for name in presets.PRESETS:
+    plan = _main(["--preset", name])
     assert set(plan.models) == {"nsa", "full"}
     assert plan.train.seq_len >= (8192 if name.startswith("gpu") else 512)
-  plan = train_lm.resolve(
-      parser.parse_args(["--steps", "7", "--nsa_window", "128",
-                         "--dtype", "bfloat16", "--attention", "nsa"]), parser)
+  plan = _main(["--steps", "7", "--nsa-window", "128", "--dtype", "bfloat16",
+                "--attention", "nsa", "--no-progress", "--resume-step", "4"])
   assert plan.train.steps == 7 and plan.models["nsa"].nsa.window == 128
   assert plan.models["nsa"].dtype == "bfloat16"
+  assert not plan.train.progress and plan.train.async_checkpoints
+  assert plan.mode == "resume" and plan.resume_step == 4
+
+
+def test_help_shows_the_values_of_the_named_preset():
+  script = _ROOT / "experiments" / "train_lm.py"
+  for preset, line in [
+      ("cpu-demo", "LMConfig.d_model (default: 128, preset cpu-demo)"),
+      ("gpu-8k", "LMConfig.d_model (default: 512, preset gpu-8k)"),
+      ("gpu-32k", "TrainConfig.seq_len (default: 32768, preset gpu-32k)")]:
+    out = subprocess.run(
+        [sys.executable, str(script), "--preset", preset, "--help"],
+        capture_output=True, text=True, check=True,
+        env={"PYTHONPATH": str(_ROOT), "JAX_PLATFORMS": "cpu"}).stdout
+    assert line in " ".join(out.split()), out
+  assert "--no-progress" in out and "--no_progress" not in out
+  assert "(default: 256, built-in)" in " ".join(out.split())

@@ -12,12 +12,12 @@ from nsa_jax.train import checkpoint
 
 _SCRIPT = pathlib.Path(__file__).parents[2] / "experiments" / "train_lm.py"
 _TINY = [
-    "--attention", "full", "--steps", "10", "--batch_size", "2",
-    "--seq_len", "32", "--d_model", "32", "--num_layers", "1",
-    "--num_heads", "2", "--num_kv_heads", "1", "--head_dim", "16",
-    "--mlp_hidden", "64", "--max_corpus_bytes", "300000",
-    "--ckpt_every", "3", "--log_every", "1", "--eval_every", "0",
-    "--warmup_steps", "2", "--no_progress", "--no_plot",
+    "--attention", "full", "--steps", "10", "--batch-size", "2",
+    "--seq-len", "32", "--d-model", "32", "--num-layers", "1",
+    "--num-heads", "2", "--num-kv-heads", "1", "--head-dim", "16",
+    "--mlp-hidden", "64", "--max-corpus-bytes", "300000",
+    "--ckpt-every", "3", "--log-every", "1", "--eval-every", "0",
+    "--warmup-steps", "2", "--no-progress", "--no-plot",
 ]
 
 
@@ -36,7 +36,7 @@ def _losses(workdir):
 
 def test_sigkill_and_resume_reproduce_losses(tmp_path):
   reference = _start(tmp_path / "ref")
-  victim = _start(tmp_path / "run", "--debug_step_delay", "0.4")
+  victim = _start(tmp_path / "run", "--debug-step-delay", "0.4")
   ckpt_dir = tmp_path / "run" / "full" / "checkpoints"
   deadline = time.time() + 240
   while not any(s >= 3 for s in checkpoint.scan(ckpt_dir)[0]):

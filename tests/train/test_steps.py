@@ -56,3 +56,13 @@ def test_evaluate_is_mean_over_tokens(make_lm):
   single = train.evaluate(model, [batch])
   assert np.isclose(single, train.evaluate(model, [batch, batch]))
   assert 0 < single < 10
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(make_lm):
+  model = make_lm("full")
+  batch = {k: np.asarray(v) for k, v in _batch().items()}
+  batch["inputs"] = batch["inputs"].copy()
+  batch["inputs"][1, 5] = 300
+  with pytest.raises(ValueError,
+                     match=r"'inputs' holds token id 300 at position \(1, 5\)"):
+    train.evaluate(model, [batch])
