@@ -1,9 +1,9 @@
 """NSA (Pallas kernels) against dense causal attention on a GPU.
 
-  python experiments/bench_kernels.py                       # all shapes, 8k-128k
+  python experiments/bench_kernels.py                  # all shapes, 8k-128k
   python experiments/bench_kernels.py --shapes 64/4/128/128 --seq-lens 65536
-  python experiments/bench_kernels.py --plot-only           # redraw the plot
-  python experiments/bench_kernels.py --smoke               # CPU, interpret
+  python experiments/bench_kernels.py --plot-only      # redraw the plot
+  python experiments/bench_kernels.py --smoke          # CPU, interpret
 
 Per shape: full NSA (``ops.nsa_attention(impl="pallas")``) against cuDNN's
 fused attention and the Pallas Triton flash attention, forward and

@@ -16,11 +16,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from pallas_kernels import triton_compat as tc
 from pallas_kernels.block_scores import check_block_sizes
 from pallas_kernels.block_scores import default_launch
 from pallas_kernels.block_scores import padded_scores
 from pallas_kernels.block_scores import ScoreLaunch
-from pallas_kernels import triton_compat as tc
 
 # Ranking values: forced blocks rank above every score, non-causal blocks
 # below every score (scores are sums of probabilities, >= 0), and a block

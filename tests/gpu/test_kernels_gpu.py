@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from selection_checks import assert_same_sets_up_to_ties
 
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
-from selection_checks import assert_same_sets_up_to_ties
 
 CONFIG = NSAConfig.paper()
 # Relative-norm tolerance: ||got - want|| / ||want||.

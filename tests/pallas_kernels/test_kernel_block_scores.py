@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from selection_checks import assert_same_sets_up_to_ties
 
 from nsa_jax import reference
 from nsa_jax import selection
@@ -11,8 +12,8 @@ from nsa_jax.config import NSAConfig
 from pallas_kernels import block_scores
 from pallas_kernels import select_blocks
 from pallas_kernels.block_scores import ScoreLaunch
+
 import kernel_test_utils as u
-from selection_checks import assert_same_sets_up_to_ties
 
 # a = l'/d = 2, b = l/d = 2: a block covered by tokens of two steps.
 _SMALL = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=4,
