@@ -1,6 +1,7 @@
 """Rerunning, resuming and refusing runs of train_lm.py leave good state."""
 
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -28,6 +29,19 @@ def _run(workdir, *extra):
   return results, "\n".join(lines)
 
 
+@pytest.fixture(name="finished", scope="module")
+def fixture_finished(tmp_path_factory):
+  """(workdir, results) of one finished tiny run, trained once per module."""
+  workdir = tmp_path_factory.mktemp("finished")
+  return workdir, _run(workdir)[0]
+
+
+def _copy(finished, tmp_path):
+  """A private copy of the finished run and its results."""
+  shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+  return finished[1]
+
+
 def _script(workdir, *extra):
   return subprocess.run(
       [sys.executable, str(_ROOT / "experiments" / "train_lm.py"), *_TINY,
@@ -35,8 +49,8 @@ def _script(workdir, *extra):
       env={"PYTHONPATH": str(_ROOT), "JAX_PLATFORMS": "cpu"}, timeout=300)
 
 
-def test_rerun_reports_a_finished_run_and_fresh_retrains(tmp_path):
-  first, _ = _run(tmp_path)
+def test_rerun_reports_a_finished_run_and_fresh_retrains(tmp_path, finished):
+  first = _copy(finished, tmp_path)
   assert first["full"]["steps"] == 4 and first["full"]["loss"] is not None
   again, log = _run(tmp_path)
   assert "at step 4 is finished; nothing to train" in log
@@ -50,23 +64,24 @@ def test_rerun_reports_a_finished_run_and_fresh_retrains(tmp_path):
   assert fresh["full"]["loss"] == first["full"]["loss"]  # same seed
 
 
-def test_steps_below_the_checkpoint_report_the_checkpoint(tmp_path):
-  _run(tmp_path)
+def test_steps_below_the_checkpoint_report_the_checkpoint(tmp_path, finished):
+  _copy(finished, tmp_path)
   results, log = _run(tmp_path, "--resume", "--steps", "2")
   assert "at step 4 is past the requested 2 steps" in log
   assert results["full"]["steps"] == 4
   assert "| 4 |" in runs.summarize(results)
 
 
-def test_resume_step_continues_from_the_chosen_checkpoint(tmp_path):
-  first, _ = _run(tmp_path)
+def test_resume_step_continues_from_the_chosen_checkpoint(tmp_path,
+                                                          finished):
+  first = _copy(finished, tmp_path)
   results, log = _run(tmp_path, "--resume-step", "2")
   assert "resumed from" in log and "at step 2" in log
   assert results["full"]["loss"] == first["full"]["loss"]  # exact replay
 
 
-def test_a_refused_run_writes_nothing(tmp_path):
-  _run(tmp_path)
+def test_a_refused_run_writes_nothing(tmp_path, finished):
+  _copy(finished, tmp_path)
   run_config = tmp_path / "full" / "run_config.json"
   before = run_config.read_bytes()
   for extra in (["--d-model", "64"], ["--d-model", "64", "--resume"],
@@ -78,8 +93,9 @@ def test_a_refused_run_writes_nothing(tmp_path):
   assert model.config.d_model == 32  # needle.py still loads the good run
 
 
-def test_corrupt_latest_checkpoint_falls_back_when_resuming(tmp_path):
-  first, _ = _run(tmp_path)
+def test_corrupt_latest_checkpoint_falls_back_when_resuming(tmp_path,
+                                                            finished):
+  first = _copy(finished, tmp_path)
   ckpts = tmp_path / "full" / "checkpoints"
   for path in (ckpts / "4" / "state").rglob("*"):
     if path.is_file() and path.parent.name == "d":
