@@ -151,15 +151,10 @@ def block_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   if num_cmp == 0:
     return jnp.zeros((batch, seq_len, num_kv_heads, num_sel), jnp.float32)
   group = num_heads // num_kv_heads
-  launch = launch_config.get_config(
+  launch = launch_config.resolve(
       "block_scores", group=group, seq_len=seq_len, num_keys=num_cmp,
-      head_dim=head_dim)
-  launch = dataclasses.replace(
-      launch, **{name: value for name, value in (
-          ("block_q", block_q), ("block_k", block_k),
-          ("num_warps", num_warps), ("num_stages", num_stages))
-                 if value is not None})
-  launch_config.validate(launch, group)
+      head_dim=head_dim, block_q=block_q, block_k=block_k,
+      num_warps=num_warps, num_stages=num_stages)
   if block_sel is None:
     block_sel = min(tc.next_pow2(num_sel, tc.MIN_DOT_DIM), _BLOCK_SEL)
   if block_sel < tc.MIN_DOT_DIM or block_sel & (block_sel - 1):

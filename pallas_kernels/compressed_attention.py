@@ -340,15 +340,10 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
     return (jnp.zeros(out_shape, q.dtype),
             jnp.full((batch, seq_len, num_heads), -jnp.inf, jnp.float32))
   group = num_heads // num_kv_heads
-  launch = launch_config.get_config(
+  launch = launch_config.resolve(
       "compressed", group=group, seq_len=seq_len, num_keys=num_cmp,
-      head_dim=max(head_dim, v_cmp.shape[-1]))
-  launch = dataclasses.replace(
-      launch, **{name: value for name, value in (
-          ("block_q", block_q), ("block_k", block_k),
-          ("num_warps", num_warps), ("num_stages", num_stages))
-                 if value is not None})
-  launch_config.validate(launch, group)
+      head_dim=max(head_dim, v_cmp.shape[-1]), block_q=block_q, block_k=block_k,
+      num_warps=num_warps, num_stages=num_stages)
   st = _Static(block_size=block_size, stride=stride, scale=scale,
                seq_len=seq_len, num_cmp=num_cmp, group=group,
                head_dim_v=v_cmp.shape[-1], launch=launch,

@@ -82,7 +82,7 @@ def test_dkv_segments():
                                 force_initial=True)
   assert int(jnp.sum(jnp.any(idx[0, :, 0] == 0, -1))) == 48
   kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
-      q, k, v, idx, block_size=BS, interpret=True, block_k=8, dkv_segment=16)
+      q, k, v, idx, block_size=BS, interpret=True, block_q_dkv=8, dkv_segment=16)
   def ref(q, k, v):
     return reference.selected_attention_reference(q, k, v, idx,
                                                   block_size=BS)
@@ -101,7 +101,7 @@ def test_segment_rule():
   assert seg(65536, 64) == 8192
   with pytest.raises(ValueError, match="dkv_segment"):
     q, k, v, idx, _ = _inputs(37, 1, 2, 16, 16, jnp.float32, 3)
-    selected_attention(q, k, v, idx, block_size=BS, block_k=16,
+    selected_attention(q, k, v, idx, block_size=BS, block_q_dkv=16,
                        dkv_segment=8)
 
 
@@ -155,7 +155,7 @@ def test_lowers_to_triton(entry, group, dk, dv):
   # The smallest segment: dK/dV runs ceil(70 / block_k) >= 2 segments.
   kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
       q, k, v, idx, block_size=BS, interpret=False, block_q=launch.block_q,
-      block_k=launch.block_k, dkv_segment=launch.block_k,
+      block_q_dkv=launch.block_q_dkv, dkv_segment=launch.block_q_dkv,
       num_warps=launch.num_warps, num_stages=launch.num_stages)
   u.lower_for_cuda(kernel, q, k, v)
   u.lower_for_cuda(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)), q, k, v)
