@@ -335,7 +335,8 @@ def _bwd(q, k, v, block_indices, out, m, log2l, d_out, st: _Static):
 
   def key_block(dim):  # grid axis 1 is block * num_segments + segment
     return pl.BlockSpec((None, st.block_size, None, dim),
-                        lambda b, j, g: (b, lax.div(j, num_segments), g, 0))
+                        lambda b, j, g: (b, lax.div(j, _I32(num_segments)), g,
+                                         0))
 
   def partial_block(dim):  # one [l', dim] slot per (block, segment)
     return pl.BlockSpec((None, st.block_size, None, dim),
