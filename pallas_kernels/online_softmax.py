@@ -2,19 +2,24 @@
 
 Forward: ``init`` a carry, ``step`` it once per key tile, ``finalize`` it.
 Backward: ``probabilities`` recomputes a tile's softmax from the forward's
-residuals. Scores are base-2 logits ``s = scale * log2(e) * q.k`` (exp2 is
-the native instruction).
+residuals. Scores are the raw dots ``s = q.k``; the softmax is that of
+``c * s`` with ``c = scale * log2(e) > 0``, taken as ``exp2(c * (s - m))``.
 
-Precision. The residuals are the running max ``m`` (a maximum of the very
-scores ``s`` the forward saw, so exact) and ``log2(l)`` of the final row sum
-``l``, kept apart: the backward computes ``exp2((s - m) - log2 l)``, where
-``s - m`` is exact (Sterbenz) for every key whose probability matters, so a
-probability's relative error is a few ulp of 1 plus the difference between
-the forward's and the backward's recomputed ``s``, whatever ``|s|`` is. Folding
-them into one ``lse = m + log2 l`` (and converting bases) costs ulp(|lse|)
-absolute error in the exponent: at logits near 1e6, 6% of p (issue 10, item
-1). The bound is that of the logits themselves: the backward's ``s`` equals
-the forward's to the rounding of the ``q.k`` dot, ulp(|s|).
+Precision (issue 10, item 1). The residuals are the row maximum ``m`` of the
+raw dots (a maximum of the very values the forward saw, so exact) and
+``log2(l)`` of the row sum ``l``, kept apart; the backward computes
+``exp2(c * (s - m) - log2 l)``. ``s - m`` is exact (Sterbenz) for every key
+whose probability matters, and the dot feeds that subtraction directly (no
+rounded ``c * s`` at the logits' magnitude, which a compiler may also
+reassociate differently in two kernels). So when the backward's dot returns
+the forward's values bit for bit (same operands, same K order), its
+probabilities are the forward's to a few ulp of 1 whatever the logits'
+size. Folding the residuals into one ``lse = c*m + log2 l``, converted to
+natural log and back, costs ulp(|lse|) of absolute error in the exponent:
+at logits near 1e6 that was 6% of p and 0.38 in dV. What remains is the
+logits' own rounding: a dot that differs in the last bit between the
+forward and the backward moves p by about ``c * ulp(|s|)`` relative, as in
+any float32 attention.
 
 Masked keys contribute exactly nothing, whatever their values: ``values``
 zeroes non-finite rows of a key/value tile before any product (0 * inf is
@@ -56,41 +61,47 @@ def init(rows: int, dv: int):
           jnp.zeros((rows,), jnp.int32))
 
 
-def step(carry, s, mask, v, bad_keys):
+def step(carry, s, mask, v, bad_keys, c):
   """One FlashAttention-2 online-softmax update with a [rows, keys] tile.
 
   Args:
     carry: from ``init`` or a previous step.
-    s: float32 [rows, keys] base-2 logits (any value where masked).
+    s: float32 [rows, keys] raw dots q.k (any value where masked).
     mask: bool [rows, keys], True where the row sees the key.
     v: [keys, Dv] value tile, non-finite rows zeroed (``values``).
     bad_keys: int32 [keys], 1 where the key or value was non-finite.
+    c: scale * log2(e), a positive Python float.
 
   Returns:
     The updated carry.
   """
   acc, m, l, bad = carry
+  c = jnp.float32(c)
   s = jnp.where(mask, s, -jnp.inf)
   m_new = jnp.maximum(m, jnp.max(s, axis=1))
   # A row that has seen nothing keeps m = -inf; shift by 0 to avoid inf-inf.
   m_safe = jnp.where(m_new == -jnp.inf, jnp.float32(0), m_new)
-  alpha = jnp.exp2(m - m_safe)  # [rows]
-  p = jnp.exp2(s - m_safe[:, None])  # [rows, keys], 0 where masked
+  alpha = jnp.exp2((m - m_safe) * c)  # [rows]
+  p = jnp.exp2((s - m_safe[:, None]) * c)  # [rows, keys], 0 where masked
   acc = alpha[:, None] * acc + tc.dot(p.astype(v.dtype), v)
   seen_bad = jnp.where(mask, bad_keys[None, :], 0)
   bad = jnp.maximum(bad, jnp.max(seen_bad, axis=1))
   return acc, m_new, alpha * l + jnp.sum(p, axis=1), bad
 
 
-def finalize(carry):
+def finalize(carry, scale):
   """Normalises the accumulator and returns the backward's residuals.
+
+  Args:
+    carry: after the last ``step``.
+    scale: the softmax scale (positive).
 
   Returns:
     (out float32 [rows, Dv]: 0 for a row that saw nothing, NaN for one that
-    saw a non-finite key or value; m float32 [rows]: the base-2 running
-    max, 0 for a row that saw nothing; log2l float32 [rows]: log2 of the row
-    sum, 0 for such a row; lse float32 [rows]: natural-log log-sum-exp,
-    -inf for such a row).
+    saw a non-finite key or value; m float32 [rows]: the row max of the raw
+    dots, 0 for a row that saw nothing; log2l float32 [rows]: log2 of the
+    row sum, 0 for such a row; lse float32 [rows]: natural-log
+    log-sum-exp of ``scale * s``, -inf for such a row).
   """
   acc, m, l, bad = carry
   seen = l > 0
@@ -99,21 +110,22 @@ def finalize(carry):
   out = jnp.where(bad[:, None] > 0, jnp.float32(jnp.nan), out)
   m = jnp.where(seen, m, jnp.float32(0))
   log2l = jnp.log2(l_safe)
-  lse = jnp.where(seen, (m + log2l) * jnp.float32(tc.LN2),
+  lse = jnp.where(seen, m * jnp.float32(scale) + log2l * jnp.float32(tc.LN2),
                   jnp.float32(-jnp.inf))
   return out, m, log2l, lse
 
 
-def probabilities(s, mask, m, log2l):
+def probabilities(s, mask, m, log2l, c):
   """The forward's softmax of a [rows, keys] tile, recomputed.
 
   Args:
-    s: float32 [rows, keys] base-2 logits, computed as the forward did.
+    s: float32 [rows, keys] raw dots, computed as the forward did.
     mask: bool [rows, keys].
     m, log2l: float32 [rows] residuals from ``finalize``.
+    c: scale * log2(e), as given to ``step``.
 
   Returns:
     float32 [rows, keys], 0 where masked.
   """
-  p = jnp.exp2((s - m[:, None]) - log2l[:, None])
+  p = jnp.exp2((s - m[:, None]) * jnp.float32(c) - log2l[:, None])
   return jnp.where(mask, p, jnp.float32(0))

@@ -110,19 +110,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, m_ref, log2l_ref, *,
 
   Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n]
   -> o [block_q, Gp, Dv], m / log2l [block_q, Gp] (``online_softmax``
-  residuals: base-2 running max and log2 of the row sum).
+  residuals: row max of the raw dots and log2 of the row sum).
   """
   q, t = group_tiles.query_tile(q_ref)
 
   def update(carry, blk, mask):
     k, bad_k = _load_values(k_ref, blk, st.block_size)  # [l', Dk]
     v, bad_v = _load_values(v_ref, blk, st.block_size)  # [l', Dv]
-    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, l']
-    return online_softmax.step(carry, s, mask, v, jnp.maximum(bad_k, bad_v))
+    s = tc.dot(q, k, trans_b=True)  # [rows, l'] raw dots
+    return online_softmax.step(carry, s, mask, v, jnp.maximum(bad_k, bad_v),
+                               st.scale * tc.LOG2E)
 
   carry = online_softmax.init(q.shape[0], v_ref.shape[-1])
   out, m, log2l, _ = online_softmax.finalize(
-      _union_loop(idx_ref, q, t, st, update, carry))
+      _union_loop(idx_ref, q, t, st, update, carry), st.scale)
   o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
   m_ref[...] = m.reshape(m_ref.shape)
   log2l_ref[...] = log2l.reshape(log2l_ref.shape)
@@ -146,8 +147,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, m_ref, log2l_ref,
   def update(dq, blk, mask):
     k, _ = _load_values(k_ref, blk, st.block_size)
     v, _ = _load_values(v_ref, blk, st.block_size)
-    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)
-    p = online_softmax.probabilities(s, mask, m, log2l)
+    s = tc.dot(q, k, trans_b=True)
+    p = online_softmax.probabilities(s, mask, m, log2l, st.scale * tc.LOG2E)
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
     return dq + tc.dot(ds.astype(k.dtype), k)
 
@@ -198,8 +199,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
     log2l = log2l_ref[pos].reshape(rows)
     delta = delta_ref[pos].reshape(rows)
     mask = to_rows(valid)[:, None] & _key_mask(to_rows(pos), key_pos, st)
-    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, l']
-    p = online_softmax.probabilities(s, mask, m, log2l)
+    s = tc.dot(q, k, trans_b=True)  # [rows, l'] raw dots
+    p = online_softmax.probabilities(s, mask, m, log2l, st.scale * tc.LOG2E)
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
     dv_acc = dv_acc + tc.dot(p.astype(do.dtype), do, trans_a=True)
     dk_acc = dk_acc + tc.dot(ds.astype(q.dtype), q, trans_a=True)
@@ -503,6 +504,9 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                      f"{tc.MIN_DOT_DIM}")
   if window is not None and window < 1:
     raise ValueError(f"{window=} must be >= 1")
+  if scale is not None and not scale > 0:
+    raise ValueError(f"{scale=} must be > 0 (the kernel takes row maxima of "
+                     "the raw dots)")
   if not jnp.issubdtype(block_indices.dtype, jnp.integer):
     raise ValueError(f"{block_indices.dtype=} must be an integer type")
   if block_k is not None:

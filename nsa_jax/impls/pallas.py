@@ -61,9 +61,17 @@ def block_size_reason(block_size: int):
   return None
 
 
-def supports_selected(q, k, v, block_indices, *, block_size, **static):
+def _scale_reason(scale):
+  if scale is not None and not scale > 0:
+    return f"the selected and window kernels need scale > 0, got {scale}"
+  return None
+
+
+def supports_selected(q, k, v, block_indices, *, block_size, scale=None,
+                      **static):
   del block_indices, static
-  return _dtype_reason(q, k, v) or block_size_reason(block_size)
+  return (_dtype_reason(q, k, v) or block_size_reason(block_size)
+          or _scale_reason(scale))
 
 
 def selected_attention(q, k, v, block_indices, *, block_size, scale):
@@ -71,9 +79,9 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale):
                                        block_size=block_size, scale=scale)
 
 
-def supports_window(q, k, v, **static):
+def supports_window(q, k, v, *, scale=None, **static):
   del static
-  return _dtype_reason(q, k, v)
+  return _dtype_reason(q, k, v) or _scale_reason(scale)
 
 
 def sliding_window_attention(q, k, v, *, window, scale):
