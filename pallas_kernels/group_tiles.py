@@ -57,7 +57,10 @@ def delta_rows(out, d_out, q5, dv_p: int, d_lse=None, lse=None):
   """dO and delta = rowsum(dO * O) in the grouped layout (FA-2 backward).
 
   A cotangent ``d_lse`` on a returned lse adds d_lse * P to dS, so it enters
-  delta as ``-d_lse`` (where ``lse`` is finite).
+  delta as ``-d_lse`` (where ``lse`` is finite). A row whose output is not
+  finite (it saw a non-finite key or value, and the forward set it to NaN
+  on purpose) gets no gradient: its dO is zeroed, as differentiating the
+  other paths' ``where(sees_bad, nan, out)`` gives.
 
   Args:
     out, d_out: [B, T, Hq, Dv] forward output and its cotangent.
@@ -70,6 +73,9 @@ def delta_rows(out, d_out, q5, dv_p: int, d_lse=None, lse=None):
     (dO [B, Tp, Hkv, Gp, dv_p], delta float32 [B, Tp, Hkv, Gp]).
   """
   _, seq_pad, hkv, group_p, _ = q5.shape
+  finite = jnp.all(jnp.isfinite(out), axis=-1, keepdims=True)
+  d_out = jnp.where(finite, d_out, jnp.zeros((), d_out.dtype))
+  out = jnp.where(finite, out, jnp.zeros((), out.dtype))
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
   if d_lse is not None:
     delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)

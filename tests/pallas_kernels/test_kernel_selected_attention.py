@@ -199,3 +199,44 @@ def test_lowers_to_triton(entry, group, dk, dv):
       num_warps=launch.num_warps, num_stages=launch.num_stages)
   u.lower_for_cuda(kernel, q, k, v)
   u.lower_for_cuda(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)), q, k, v)
+
+
+def test_launch_configs_are_checked_when_built():
+  with pytest.raises(ValueError, match="block_q=24 must be a power of two"):
+    launch_config.SelectedLaunchConfig(block_q=24, block_q_dkv=16,
+                                       num_warps=4, num_stages=2)
+  with pytest.raises(ValueError, match="num_warps=3"):
+    launch_config.LaunchConfig(block_q=16, block_k=16, num_warps=3,
+                               num_stages=2)
+  with pytest.raises(ValueError, match="num_stages=0"):
+    launch_config.LaunchConfig(block_q=16, block_k=16, num_warps=4,
+                               num_stages=0)
+  with pytest.raises(ValueError, match="block_k=8 keys"):
+    launch_config.LaunchConfig(block_q=16, block_k=8, num_warps=4,
+                               num_stages=2)
+  launch = launch_config.SelectedLaunchConfig(block_q=1, block_q_dkv=16,
+                                              num_warps=4, num_stages=2)
+  launch.check_group(16)
+  with pytest.raises(ValueError, match="block_q=1 gives 4 query rows"):
+    launch.check_group(4)
+
+
+def test_resolve_applies_and_checks_overrides():
+  launch = launch_config.resolve("selected", group=2, head_dim=64,
+                                 seq_len=100, block_q_dkv=32, num_warps=None)
+  assert launch.block_q_dkv == 32 and launch.num_warps == 4
+  with pytest.raises(ValueError, match=r"\['block_k'\] are not launch"):
+    launch_config.resolve("selected", group=2, head_dim=64, seq_len=100,
+                          block_k=32)
+  with pytest.raises(ValueError, match="block_q_dkv=4 gives 8 query rows"):
+    launch_config.resolve("selected", group=2, head_dim=64, seq_len=100,
+                          block_q_dkv=4)
+
+
+def test_block_k_is_a_deprecated_name_of_block_q_dkv():
+  q, k, v, idx, _ = _inputs(37, 1, 2, 16, 16, jnp.float32, 2)
+  with pytest.warns(DeprecationWarning, match="block_q_dkv"):
+    old = selected_attention(q, k, v, idx, block_size=BS, interpret=True,
+                             block_k=16)
+  np.testing.assert_array_equal(old, selected_attention(
+      q, k, v, idx, block_size=BS, interpret=True, block_q_dkv=16))
