@@ -64,7 +64,7 @@ def block_scores(q, k_cmp, lse, *, config, scale):
 
 def block_size_reason(block_size: int):
   """Why the selected kernel cannot take l' (None if it can)."""
-  if block_size < MIN_BLOCK or block_size & (block_size - 1):
+  if not _kernels().supports_block_size(block_size):
     return (f"the selected kernel needs block_size (l') a power of two >= "
             f"{MIN_BLOCK}, got {block_size}")
   return None
