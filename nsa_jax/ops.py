@@ -1,90 +1,171 @@
-"""The functional NSA API (docs/SEMANTICS.md): one dispatcher per ``impl``.
+"""The functional NSA API (docs/SEMANTICS.md): each op and its registry.
 
-``impl`` is one of:
+The layers are drawn in docs/ARCHITECTURE.md.
+
+Every attention op takes ``impl``: a name registered for it or "auto".
   "reference"  dense, masked, float32 (``nsa_jax.reference``): the oracle.
-  "xla"        chunked, never ``T x T`` (``nsa_jax.xla``): CPU/TPU and fallback.
-  "pallas"     Pallas Triton kernels (``pallas_kernels``); interpret mode when
-               no GPU is present, which is how the CPU tests run them.
-  "auto"       "pallas" on a GPU, "xla" elsewhere.
-Inputs are checked before tracing; a bad one raises ValueError or TypeError
-naming the argument.
+  "xla"        chunked, never ``T x T`` (``nsa_jax.xla``): CPU/TPU, fallback.
+  "pallas"     Pallas Triton kernels (``nsa_jax.impls.pallas``); interpret
+               mode when no GPU is present (how the CPU tests run them).
+  "cudnn"      cuDNN's fused window (``nsa_jax.impls.cudnn``), the window
+               branch only; GPU, bf16/fp16.
+  "auto"       the first implementation offered on this backend that
+               supports the call: cudnn (window), then pallas on a GPU;
+               xla everywhere.
+``implementations(op, ...)`` lists them and says which would serve a call.
+
+A public call checks its inputs once, in Python before tracing (a bad one
+raises ValueError or TypeError naming the argument), resolves ``impl``
+(an explicit one that cannot serve raises ValueError saying why), then runs
+the implementation under ``jax.jit``. ``nsa_attention`` resolves every
+branch up front and calls the implementations directly.
+
+Semantics every path shares (see docs/ARCHITECTURE.md): a block index
+outside [0, ceil(T / l')) is an empty slot like -1 and a repeated one counts
+once; a key a query cannot see contributes nothing whatever its k and v
+hold; a query that sees a non-finite key or value gets NaN; B = 0 or T = 0
+gives empty outputs.
 """
 
 from __future__ import annotations
-
-import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
 
 from nsa_jax import reference
+from nsa_jax import registry
 from nsa_jax import selection
 from nsa_jax import validation
 from nsa_jax import xla
 from nsa_jax.config import NSAConfig
+from nsa_jax.impls import cudnn
+from nsa_jax.impls import pallas
+
+GPU = ("gpu",)
+EVERYWHERE = ("cpu", "gpu", "tpu")
+
+# One registry per op; "auto" tries them in this order.
+COMPRESSED = registry.Registry("compressed_attention")
+COMPRESSED.register("pallas", pallas.compressed_attention,
+                    pallas.supports_compressed, auto_backends=GPU)
+COMPRESSED.register("xla", xla.compressed_attention,
+                    auto_backends=EVERYWHERE)
+COMPRESSED.register("reference", reference.compressed_attention_reference)
+
+BLOCK_SCORES = registry.Registry("block_scores")
+BLOCK_SCORES.register("pallas", pallas.block_scores,
+                      pallas.supports_block_scores, auto_backends=GPU)
+BLOCK_SCORES.register(
+    "xla", lambda q, k_cmp, lse, *, config, scale: selection.block_scores(
+        q, k_cmp, lse, config, scale=scale), auto_backends=EVERYWHERE)
+BLOCK_SCORES.register(
+    "reference",
+    lambda q, k_cmp, lse, *, config, scale: reference.block_scores_reference(
+        q, k_cmp, lse, config, scale=scale))
+
+SELECT = registry.Registry("select_blocks")
+SELECT.register("pallas", pallas.select_blocks, pallas.supports_select,
+                auto_backends=GPU)
+SELECT.register(
+    "xla", lambda q, k_cmp, lse, *, config, scale: selection.top_n_blocks(
+        selection.block_scores(q, k_cmp, lse, config, scale=scale), config),
+    auto_backends=EVERYWHERE)
+SELECT.register(
+    "reference", lambda q, k_cmp, lse, *, config, scale: (
+        selection.top_n_blocks(reference.block_scores_reference(
+            q, k_cmp, lse, config, scale=scale), config)))
+
+SELECTED = registry.Registry("selected_attention")
+SELECTED.register("pallas", pallas.selected_attention,
+                  pallas.supports_selected, auto_backends=GPU)
+SELECTED.register("xla", xla.selected_attention, auto_backends=EVERYWHERE)
+SELECTED.register("reference", reference.selected_attention_reference)
+
+WINDOW = registry.Registry("sliding_window_attention")
+WINDOW.register("cudnn", cudnn.sliding_window_attention,
+                cudnn.supports_window, auto_backends=GPU)
+WINDOW.register("pallas", pallas.sliding_window_attention,
+                pallas.supports_window, auto_backends=GPU)
+WINDOW.register("xla", xla.sliding_window_attention,
+                auto_backends=EVERYWHERE)
+WINDOW.register("reference", reference.sliding_window_attention_reference)
+
+REGISTRIES = {r.op: r for r in (COMPRESSED, BLOCK_SCORES, SELECT, SELECTED,
+                                 WINDOW)}
+
+# What nsa_attention(impl=...) runs per branch: a name, "auto", or names
+# tried in order ("pallas" keeps cuDNN's window where it serves, as the GPU
+# kernels always have).
+NSA_IMPLS = ("auto", "pallas", "xla", "reference")
+_NSA_WINDOW = {"pallas": ("cudnn", "pallas")}
+
+
+def implementations(op: str, *args, **kwargs):
+  """What implements ``op``, and which of them can serve a call.
+
+  Args:
+    op: "compressed_attention", "block_scores", "select_blocks",
+      "selected_attention" or "sliding_window_attention".
+    *args, **kwargs: optionally, the arguments of a call (arrays or
+      ``jax.ShapeDtypeStruct``; ``scale`` may be left out).
+
+  Returns:
+    Without arguments: the names, in the order "auto" tries them. With
+    arguments: a dict name -> None (can serve) or the reason it cannot, plus
+    "auto" -> the name "auto" picks (or the reason none can).
+  """
+  if op not in REGISTRIES:
+    raise ValueError(f"op={op!r} is not one of {tuple(REGISTRIES)}")
+  reg = REGISTRIES[op]
+  if not args and not kwargs:
+    return reg.names()
+  impl = kwargs.pop("impl", "auto")
+  kwargs.setdefault("scale", None)
+  reasons = reg.reasons(*args, **kwargs)
+  try:
+    reasons["auto"] = reg.resolve(impl, *args, **kwargs).name
+  except ValueError as e:
+    reasons["auto"] = str(e)
+  return reasons
 
 
 def resolve_impl(impl: str) -> str:
-  """Maps "auto" to "pallas" on a GPU backend and to "xla" elsewhere."""
+  """The family "auto" means here: "pallas" on a GPU, "xla" elsewhere.
+
+  Per-call choices (cuDNN's window, the xla fallback for an l' the kernel
+  lacks) are the registries'; see ``implementations``.
+  """
   validation.check_impl(impl)
   if impl != "auto":
     return impl
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
-def _resolve_selected(impl, block_size):
-  """Like resolve_impl; "auto" falls back to "xla" for an l' the kernel lacks.
-
-  The selected-attention kernel needs l' to be a power of two >= 16; an
-  explicit "pallas" with another l' raises the kernel's ValueError.
-  """
-  resolved = resolve_impl(impl)
-  if (impl == "auto" and resolved == "pallas"
-      and not _kernels().supports_block_size(block_size)):
-    return "xla"
-  return resolved
-
-
 def _scale(q, scale):
   return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _checked_jit(*static_argnames):
-  """jax.jit with ``static_argnames``, after checking those arguments.
-
-  ``config`` must be an NSAConfig, ``impl`` a known name, and every static
-  argument hashable, so a bad one gets a readable error instead of jit's.
-  """
-  def wrap(fn):
-    jitted = jax.jit(fn, static_argnames=static_argnames)
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-      bound = signature.bind(*args, **kwargs)
-      for name in static_argnames:
-        value = bound.arguments.get(name)
-        if name == "config":
-          validation.check_config(value)
-        elif name == "impl" and value is not None:
-          validation.check_impl(value)
-        try:
-          hash(value)
-        except TypeError:
-          raise TypeError(f"{fn.__name__}: {name}={value!r} must be "
-                          "hashable (it is a static argument)") from None
-      return jitted(*args, **kwargs)
-    return call
-  return wrap
+def _check_static(op, **static):
+  for name, value in static.items():
+    try:
+      hash(value)
+    except TypeError:
+      raise TypeError(f"{op}: {name}={value!r} must be hashable (it is a "
+                      "static argument)") from None
 
 
-def _kernels():
-  import pallas_kernels  # pylint: disable=g-import-not-at-top
-  return pallas_kernels
+def _call(fn, static, *arrays):
+  return fn(*arrays, **dict(static))
 
 
-@_checked_jit("block_size", "stride", "scale", "impl")
+_run = jax.jit(_call, static_argnums=(0, 1))
+
+
+def _empty(q):
+  """B = 0 or T = 0: nothing to compute (no kernel takes an empty grid)."""
+  return q.shape[0] == 0 or q.shape[1] == 0
+
+
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
                          impl="auto"):
   """Branch 1: attention over compressed tokens whose block is in the past.
@@ -93,10 +174,10 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
     q: [B, T, Hq, Dk] queries.
     k_cmp: [B, Tc, Hkv, Dk] compressed keys, Tc = max(0, (T - l) // d + 1).
     v_cmp: [B, Tc, Hkv, Dv] compressed values.
-    block_size: l, raw tokens per compressed token.
+    block_size: l, raw tokens per compressed token, a multiple of d.
     stride: d, distance between compressed blocks.
     scale: softmax scale, default 1/sqrt(Dk).
-    impl: "auto", "pallas", "xla" or "reference".
+    impl: see ``implementations("compressed_attention")``.
 
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32; float64 for
@@ -106,22 +187,20 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
   Raises:
     ValueError, TypeError: shapes, dtypes or impl that do not fit.
   """
-  impl = resolve_impl(impl)
+  _check_static("compressed_attention", block_size=block_size, stride=stride,
+                scale=scale, impl=impl)
   validation.check_attention(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp",
                              same_length=False)
   validation.check_compressed(q, k_cmp, block_size, stride)
-  scale = _scale(q, scale)
-  if impl == "reference":
-    return reference.compressed_attention_reference(
-        q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale)
-  if impl == "pallas":
-    return _kernels().compressed_attention(
-        q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale)
-  return xla.compressed_attention(q, k_cmp, v_cmp, block_size=block_size,
-                                  stride=stride, scale=scale)
+  static = dict(block_size=block_size, stride=stride, scale=_scale(q, scale))
+  chosen = COMPRESSED.resolve(impl, q, k_cmp, v_cmp, **static)
+  if _empty(q):
+    lse_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    return (jnp.zeros((*q.shape[:3], v_cmp.shape[3]), q.dtype),
+            jnp.full(q.shape[:3], -jnp.inf, lse_dtype))
+  return _run(chosen.fn, tuple(static.items()), q, k_cmp, v_cmp)
 
 
-@_checked_jit("config", "scale", "impl")
 def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None, impl="auto"):
   """Group-summed selection-block importance P (spec, branch 2).
 
@@ -130,30 +209,33 @@ def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None, impl="auto"):
       log-sum-exp returned by ``compressed_attention``.
     config: block sizes.
     scale: the scale used for ``lse``.
-    impl: "auto", "pallas", "xla" or "reference".
+    impl: see ``implementations("block_scores")``.
 
   Returns:
     float32 [B, T, Hkv, Ts], before forcing and causal masking. Not
     differentiable (inputs are wrapped in stop_gradient).
   """
-  impl = resolve_impl(impl)
+  _check_block_scores(q, k_cmp, lse, config, scale, impl)
+  static = dict(config=config, scale=_scale(q, scale))
+  chosen = BLOCK_SCORES.resolve(impl, q, k_cmp, lse, **static)
+  if _empty(q):
+    return jnp.zeros((*q.shape[:2], k_cmp.shape[2],
+                      config.num_selection_blocks(q.shape[1])), jnp.float32)
+  q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
+  return _run(chosen.fn, tuple(static.items()), q, k_cmp, lse)
+
+
+def _check_block_scores(q, k_cmp, lse, config, scale, impl):
   validation.check_config(config)
+  _check_static("block_scores", scale=scale, impl=impl)
   validation.check_rank4(q=q, k_cmp=k_cmp)
   validation.check_float(q=q, k_cmp=k_cmp)
+  validation.check_heads_and_dims(q, k_cmp, k_cmp, k_name="k_cmp",
+                                  v_name="k_cmp")
   validation.check_lse(lse, q)
   validation.check_compressed(q, k_cmp, config.cmp_block, config.cmp_stride)
-  if q.shape[2] % k_cmp.shape[2] or q.shape[0] != k_cmp.shape[0]:
-    raise ValueError(f"{q.shape=} and {k_cmp.shape=} disagree on batch or "
-                     "GQA heads")
-  q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
-  scale = _scale(q, scale)
-  if impl == "reference":
-    return reference.block_scores_reference(q, k_cmp, lse, config, scale=scale)
-  if impl == "pallas":
-    return _kernels().block_scores(
-        q, k_cmp, lse, cmp_block=config.cmp_block,
-        cmp_stride=config.cmp_stride, sel_block=config.sel_block, scale=scale)
-  return selection.block_scores(q, k_cmp, lse, config, scale=scale)
+  if q.shape[0] != k_cmp.shape[0]:
+    raise ValueError(f"{q.shape=} and {k_cmp.shape=} disagree on batch")
 
 
 def select_blocks(q, k_cmp, lse, config: NSAConfig, *, scale=None,
@@ -164,64 +246,53 @@ def select_blocks(q, k_cmp, lse, config: NSAConfig, *, scale=None,
     q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; lse: float32 [B, T, Hq].
     config: selection settings (``num_selected``, forced blocks, sizes).
     scale: the scale used for ``lse``.
-    impl: "pallas" scores and ranks on the GPU (``pallas_kernels.
-      block_select``); "xla"/"reference" score in XLA and rank by top_k.
+    impl: see ``implementations("select_blocks")``: "pallas" scores and
+      ranks on the GPU (``pallas_kernels.block_select``, no XLA top_k);
+      "xla" and "reference" score in XLA and rank by ``jax.lax.top_k``.
 
   Returns:
     int32 [B, T, Hkv, num_selected], entries in [0, Ts) or -1, no repeats.
+    Implementations that sum the same probabilities in another order may
+    break near-ties (scores equal to float32 rounding) differently.
   """
-  resolved = resolve_impl(impl)
-  if resolved == "pallas" and _kernels().supports_selection(config):
-    validation.check_config(config)
-    validation.check_rank4(q=q, k_cmp=k_cmp)
-    validation.check_float(q=q, k_cmp=k_cmp)
-    validation.check_lse(lse, q)
-    validation.check_compressed(q, k_cmp, config.cmp_block, config.cmp_stride)
-    return _pallas_select(q, k_cmp, lse, config, _scale(q, scale))
-  return selection.top_n_blocks(
-      block_scores(q, k_cmp, lse, config, scale=scale, impl=impl), config)
+  _check_block_scores(q, k_cmp, lse, config, scale, impl)
+  static = dict(config=config, scale=_scale(q, scale))
+  chosen = SELECT.resolve(impl, q, k_cmp, lse, **static)
+  if _empty(q):
+    return jnp.zeros((*q.shape[:2], k_cmp.shape[2], config.num_selected),
+                     jnp.int32)
+  q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
+  return _run(chosen.fn, tuple(static.items()), q, k_cmp, lse)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale"))
-def _pallas_select(q, k_cmp, lse, config, scale):
-  return _kernels().select_blocks(
-      q, k_cmp, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
-      sel_block=config.sel_block, num_selected=config.num_selected,
-      num_initial=config.num_initial, num_local=config.num_local, scale=scale)
-
-
-@_checked_jit("block_size", "scale", "impl")
 def selected_attention(q, k, v, block_indices, *, block_size, scale=None,
                        impl="auto"):
   """Branch 2: attention over keys s <= t in the selected blocks of (t, h//G).
 
   Args:
     q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
-    block_indices: int32 [B, T, Hkv, n], entries in [0, ceil(T / l')) or -1.
+    block_indices: int [B, T, Hkv, n]: selected blocks. An entry outside
+      [0, ceil(T / l')) (-1 by convention) is an empty slot; a block named
+      twice in a row counts once.
     block_size: l', raw tokens per selection block.
     scale: softmax scale, default 1/sqrt(Dk).
-    impl: "auto", "pallas", "xla" or "reference".
+    impl: see ``implementations("selected_attention")``.
 
   Returns:
-    [B, T, Hq, Dv] in q.dtype; 0 for a query whose slots are all -1.
+    [B, T, Hq, Dv] in q.dtype; 0 for a query whose slots are all empty.
   """
+  _check_static("selected_attention", block_size=block_size, scale=scale,
+                impl=impl)
   validation.check_attention(q, k, v)
   validation.check_block_indices(block_indices, q, k)
   validation.check_positive_int(block_size=block_size)
-  impl = _resolve_selected(impl, block_size)
-  block_indices = block_indices.astype(jnp.int32)
-  scale = _scale(q, scale)
-  if impl == "reference":
-    return reference.selected_attention_reference(
-        q, k, v, block_indices, block_size=block_size, scale=scale)
-  if impl == "pallas":
-    return _kernels().selected_attention(
-        q, k, v, block_indices, block_size=block_size, scale=scale)
-  return xla.selected_attention(q, k, v, block_indices, block_size=block_size,
-                                scale=scale)
+  static = dict(block_size=block_size, scale=_scale(q, scale))
+  chosen = SELECTED.resolve(impl, q, k, v, block_indices, **static)
+  if _empty(q):
+    return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
+  return _run(chosen.fn, tuple(static.items()), q, k, v, block_indices)
 
 
-@_checked_jit("window", "scale", "impl")
 def sliding_window_attention(q, k, v, *, window, scale=None, impl="auto"):
   """Branch 3: query t attends to keys t - w < s <= t.
 
@@ -229,25 +300,85 @@ def sliding_window_attention(q, k, v, *, window, scale=None, impl="auto"):
     q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
     window: w >= 1.
     scale: softmax scale, default 1/sqrt(Dk).
-    impl: "auto", "pallas", "xla" or "reference".
+    impl: see ``implementations("sliding_window_attention")``.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype.
   """
-  impl = resolve_impl(impl)
+  _check_static("sliding_window_attention", window=window, scale=scale,
+                impl=impl)
   validation.check_attention(q, k, v)
   validation.check_positive_int(window=window)
-  scale = _scale(q, scale)
+  static = dict(window=window, scale=_scale(q, scale))
+  chosen = WINDOW.resolve(impl, q, k, v, **static)
+  if _empty(q):
+    return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
+  return _run(chosen.fn, tuple(static.items()), q, k, v)
+
+
+def resolve_nsa(impl, config: NSAConfig, q, k, v, k_cmp, v_cmp, *,
+                k_win=None, v_win=None, scale=None):
+  """The implementation of each branch that ``nsa_attention`` would run.
+
+  Args:
+    impl: one of ``NSA_IMPLS``.
+    config: NSA hyper-parameters.
+    q, k, v, k_cmp, v_cmp, k_win, v_win: arrays or ``jax.ShapeDtypeStruct``
+      shaped as ``nsa_attention`` takes them.
+    scale: softmax scale.
+
+  Returns:
+    dict op name -> ``registry.Implementation`` (empty for "reference",
+    which runs the whole dense oracle).
+
+  Raises:
+    ValueError: an unknown impl, or a branch it cannot serve (with why).
+  """
+  if impl not in NSA_IMPLS:
+    raise ValueError(f"nsa_attention: impl={impl!r} is not one of "
+                     f"{NSA_IMPLS}")
   if impl == "reference":
-    return reference.sliding_window_attention_reference(
-        q, k, v, window=window, scale=scale)
-  if impl == "pallas":
-    return _kernels().sliding_window_attention(q, k, v, window=window,
-                                               scale=scale)
-  return xla.sliding_window_attention(q, k, v, window=window, scale=scale)
+    return {}
+  k_win = k if k_win is None else k_win
+  v_win = v if v_win is None else v_win
+  scale = _scale(q, scale)
+  lse = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)
+  idx = jax.ShapeDtypeStruct((*q.shape[:2], k.shape[2], config.num_selected),
+                             jnp.int32)
+  return {
+      "compressed_attention": COMPRESSED.resolve(
+          impl, q, k_cmp, v_cmp, block_size=config.cmp_block,
+          stride=config.cmp_stride, scale=scale),
+      "select_blocks": SELECT.resolve(impl, q, k_cmp, lse, config=config,
+                                      scale=scale),
+      "selected_attention": SELECTED.resolve(
+          impl, q, k, v, idx, block_size=config.sel_block, scale=scale),
+      "sliding_window_attention": WINDOW.resolve(
+          _NSA_WINDOW.get(impl, impl), q, k_win, v_win,
+          window=config.window, scale=scale),
+  }
 
 
-@_checked_jit("config", "scale", "impl")
+def check_nsa_support(config: NSAConfig, impl: str, *, num_heads: int,
+                      num_kv_heads: int, head_dim: int, v_head_dim: int,
+                      dtype) -> None:
+  """Raises ValueError now if ``impl`` cannot run NSA with these settings.
+
+  What ``NSAAttention`` asks at construction, before any input exists: the
+  branches are resolved on abstract inputs of these head counts, dims and
+  dtype (at a length of two selection blocks).
+  """
+  validation.check_config(config)
+  seq_len = 2 * config.sel_block
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+  num_cmp = config.num_compressed(seq_len)
+  resolve_nsa(impl, config, spec(1, seq_len, num_heads, head_dim),
+              spec(1, seq_len, num_kv_heads, head_dim),
+              spec(1, seq_len, num_kv_heads, v_head_dim),
+              spec(1, num_cmp, num_kv_heads, head_dim),
+              spec(1, num_cmp, num_kv_heads, v_head_dim))
+
+
 def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
                   k_win=None, v_win=None, scale=None, impl="auto"):
   """Native Sparse Attention: gated sum of compressed, selected and window.
@@ -258,15 +389,19 @@ def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
       branch (and of the window unless ``k_win, v_win`` are given).
     gates: [B, T, Hq, 3] in [0, 1], order (cmp, slc, win).
     config: NSA hyper-parameters.
-    k_cmp, v_cmp: [B, Tc, Hkv, Dk], [B, Tc, Hkv, Dv] compressed keys/values.
+    k_cmp, v_cmp: [B, Tc, Hkv, Dk], [B, Tc, Hkv, Dv] compressed keys/values,
+      Tc = config.num_compressed(T).
     k_win, v_win: optional window-branch keys/values, shaped like k, v.
     scale: softmax scale of all branches, default 1/sqrt(Dk).
-    impl: "auto", "pallas", "xla" or "reference".
+    impl: "auto", "pallas", "xla" or "reference": every branch's (with
+      "pallas", the window takes cuDNN where it serves; "auto" picks per
+      branch, see ``implementations``).
 
   Returns:
     [B, T, Hq, Dv] in q.dtype.
   """
   validation.check_config(config)
+  _check_static("nsa_attention", scale=scale, impl=impl)
   validation.check_attention(q, k, v)
   validation.check_gates(gates, q)
   if (k_win is None) != (v_win is None):
@@ -280,19 +415,35 @@ def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
                              same_length=False)
   if v_cmp.shape[3] != v.shape[3]:
     raise ValueError(f"{v_cmp.shape=} and {v.shape=} disagree on Dv")
-  if resolve_impl(impl) == "reference":
+  validation.check_compressed(q, k_cmp, config.cmp_block, config.cmp_stride)
+  branches = resolve_nsa(impl, config, q, k, v, k_cmp, v_cmp, k_win=k_win,
+                         v_win=v_win, scale=scale)
+  if _empty(q):
+    return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
+  fns = tuple(branches[op].fn for op in (
+      "compressed_attention", "select_blocks", "selected_attention",
+      "sliding_window_attention")) if branches else None
+  return _run_nsa(fns, config, _scale(q, scale), q, k, v, gates, k_cmp,
+                  v_cmp, k_win, v_win)
+
+
+def _nsa(fns, config, scale, q, k, v, gates, k_cmp, v_cmp, k_win, v_win):
+  """The three branches on already validated, resolved inputs (traced)."""
+  if fns is None:
     return reference.nsa_attention_reference(
         q, k, v, gates, config, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win,
         v_win=v_win, scale=scale)
-  o_cmp, lse = compressed_attention(
-      q, k_cmp, v_cmp, block_size=config.cmp_block, stride=config.cmp_stride,
-      scale=scale, impl=impl)
-  indices = select_blocks(q, k_cmp, lse, config, scale=scale, impl=impl)
-  o_slc = selected_attention(q, k, v, indices, block_size=config.sel_block,
-                             scale=scale, impl=impl)
-  o_win = sliding_window_attention(q, k_win, v_win, window=config.window,
-                                   scale=scale, impl=impl)
+  cmp_fn, select_fn, slc_fn, win_fn = fns
+  o_cmp, lse = cmp_fn(q, k_cmp, v_cmp, block_size=config.cmp_block,
+                      stride=config.cmp_stride, scale=scale)
+  indices = select_fn(*jax.lax.stop_gradient((q, k_cmp, lse)), config=config,
+                      scale=scale)
+  o_slc = slc_fn(q, k, v, indices, block_size=config.sel_block, scale=scale)
+  o_win = win_fn(q, k_win, v_win, window=config.window, scale=scale)
   return combine_branches(gates, o_cmp, o_slc, o_win)
+
+
+_run_nsa = jax.jit(_nsa, static_argnums=(0, 1, 2))
 
 
 def combine_branches(gates, o_cmp, o_slc, o_win):

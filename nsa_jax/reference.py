@@ -27,14 +27,21 @@ def masked_attention(q, k, v, mask, scale):
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32, float64 for
     float64 q). Rows that see no key give out = 0 and lse = -inf, with finite
-    gradients.
+    gradients. A key the mask hides contributes nothing whatever its k and v
+    (NaN and inf included); a row that sees a key whose k or v holds a
+    non-finite entry gets a NaN output.
   """
   acc = jnp.promote_types(q.dtype, jnp.float32)
   group = q.shape[2] // k.shape[2]
+  bad = ~(jnp.isfinite(k).all(-1) & jnp.isfinite(v).all(-1))  # [B, S, Hkv]
+  k = jnp.where(bad[..., None], 0, k)
+  v = jnp.where(bad[..., None], 0, v)
   k = jnp.repeat(k.astype(acc), group, axis=2)
   v = jnp.repeat(v.astype(acc), group, axis=2)
   s = jnp.einsum("bthd,bshd->bths", q.astype(acc), k) * scale
   mask = jnp.broadcast_to(mask, s.shape)
+  bad = jnp.repeat(bad, group, axis=2).transpose(0, 2, 1)  # [B, Hq, S]
+  sees_bad = (mask & bad[:, None]).any(-1)  # [B, T, Hq]
   s = jnp.where(mask, s, -jnp.inf)
   m = jax.lax.stop_gradient(
       jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
@@ -43,6 +50,7 @@ def masked_attention(q, k, v, mask, scale):
   denom = jnp.sum(p, axis=-1, keepdims=True)
   seen = denom > 0
   out = jnp.einsum("bths,bshd->bthd", p, v) / jnp.where(seen, denom, 1.0)
+  out = jnp.where(sees_bad[..., None], jnp.nan, out)
   lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
   return out.astype(q.dtype), lse[..., 0]
 
@@ -72,7 +80,8 @@ def selected_block_mask(block_indices, seq_len, block_size):
   """Dense mask of the selected, causal keys.
 
   Args:
-    block_indices: int [B, T, Hkv, n], entries in [0, Ts) or -1.
+    block_indices: int [B, T, Hkv, n]; entries outside [0, Ts) are empty
+      (no key matches them), a repeated entry counts once.
     seq_len: S, number of keys.
     block_size: l'.
 
@@ -81,7 +90,9 @@ def selected_block_mask(block_indices, seq_len, block_size):
   """
   s = jnp.arange(seq_len)
   t = jnp.arange(block_indices.shape[1])
-  in_block = (block_indices[..., None] == (s // block_size)).any(axis=-2)
+  idx = block_indices.astype(jnp.promote_types(block_indices.dtype,
+                                               jnp.int32))
+  in_block = (idx[..., None] == (s // block_size)).any(axis=-2)
   return in_block & (s[None, :] <= t[:, None])[None, :, None, :]
 
 

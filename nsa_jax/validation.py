@@ -48,13 +48,27 @@ def check_attention(q, k, v, *, k_name="k", v_name="v", same_length=True):
   if k.shape[2] != v.shape[2]:
     raise ValueError(f"{k_name}.shape={k.shape} and {v_name}.shape={v.shape} "
                      "disagree on kv heads")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"query heads Hq={q.shape[2]} must be a multiple of kv "
-                     f"heads Hkv={k.shape[2]} ({q.shape=}, "
+  check_heads_and_dims(q, k, v, k_name=k_name, v_name=v_name)
+
+
+def check_heads_and_dims(q, k, v, *, k_name="k", v_name="v"):
+  """Hkv >= 1, Hq a positive multiple of it, Dk (shared by q, k), Dv >= 1."""
+  if k.shape[2] < 1:
+    raise ValueError(f"{k_name} has Hkv={k.shape[2]} kv heads "
+                     f"({k_name}.shape={k.shape}); need at least one")
+  if q.shape[2] < 1 or q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads Hq={q.shape[2]} must be a positive "
+                     f"multiple of kv heads Hkv={k.shape[2]} ({q.shape=}, "
                      f"{k_name}.shape={k.shape})")
   if q.shape[3] != k.shape[3]:
     raise ValueError(f"{q.shape=} and {k_name}.shape={k.shape} disagree on "
                      "the key head dim Dk")
+  if q.shape[3] < 1:
+    raise ValueError(f"the key head dim Dk={q.shape[3]} must be >= 1 "
+                     f"({q.shape=})")
+  if v.shape[3] < 1:
+    raise ValueError(f"the value head dim Dv={v.shape[3]} must be >= 1 "
+                     f"({v_name}.shape={v.shape})")
 
 
 def check_positive_int(**values):
@@ -64,8 +78,11 @@ def check_positive_int(**values):
 
 
 def check_compressed(q, k_cmp, block_size, stride):
-  """k_cmp must hold Tc = max(0, (T - l) // d + 1) tokens."""
+  """l must be a multiple of d, and k_cmp hold Tc = max(0, (T-l)//d + 1)."""
   check_positive_int(block_size=block_size, stride=stride)
+  if block_size % stride:
+    raise ValueError(f"block_size={block_size} (l) must be a multiple of "
+                     f"stride={stride} (d), as NSAConfig requires")
   seq_len = q.shape[1]
   expected = max(0, (seq_len - block_size) // stride + 1)
   if k_cmp.shape[1] != expected:

@@ -7,7 +7,10 @@ positions (``chunking.map_query_chunks``) and, per chunk, attends to:
   window      the C + w - 1 keys that end at the chunk          [C, C + w - 1]
 Softmax statistics are float32 (float64 for float64 inputs, so finite
 differences can check gradients); matmuls take the input dtype and accumulate
-in that precision.
+in that precision. A key that a query cannot see contributes nothing to it
+whatever its k and v (NaN and inf included: rows holding them are zeroed
+before any product, as 0 * inf is NaN); a query that sees such a key gets a
+NaN output, as on every path.
 """
 
 from __future__ import annotations
@@ -38,6 +41,45 @@ def masked_softmax(s, mask):
   safe = jnp.where(seen, denom, 1.0)
   lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
   return p / safe, lse[..., 0]
+
+
+def finite_keys(k, v):
+  """Zeroes the key positions whose k or v row holds a non-finite entry.
+
+  Args:
+    k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv].
+
+  Returns:
+    (k, v with those rows zeroed, bool [B, S, Hkv]: True for them).
+  """
+  bad = ~(jnp.isfinite(k).all(-1) & jnp.isfinite(v).all(-1))
+  zero = lambda x: jnp.where(bad[..., None], jnp.zeros((), x.dtype), x)
+  return zero(k), zero(v), bad
+
+
+def poison(out, sees_bad):
+  """NaN rows where a query saw a non-finite key or value."""
+  return jnp.where(sees_bad[..., None], jnp.nan, out)
+
+
+def valid_block_indices(block_indices, num_blocks):
+  """Empty (-1) for slots outside [0, num_blocks) and for repeated slots.
+
+  Args:
+    block_indices: int [..., n].
+    num_blocks: Ts.
+
+  Returns:
+    int32 [..., n]: each block named at most once per row.
+  """
+  idx = block_indices
+  if idx.dtype.itemsize < 4:  # num_blocks may not fit a narrow type
+    idx = idx.astype(jnp.int32)
+  idx = jnp.where((idx >= 0) & (idx < num_blocks), idx, -1).astype(jnp.int32)
+  n = idx.shape[-1]
+  earlier = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [n, n]
+  repeat = jnp.any((idx[..., :, None] == idx[..., None, :]) & earlier, -1)
+  return jnp.where(repeat, -1, idx)
 
 
 def accum_dtype(x):
@@ -76,6 +118,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
     out = jnp.zeros((b, seq_len, hq, dv), q.dtype)
     return out, jnp.full((b, seq_len, hq), -jnp.inf, accum_dtype(q))
   first_visible = jnp.arange(tc) * stride + block_size - 1  # [Tc]
+  k_cmp, v_cmp, bad = finite_keys(k_cmp, v_cmp)
+  bad = bad.transpose(0, 2, 1)[:, None, :, None, :]  # [B, 1, Hkv, 1, Tc]
 
   def body(q_chunk, t0):
     qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
@@ -86,6 +130,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
     p, lse = masked_softmax(s, mask)
     out = jnp.einsum("bcgri,bigd->bcgrd", p.astype(v_cmp.dtype), v_cmp,
                      preferred_element_type=acc)
+    out = poison(out, (mask & bad).any(-1))
     return _ungroup(out).astype(q.dtype), _ungroup(lse)
 
   return chunking.map_query_chunks(body, (q,), chunk_size)
@@ -101,7 +146,8 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
 
   Args:
     q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
-    block_indices: int32 [B, T, Hkv, n], -1 for an empty slot.
+    block_indices: int [B, T, Hkv, n]; -1 and any entry outside
+      [0, ceil(T / l')) is an empty slot, a repeated entry counts once.
     block_size: l'. scale: softmax scale.
     chunk_size: queries per chunk.
 
@@ -119,8 +165,11 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
     x = x.reshape(b, num_sel, block_size, hkv, x.shape[-1])
     return x.transpose(0, 3, 1, 2, 4)
 
+  k, v, bad = finite_keys(k, v)
   k_blocks, v_blocks = blocks(k), blocks(v)
+  bad_blocks = blocks(bad[..., None])[..., 0]  # [B, Hkv, Ts, l']
   offsets = jnp.arange(block_size)
+  block_indices = valid_block_indices(block_indices, num_sel)
 
   def body(q_chunk, idx_chunk, t0):
     c, n = q_chunk.shape[1], idx_chunk.shape[-1]
@@ -130,6 +179,8 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
         x, flat[:, :, :, None, None], axis=2, mode="clip")
     kk = take(k_blocks).reshape(b, hkv, c, n * block_size, dk)
     vv = take(v_blocks).reshape(b, hkv, c, n * block_size, dv)
+    bb = jnp.take_along_axis(bad_blocks, flat[:, :, :, None], axis=2,
+                             mode="clip").reshape(b, hkv, c, 1, n * block_size)
     pos = idx[..., None] * block_size + offsets  # [B, Hkv, C, n, l']
     t = (t0 + jnp.arange(c))[None, None, :, None, None]
     mask = (idx[..., None] >= 0) & (pos <= t)
@@ -140,6 +191,7 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
     p, _ = masked_softmax(s, mask)
     out = jnp.einsum("bgcrs,bgcsd->bgcrd", p.astype(vv.dtype), vv,
                      preferred_element_type=acc)
+    out = poison(out, (mask & bb).any(-1))
     return _ungroup(out.transpose(0, 2, 1, 3, 4)).astype(q.dtype)
 
   return chunking.map_query_chunks(body, (q, block_indices), chunk_size,
@@ -165,7 +217,9 @@ def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
   span_back = min(window, seq_len) - 1
   chunk, count = chunking.num_chunks(seq_len, chunk_size)
   pads = [(0, 0), (span_back, chunk * count - seq_len), (0, 0), (0, 0)]
+  k, v, bad = finite_keys(k, v)
   k_pad, v_pad = jnp.pad(k, pads), jnp.pad(v, pads)
+  bad_pad = jnp.pad(bad, pads[:3])
   span = chunk + span_back
 
   def body(q_chunk, t0):
@@ -177,9 +231,13 @@ def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
     t = t0 + jnp.arange(q_chunk.shape[1])[:, None]
     pos = t0 - span_back + jnp.arange(span)[None, :]
     mask = (pos <= t) & (pos > t - window) & (pos >= 0)
-    p, _ = masked_softmax(s, mask[None, :, None, None, :])
+    mask = mask[None, :, None, None, :]
+    p, _ = masked_softmax(s, mask)
     out = jnp.einsum("bcgrs,bsgd->bcgrd", p.astype(vv.dtype), vv,
                      preferred_element_type=acc)
+    bb = jax.lax.dynamic_slice_in_dim(bad_pad, t0, span, axis=1)  # [B,S,Hkv]
+    out = poison(out, (mask & bb.transpose(0, 2, 1)[:, None, :, None, :]
+                       ).any(-1))
     return _ungroup(out).astype(q.dtype)
 
   return chunking.map_query_chunks(body, (q,), chunk)

@@ -5,6 +5,7 @@ from pallas_kernels.block_select import select_blocks
 from pallas_kernels.block_select import supports_selection
 from pallas_kernels.compressed_attention import compressed_attention
 from pallas_kernels.launch_config import LaunchConfig
+from pallas_kernels.launch_config import SelectedLaunchConfig
 from pallas_kernels.selected_attention import selected_attention
 from pallas_kernels.selected_attention import supports_block_size
 from pallas_kernels.sliding_window import sliding_window_attention
@@ -12,6 +13,7 @@ from pallas_kernels.triton_compat import default_interpret
 
 __all__ = [
     "LaunchConfig",
+    "SelectedLaunchConfig",
     "block_scores",
     "compressed_attention",
     "default_interpret",

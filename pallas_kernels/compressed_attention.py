@@ -389,16 +389,11 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
     return (jnp.zeros(out_shape, q.dtype),
             jnp.full((batch, seq_len, num_heads), -jnp.inf, jnp.float32))
   group = num_heads // num_kv_heads
-  launch = launch_config.get_config(
+  launch = launch_config.resolve(
       "compressed", group=group, seq_len=seq_len, num_keys=num_cmp,
       head_dim=max(head_dim, v_cmp.shape[-1]),
-      itemsize=jnp.dtype(q.dtype).itemsize)
-  launch = dataclasses.replace(
-      launch, **{name: value for name, value in (
-          ("block_q", block_q), ("block_k", block_k),
-          ("num_warps", num_warps), ("num_stages", num_stages))
-                 if value is not None})
-  launch_config.validate(launch, group)
+      itemsize=jnp.dtype(q.dtype).itemsize, block_q=block_q, block_k=block_k,
+      num_warps=num_warps, num_stages=num_stages)
   if segment is not None and (segment < 1 or segment % launch.block_q):
     raise ValueError(f"{segment=} must be a positive multiple of "
                      f"block_q={launch.block_q}")

@@ -36,7 +36,8 @@ def query_tile(q_ref):
   block_q, group_p, dk = q_ref.shape
   rows = block_q * group_p
   q = q_ref[...].reshape(rows, dk)
-  t = pl.program_id(1) * block_q + lax.div(jnp.arange(rows), group_p)
+  t = pl.program_id(1) * block_q + lax.div(
+      jnp.arange(rows, dtype=jnp.int32), jnp.int32(group_p))
   return q, t
 
 
@@ -52,26 +53,49 @@ def group_rows(x, num_kv_heads: int, seq_pad: int, group_p: int):
   return tc.group_heads(x[..., None], num_kv_heads, seq_pad, group_p, 1)[..., 0]
 
 
+def delta_rows(out, d_out, q5, dv_p: int, d_lse=None, lse=None):
+  """dO and delta = rowsum(dO * O) in the grouped layout (FA-2 backward).
+
+  A cotangent ``d_lse`` on a returned lse adds d_lse * P to dS, so it enters
+  delta as ``-d_lse`` (where ``lse`` is finite). A row whose output is not
+  finite (it saw a non-finite key or value, and the forward set it to NaN
+  on purpose) gets no gradient: its dO is zeroed, as differentiating the
+  other paths' ``where(sees_bad, nan, out)`` gives.
+
+  Args:
+    out, d_out: [B, T, Hq, Dv] forward output and its cotangent.
+    q5: the grouped queries [B, Tp, Hkv, Gp, Dk] (gives the layout).
+    dv_p: padded Dv.
+    d_lse: optional [B, T, Hq] cotangent of lse.
+    lse: [B, T, Hq] float32 forward log-sum-exp, needed with ``d_lse``.
+
+  Returns:
+    (dO [B, Tp, Hkv, Gp, dv_p], delta float32 [B, Tp, Hkv, Gp]).
+  """
+  _, seq_pad, hkv, group_p, _ = q5.shape
+  finite = jnp.all(jnp.isfinite(out), axis=-1, keepdims=True)
+  d_out = jnp.where(finite, d_out, jnp.zeros((), d_out.dtype))
+  out = jnp.where(finite, out, jnp.zeros((), out.dtype))
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  if d_lse is not None:
+    delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+  return (tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p),
+          group_rows(delta, hkv, seq_pad, group_p))
+
+
 def backward_rows(out, d_out, lse, q5, dv_p: int, d_lse=None):
   """FlashAttention-2 backward preprocessing, in the grouped layout.
-
-  delta = rowsum(dO * O). A cotangent ``d_lse`` on the returned lse adds
-  d_lse * P to dS, so it enters delta as ``-d_lse`` (where lse is finite).
 
   Args:
     out, d_out: [B, T, Hq, Dv] forward output and its cotangent.
     lse: [B, T, Hq] float32 forward log-sum-exp.
     q5: the grouped queries [B, Tp, Hkv, Gp, Dk] (gives the layout).
     dv_p: padded Dv.
-    d_lse: optional [B, T, Hq] cotangent of lse.
+    d_lse: optional [B, T, Hq] cotangent of lse (see ``delta_rows``).
 
   Returns:
     (dO [B, Tp, Hkv, Gp, dv_p], lse [B, Tp, Hkv, Gp], delta [B, Tp, Hkv, Gp]).
   """
   _, seq_pad, hkv, group_p, _ = q5.shape
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
-  if d_lse is not None:
-    delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
-  return (tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p),
-          group_rows(lse, hkv, seq_pad, group_p),
-          group_rows(delta, hkv, seq_pad, group_p))
+  do5, delta4 = delta_rows(out, d_out, q5, dv_p, d_lse=d_lse, lse=lse)
+  return do5, group_rows(lse, hkv, seq_pad, group_p), delta4

@@ -1,10 +1,14 @@
-"""Tile sizes, num_warps and num_stages per kernel and shape: a small table.
+"""Launch settings per kernel and shape: validated configs and a small table.
 
 PROVISIONAL VALUES. No GPU was available when this table was written: the
 numbers below are NOT measured. They follow the usual FlashAttention-2 Triton
 choices (64-row query tiles, 4 warps up to head dim 128, 8 above) and must be
 re-measured on an H100 with ``python experiments/bench_kernels.py --tune``,
 which times every candidate in ``CANDIDATES`` and prints the best per bucket.
+
+Each kernel has one frozen config class whose fields say what they count, and
+``resolve`` is the one place that turns the table plus a caller's overrides
+into a config checked for the problem's GQA group.
 """
 
 from __future__ import annotations
@@ -14,19 +18,38 @@ import dataclasses
 from pallas_kernels import triton_compat as tc
 
 
+def _check_power_of_two(**values):
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (
+        value & (value - 1)):
+      raise ValueError(f"{name}={value!r} must be a power of two")
+
+
+def _check_rows(name: str, positions: int, group: int):
+  """A tile of ``positions`` query positions holds positions * Gp rows."""
+  rows = positions * tc.next_pow2(group)
+  if rows < tc.MIN_DOT_DIM:
+    raise ValueError(f"{name}={positions} gives {rows} query rows for "
+                     f"G={group}; plgpu.dot needs >= {tc.MIN_DOT_DIM}")
+
+
+def _check_warps_and_stages(num_warps, num_stages):
+  _check_power_of_two(num_warps=num_warps)
+  if isinstance(num_stages, bool) or not isinstance(num_stages, int) or (
+      num_stages < 1):
+    raise ValueError(f"num_stages={num_stages!r} must be an int >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-  """One launch of an NSA kernel.
+  """One launch of the compressed-attention or block-score kernel.
 
   Attributes:
     block_q: query positions per program. A program holds
       ``block_q * next_pow2(G)`` query rows: all heads of the GQA group.
-    block_k: keys (compressed tokens) per inner-loop step of branch 1 and of
-      the block scores. The selected kernel's key tile is one selection
-      block; there ``block_k`` is the number of query positions its dK/dV
-      kernel gathers per step (``block_k * next_pow2(G)`` rows).
-    num_warps: Triton warps per program.
-    num_stages: Triton software-pipelining stages.
+    block_k: compressed tokens (keys) per inner-loop step; >= 16.
+    num_warps: Triton warps per program (a power of two).
+    num_stages: Triton software-pipelining stages (>= 1).
   """
 
   block_q: int
@@ -34,17 +57,63 @@ class LaunchConfig:
   num_warps: int
   num_stages: int
 
+  def __post_init__(self):
+    _check_warps_and_stages(self.num_warps, self.num_stages)
+    _check_power_of_two(block_q=self.block_q, block_k=self.block_k)
+    if self.block_k < tc.MIN_DOT_DIM:
+      raise ValueError(f"block_k={self.block_k} keys per step; plgpu.dot "
+                       f"needs >= {tc.MIN_DOT_DIM}")
+
+  def check_group(self, group: int) -> None:
+    """Raises ValueError unless every tile has >= 16 rows for group G."""
+    _check_rows("block_q", self.block_q, group)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectedLaunchConfig:
+  """One launch of the selected-attention kernel (and of the window).
+
+  Its key tile is one selection block (l' keys, fixed by the call), so the
+  launch sets query tiles only.
+
+  Attributes:
+    block_q: query positions per forward / dQ program (``block_q * Gp``
+      rows).
+    block_q_dkv: query positions the dK/dV program gathers per step
+      (``block_q_dkv * Gp`` rows).
+    num_warps: Triton warps per program (a power of two).
+    num_stages: Triton software-pipelining stages (>= 1).
+  """
+
+  block_q: int
+  block_q_dkv: int
+  num_warps: int
+  num_stages: int
+
+  def __post_init__(self):
+    _check_warps_and_stages(self.num_warps, self.num_stages)
+    _check_power_of_two(block_q=self.block_q, block_q_dkv=self.block_q_dkv)
+
+  def check_group(self, group: int) -> None:
+    """Raises ValueError unless every tile has >= 16 rows for group G."""
+    _check_rows("block_q", self.block_q, group)
+    _check_rows("block_q_dkv", self.block_q_dkv, group)
+
 
 KERNELS = ("compressed", "selected", "block_scores")
+_CONFIG_CLASS = {"compressed": LaunchConfig, "selected": SelectedLaunchConfig,
+                 "block_scores": LaunchConfig}
 
-# Head-dim buckets (padded max(Dk, Dv)) -> (query rows per program, block_k,
-# num_warps, num_stages). PROVISIONAL, NOT MEASURED: see the module docstring.
+# Head-dim buckets (padded max(Dk, Dv)) -> (query rows per program, second
+# tile in rows or keys, num_warps, num_stages). PROVISIONAL, NOT MEASURED:
+# see the module docstring.
 _TABLE = {
+    # second column: compressed tokens per step.
     "compressed": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2),
                    256: (64, 32, 8, 2)},
     # NSA section 3.4: one query position per program once the group fills
     # the 16 rows of a tensor-core tile; smaller groups tile positions. The
-    # second column is in rows here too: the dK/dV kernel's gathered rows.
+    # second column is in rows too: the dK/dV kernel's gathered rows.
     "selected": {64: (16, 64, 4, 2), 128: (16, 64, 4, 2),
                  256: (16, 64, 8, 2)},
     "block_scores": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2),
@@ -61,9 +130,9 @@ SELECTED_MAX_SEGMENTS = 8
 
 # What ``bench_kernels.py --tune`` tries per bucket.
 CANDIDATES = {
-    kernel: [(rows, block_k, warps, stages)
+    kernel: [(rows, second, warps, stages)
              for rows in (16, 32, 64, 128)
-             for block_k in (32, 64, 128)
+             for second in (32, 64, 128)
              for warps in (4, 8) for stages in (1, 2, 3)]
     for kernel in KERNELS
 }
@@ -77,40 +146,41 @@ def _bucket(head_dim: int) -> int:
 
 
 def table_entries(kernel: str):
-  """The raw (rows, block_k, num_warps, num_stages) entries of ``kernel``."""
+  """The raw (rows, second tile, num_warps, num_stages) entries of a kernel."""
   return sorted(set(_TABLE[kernel].values()))
 
 
 def make_config(entry, *, group: int, seq_len: int, num_keys: int = 0,
-                block_k_in_rows: bool = False) -> LaunchConfig:
-  """Turns a table entry into a ``LaunchConfig`` fitted to one problem.
+                block_k_in_rows: bool = False):
+  """Turns a table entry into a launch config fitted to one problem.
 
   Args:
-    entry: (rows, block_k, num_warps, num_stages) from the table.
+    entry: (rows, second tile, num_warps, num_stages) from the table.
     group: G, query heads per kv head.
     seq_len: T, query positions.
     num_keys: keys the inner loop walks (Tc for branch 1).
-    block_k_in_rows: the entry's block_k counts query rows (the selected
-      kernel's dK/dV step), converted here to positions.
+    block_k_in_rows: the entry is the selected kernel's, whose second tile
+      counts dK/dV query rows; gives a ``SelectedLaunchConfig``.
 
   Returns:
-    A ``LaunchConfig`` whose tiles are powers of two, with at least 16 query
-    rows and 16 keys per tile (the minimum of ``plgpu.dot``), and no larger
-    than the problem needs.
+    A ``LaunchConfig`` (or ``SelectedLaunchConfig``) whose tiles are powers
+    of two with at least 16 rows and 16 keys (the minimum of ``plgpu.dot``),
+    and no larger than the problem needs.
   """
-  rows, block_k, num_warps, num_stages = entry
+  rows, second, num_warps, num_stages = entry
   group_p = tc.next_pow2(group)
   min_q = max(1, tc.MIN_DOT_DIM // group_p)
-  block_q = max(min_q, min(rows // group_p, tc.next_pow2(seq_len)))
+  fit = lambda r: max(min_q, min(r // group_p, tc.next_pow2(seq_len)))
   if block_k_in_rows:
-    block_k = max(min_q, min(block_k // group_p, tc.next_pow2(seq_len)))
-  else:
-    block_k = max(tc.MIN_DOT_DIM, min(block_k, tc.next_pow2(num_keys)))
-  return LaunchConfig(block_q, block_k, num_warps, num_stages)
+    return SelectedLaunchConfig(block_q=fit(rows), block_q_dkv=fit(second),
+                                num_warps=num_warps, num_stages=num_stages)
+  block_k = max(tc.MIN_DOT_DIM, min(second, tc.next_pow2(num_keys)))
+  return LaunchConfig(block_q=fit(rows), block_k=block_k,
+                      num_warps=num_warps, num_stages=num_stages)
 
 
 def get_config(kernel: str, *, group: int, head_dim: int, seq_len: int,
-               num_keys: int = 0, itemsize: int = 2) -> LaunchConfig:
+               num_keys: int = 0, itemsize: int = 2):
   """The table's launch configuration for ``kernel`` on one problem shape.
 
   The table is sized for 2-byte inputs. Float32 tiles hold twice the bytes:
@@ -120,45 +190,72 @@ def get_config(kernel: str, *, group: int, head_dim: int, seq_len: int,
   """
   entry = _TABLE[kernel][_bucket(head_dim)]
   if itemsize >= 4 and _bucket(head_dim) == 256:
-    rows, block_k, num_warps, _ = entry
-    entry = (max(tc.MIN_DOT_DIM, rows // 2), max(tc.MIN_DOT_DIM, block_k // 2),
+    rows, second, num_warps, _ = entry
+    entry = (max(tc.MIN_DOT_DIM, rows // 2), max(tc.MIN_DOT_DIM, second // 2),
              num_warps, 1)
   return make_config(entry, group=group, seq_len=seq_len, num_keys=num_keys,
                      block_k_in_rows=kernel == "selected")
 
 
-def selected_segment(seq_len: int, block_k: int) -> int:
+def resolve(kernel: str, *, group: int, head_dim: int, seq_len: int,
+            num_keys: int = 0, itemsize: int = 2, **overrides):
+  """The launch of one kernel call: the table's, then the caller's overrides.
+
+  Args:
+    kernel: one of ``KERNELS``.
+    group: G, query heads per kv head.
+    head_dim: padded max(Dk, Dv), picks the table bucket.
+    seq_len: T.
+    num_keys: keys of the inner loop (Tc for the compressed kernels).
+    itemsize: bytes per input element (float32 gets smaller tiles).
+    **overrides: config fields (``block_q``, ``block_k`` or
+      ``block_q_dkv``, ``num_warps``, ``num_stages``); None keeps the table's.
+
+  Returns:
+    The kernel's config class, validated (``__post_init__``) and checked
+    for G (``check_group``).
+
+  Raises:
+    ValueError: an override that is not a field of the kernel's config, or a
+      launch the Triton lowering cannot take.
+  """
+  launch = get_config(kernel, group=group, head_dim=head_dim,
+                      seq_len=seq_len, num_keys=num_keys, itemsize=itemsize)
+  fields = {f.name for f in dataclasses.fields(_CONFIG_CLASS[kernel])}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"{unknown} are not launch settings of the {kernel} "
+                     f"kernel; those are {sorted(fields)}")
+  given = {name: value for name, value in overrides.items()
+           if value is not None}
+  launch = dataclasses.replace(launch, **given)
+  launch.check_group(group)
+  return launch
+
+
+def validate(launch, group: int, *, block_k_in_rows: bool = False):
+  """Raises ValueError unless ``launch`` fits group G (see ``check_group``).
+
+  Construction already checks powers of two; kept for kernels that build
+  their config by hand. ``block_k_in_rows`` is accepted for old callers.
+  """
+  del block_k_in_rows  # the config's class knows what its tiles count
+  launch.check_group(group)
+
+
+def selected_segment(seq_len: int, block_q_dkv: int) -> int:
   """S, query positions per program of the selected kernel's dK/dV step.
 
   A block is selected by at most T positions, so ``ceil(T / S)`` segments
   cover its list; S is the smallest power of two >= ``SELECTED_MIN_SEGMENT``
-  and ``block_k`` that keeps them <= ``SELECTED_MAX_SEGMENTS``.
+  and ``block_q_dkv`` that keeps them <= ``SELECTED_MAX_SEGMENTS``.
 
   Args:
     seq_len: T, query positions.
-    block_k: positions per gather step (S is a whole number of steps).
+    block_q_dkv: positions per gather step (S is a whole number of steps).
 
   Returns:
-    S = max(MIN_SEGMENT, block_k, next_pow2(ceil(T / MAX_SEGMENTS))).
+    S = max(MIN_SEGMENT, block_q_dkv, next_pow2(ceil(T / MAX_SEGMENTS))).
   """
-  return max(SELECTED_MIN_SEGMENT, block_k,
+  return max(SELECTED_MIN_SEGMENT, block_q_dkv,
              tc.next_pow2(-(-seq_len // SELECTED_MAX_SEGMENTS)))
-
-
-def validate(launch: LaunchConfig, group: int, *,
-             block_k_in_rows: bool = False):
-  """Raises ValueError unless ``launch`` gives power-of-two, >= 16 tiles."""
-  group_p = tc.next_pow2(group)
-  for name, value in (("block_q", launch.block_q),
-                      ("block_k", launch.block_k)):
-    if value < 1 or value & (value - 1):
-      raise ValueError(f"{name}={value} must be a power of two")
-  if launch.block_q * group_p < tc.MIN_DOT_DIM:
-    raise ValueError(f"block_q={launch.block_q} gives "
-                     f"{launch.block_q * group_p} query rows for G={group}; "
-                     f"plgpu.dot needs >= {tc.MIN_DOT_DIM}")
-  block_k_rows = launch.block_k * (group_p if block_k_in_rows else 1)
-  if block_k_rows < tc.MIN_DOT_DIM:
-    raise ValueError(f"block_k={launch.block_k} gives a {block_k_rows}-wide "
-                     f"tile for G={group}; plgpu.dot needs >= "
-                     f"{tc.MIN_DOT_DIM}")

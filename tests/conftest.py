@@ -1,8 +1,27 @@
-"""Fixtures of the nsa_jax tests: ``case`` runs a test on each CASES shape."""
+"""Fixtures of the nsa_jax tests: ``case`` runs a test on each CASES shape.
 
+Marker ``gpu``: a test that compiles kernels for the GPU; skipped where jax
+has no GPU backend.
+"""
+
+import jax
 import pytest
 
 from nsa_cases import CASES
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "gpu: compiles and runs kernels on a GPU (skipped without)")
+
+
+def pytest_collection_modifyitems(items):
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason="needs a GPU backend")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
 
 
 @pytest.fixture(params=CASES, ids=str)

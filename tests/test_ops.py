@@ -208,8 +208,14 @@ def test_nsa_attention_pallas_interpret(case):
 
 
 def test_auto_falls_back_to_xla_for_block_sizes_the_kernel_lacks(monkeypatch):
-  # pylint: disable=protected-access
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert ops._resolve_selected("auto", 24) == "xla"
-  assert ops._resolve_selected("auto", 32) == "pallas"
-  assert ops._resolve_selected("xla", 32) == "xla"
+  x = make_inputs(CASES[0])
+  table = random_block_table(CASES[0], TINY.num_selected, 24)
+
+  def chosen(impl, block_size):
+    return ops.SELECTED.resolve(impl, x["q"], x["k"], x["v"], table,
+                                block_size=block_size, scale=None).name
+
+  assert chosen("auto", 24) == "xla"
+  assert chosen("auto", 32) == "pallas"
+  assert chosen("xla", 32) == "xla"

@@ -25,6 +25,20 @@ def _check_head_dim(head_dim):
     raise ValueError(f"head_dim={head_dim} must be even and >= 2 (RoPE)")
 
 
+def _check_d_model(d_model):
+  if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+    raise ValueError(f"d_model={d_model!r} must be a positive int")
+
+
+def _check_x(x):
+  """x must be a real floating [B, T, d_model] array."""
+  if jnp.ndim(x) != 3:
+    raise ValueError(f"x must be [B, T, d_model], got shape {jnp.shape(x)}")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise TypeError(f"x must be a real floating-point array (embed token "
+                    f"ids first), got dtype {jnp.result_type(x)}")
+
+
 def _positions(x, positions):
   return jnp.arange(x.shape[1]) if positions is None else positions
 
@@ -58,10 +72,13 @@ class NSAAttention(nnx.Module):
       compression: "mlp" or "mean" (see BlockCompressor).
       compression_hidden: width of the compression MLP.
       rope_base: RoPE wavelength base.
-      impl: "auto", "pallas", "xla" or "reference" (see nsa_jax.ops).
+      impl: "auto", "pallas", "xla" or "reference" (see nsa_jax.ops); an
+        impl that cannot run this config (e.g. "pallas" with an l' the
+        kernel lacks) is refused here, not at the first call.
       dtype: compute dtype; param_dtype: parameter dtype.
       rngs: parameter initialisation.
     """
+    _check_d_model(d_model)
     _check_heads(num_heads, num_kv_heads)
     _check_head_dim(head_dim)
     if v_head_dim is not None and v_head_dim < 1:
@@ -69,8 +86,11 @@ class NSAAttention(nnx.Module):
                        f"{v_head_dim}")
     if not isinstance(config, NSAConfig):
       raise TypeError(f"config must be an NSAConfig, got {type(config)}")
-    ops.resolve_impl(impl)
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
+    ops.check_nsa_support(config, impl, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          v_head_dim=v_head_dim,
+                          dtype=jnp.float32 if dtype is None else dtype)
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim, self.v_head_dim = head_dim, v_head_dim
     self.config, self.shared_kv, self.impl = config, shared_kv, impl
@@ -111,8 +131,7 @@ class NSAAttention(nnx.Module):
       dict with q [B,T,Hq,Dk], k/v [B,T,Hkv,Dk/Dv] (selection), k_win/v_win
       (window), k_cmp/v_cmp [B,Tc,Hkv,Dk/Dv] and gates [B,T,Hq,3] in (0,1).
     """
-    if x.ndim != 3:
-      raise ValueError(f"x must be [B, T, d_model], got {x.shape=}")
+    _check_x(x)
     b, t, _ = x.shape
     positions = _positions(x, positions)
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -147,6 +166,7 @@ class FullAttention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
                head_dim: int, *, rope_base: float = 10000.0,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    _check_d_model(d_model)
     _check_heads(num_heads, num_kv_heads)
     _check_head_dim(head_dim)
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
@@ -160,6 +180,7 @@ class FullAttention(nnx.Module):
 
   def __call__(self, x, positions=None):
     """Args: x [B, T, d_model]. Returns: [B, T, d_model]."""
+    _check_x(x)
     b, t, _ = x.shape
     positions = _positions(x, positions)
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)

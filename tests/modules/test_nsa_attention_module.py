@@ -177,3 +177,29 @@ def test_check_grads_float64():
     forward, state, x = _fd_setup(jnp.float64)
     check_grads(forward, (state, x), order=1, modes=["rev"], atol=1e-6,
                 rtol=1e-6, eps=1e-6)
+
+
+def test_construction_refuses_what_its_impl_cannot_run():
+  """Issue 10, item 7: refused at construction, not at the first call."""
+  config = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=24, num_selected=4,
+                     window=16)
+  with pytest.raises(ValueError, match=r"impl='pallas'.*power of two"):
+    NSAAttention(32, 4, 2, 16, config=config, impl="pallas",
+                 rngs=nnx.Rngs(0))
+  NSAAttention(32, 4, 2, 16, config=config, impl="xla", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="float64"):
+    NSAAttention(32, 4, 2, 16, config=NSAConfig.tiny(), impl="pallas",
+                 dtype=jnp.float64, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="impl='fast'"):
+    NSAAttention(32, 4, 2, 16, impl="fast", rngs=nnx.Rngs(0))
+
+
+def test_refuses_bad_width_and_non_float_input():
+  """Issue 10, item 8."""
+  with pytest.raises(ValueError, match="d_model=0"):
+    NSAAttention(0, 4, 2, 16, config=NSAConfig.tiny(), rngs=nnx.Rngs(0))
+  layer = NSAAttention(32, 4, 2, 16, config=NSAConfig.tiny(), impl="xla",
+                       rngs=nnx.Rngs(0))
+  for dtype in (jnp.int32, jnp.complex64):
+    with pytest.raises(TypeError, match="real floating"):
+      layer(jnp.zeros((1, 20, 32), dtype))

@@ -5,16 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# (forward, gradient) tolerances per input dtype, used as atol and rtol.
-TOLERANCES = {
-    jnp.float32: (2e-5, 5e-5),
-    jnp.bfloat16: (3e-2, 8e-2),
-}
-
-
-def tolerance(dtype, kind="fwd"):
-  fwd, grad = TOLERANCES[jnp.dtype(dtype).type]
-  return fwd if kind == "fwd" else grad
+from nsa_cases import tolerance
 
 
 def normal(key, shape, dtype):
@@ -32,6 +23,13 @@ def assert_close(actual, expected, dtype, kind="fwd"):
 def assert_finite(tree):
   for leaf in jax.tree.leaves(tree):
     assert not np.isnan(np.asarray(leaf, np.float32)).any(), "NaN found"
+
+
+def assert_bitwise_equal(a, b):
+  """Two runs of a kernel: outputs and gradients identical bit for bit."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint8),
+                                  np.asarray(y).view(np.uint8))
 
 
 def lower_for_cuda(fn, *args):

@@ -33,18 +33,19 @@ def _inputs(config, seq_len, num_kv_heads, group, dk, dtype, seed=0):
   return q, k, lse
 
 
-def _scores(q, k, lse, config, **kwargs):
+def _scores(q, k, lse, config, interpret, **kwargs):
   return block_scores(q, k, lse, cmp_block=config.cmp_block,
                       cmp_stride=config.cmp_stride,
-                      sel_block=config.sel_block, interpret=True, **kwargs)
+                      sel_block=config.sel_block, interpret=interpret,
+                      **kwargs)
 
 
-def _select(q, k, lse, config, **kwargs):
+def _select(q, k, lse, config, interpret, **kwargs):
   return select_blocks(
       q, k, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
       sel_block=config.sel_block, num_selected=config.num_selected,
       num_initial=config.num_initial, num_local=config.num_local,
-      interpret=True, **kwargs)
+      interpret=interpret, **kwargs)
 
 
 CASES = [
@@ -58,69 +59,90 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("config,seq_len,hkv,group,dk,dtype", CASES)
-def test_scores_match_reference(config, seq_len, hkv, group, dk, dtype):
-  q, k, lse = _inputs(config, seq_len, hkv, group, dk, dtype)
-  got = _scores(q, k, lse, config)
-  want = reference.block_scores_reference(q, k, lse, config)
-  assert got.shape == want.shape and got.dtype == jnp.float32
-  # Scores are sums of probabilities (<= b * G per block): float32
-  # tolerance whatever the input dtype, since both sides upcast the same
-  # products.
-  u.assert_close(got, want, jnp.float32)
+class BlockSelectCases:
+  """The kernels' tests; subclasses say whether they run interpreted."""
+
+  INTERPRET = True
+
+  @pytest.mark.parametrize("config,seq_len,hkv,group,dk,dtype", CASES)
+  def test_scores_match_reference(self, config, seq_len, hkv, group, dk,
+                                  dtype):
+    q, k, lse = _inputs(config, seq_len, hkv, group, dk, dtype)
+    got = _scores(q, k, lse, config, self.INTERPRET)
+    want = reference.block_scores_reference(q, k, lse, config)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    # Scores are sums of probabilities (<= b * G per block): float32
+    # tolerance whatever the input dtype, since both sides upcast the same
+    # products.
+    u.assert_close(got, want, jnp.float32)
+
+  @pytest.mark.parametrize("config,seq_len,hkv,group,dk,dtype", CASES)
+  def test_selection_matches_reference(self, config, seq_len, hkv, group,
+                                       dk, dtype):
+    q, k, lse = _inputs(config, seq_len, hkv, group, dk, dtype, seed=1)
+    got = _select(q, k, lse, config, self.INTERPRET)
+    scores = reference.block_scores_reference(q, k, lse, config)
+    want = selection.top_n_blocks(scores, config)
+    assert got.dtype == jnp.int32
+    assert_same_sets_up_to_ties(got, want, scores)
+
+  def test_slices_and_small_tiles_give_the_same_table(self):
+    """Query slices (bounded score memory) and other tiles change nothing."""
+    config = _SMALL
+    q, k, lse = _inputs(config, 70, 2, 2, 16, jnp.float32, seed=2)
+    whole = _select(q, k, lse, config, self.INTERPRET)
+    # One score tile per slice.
+    sliced = _select(q, k, lse, config, self.INTERPRET, score_bytes=1)
+    other = _select(q, k, lse, config,
+                    launch=ScoreLaunch(block_q=32, block_sel=32))
+    np.testing.assert_array_equal(whole, sliced)
+    np.testing.assert_array_equal(whole, other)
+
+  def test_forced_blocks_ties_and_empty_slots(self):
+    """Equal logits: forced blocks, then the lowest indices, then -1.
+
+    With every logit 0, every fully visible block scores the same, so after
+    the forced blocks (0 and the query's own) the free slots go to blocks 1
+    and 2; a query with fewer than n causal blocks takes them all and pads -1.
+    """
+    config = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=4,
+                       num_initial=1, num_local=1, window=8)
+    seq_len = 40
+    q = jnp.zeros((1, seq_len, 2, 16), jnp.float32)
+    k = jnp.zeros((1, config.num_compressed(seq_len), 1, 16), jnp.float32)
+    _, lse = reference.compressed_attention_reference(
+        q, k, k, block_size=4, stride=2)
+    table = _select(q, k, lse, config, self.INTERPRET)
+    got = np.sort(np.asarray(table)[0, :, 0], -1)
+    for t in range(seq_len):
+      own = t // 4
+      if own < 4:
+        want = [-1] * (3 - own) + list(range(own + 1))
+      else:
+        want = [0, 1, 2, own]
+      np.testing.assert_array_equal(got[t], want, err_msg=f"t={t}")
+
+  def test_no_gradient_flows(self):
+    config = NSAConfig.tiny()
+    q, k, lse = _inputs(config, 20, 1, 2, 16, jnp.float32)
+    grad = jax.grad(lambda q: jnp.sum(
+        _scores(q, k, lse, config, self.INTERPRET)))(q)
+    assert np.all(np.asarray(grad) == 0)
+
+  def test_deterministic(self):
+    q, k, lse = _inputs(NSAConfig.tiny(), 50, 1, 4, 16, jnp.bfloat16)
+    run = lambda: (_scores(q, k, lse, NSAConfig.tiny(), self.INTERPRET),
+                   _select(q, k, lse, NSAConfig.tiny(), self.INTERPRET))
+    u.assert_bitwise_equal(run(), run())
 
 
-@pytest.mark.parametrize("config,seq_len,hkv,group,dk,dtype", CASES)
-def test_selection_matches_reference(config, seq_len, hkv, group, dk, dtype):
-  q, k, lse = _inputs(config, seq_len, hkv, group, dk, dtype, seed=1)
-  got = _select(q, k, lse, config)
-  scores = reference.block_scores_reference(q, k, lse, config)
-  want = selection.top_n_blocks(scores, config)
-  assert got.dtype == jnp.int32
-  assert_same_sets_up_to_ties(got, want, scores)
+class TestBlockSelectInterpret(BlockSelectCases):
+  INTERPRET = True
 
 
-def test_slices_and_small_tiles_give_the_same_table():
-  """Query slices (bounded score memory) and other tiles change nothing."""
-  config = _SMALL
-  q, k, lse = _inputs(config, 70, 2, 2, 16, jnp.float32, seed=2)
-  whole = _select(q, k, lse, config)
-  sliced = _select(q, k, lse, config, score_bytes=1)  # one tile per slice
-  other = _select(q, k, lse, config,
-                  launch=ScoreLaunch(block_q=32, block_sel=32))
-  np.testing.assert_array_equal(whole, sliced)
-  np.testing.assert_array_equal(whole, other)
-
-
-def test_forced_blocks_ties_and_empty_slots():
-  """Equal logits: forced blocks, then the lowest indices, then -1.
-
-  With every logit 0, every fully visible block scores the same, so after
-  the forced blocks (0 and the query's own) the free slots go to blocks 1
-  and 2; a query with fewer than n causal blocks takes them all and pads -1.
-  """
-  config = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=4,
-                     num_initial=1, num_local=1, window=8)
-  seq_len = 40
-  q = jnp.zeros((1, seq_len, 2, 16), jnp.float32)
-  k = jnp.zeros((1, config.num_compressed(seq_len), 1, 16), jnp.float32)
-  _, lse = reference.compressed_attention_reference(
-      q, k, k, block_size=4, stride=2)
-  got = np.sort(np.asarray(_select(q, k, lse, config))[0, :, 0], -1)
-  for t in range(seq_len):
-    own = t // 4
-    if own < 4:
-      want = [-1] * (3 - own) + list(range(own + 1))
-    else:
-      want = [0, 1, 2, own]
-    np.testing.assert_array_equal(got[t], want, err_msg=f"t={t}")
-
-
-def test_no_gradient_flows():
-  config = NSAConfig.tiny()
-  q, k, lse = _inputs(config, 20, 1, 2, 16, jnp.float32)
-  grad = jax.grad(lambda q: jnp.sum(_scores(q, k, lse, config)))(q)
-  assert np.all(np.asarray(grad) == 0)
+@pytest.mark.gpu
+class TestBlockSelectGpu(BlockSelectCases):
+  INTERPRET = False
 
 
 @pytest.mark.lowering

@@ -10,7 +10,6 @@ import pytest
 from nsa_jax import reference
 from pallas_kernels import compressed_attention
 from pallas_kernels import launch_config
-
 import kernel_test_utils as u
 
 L, D = 8, 4  # compressed block l and stride d
@@ -36,57 +35,81 @@ def _loss(fn, d_out):
   return loss
 
 
-@pytest.mark.parametrize(
-    "seq_len,num_kv_heads,group,dk,dv,dtype,block_k,segment",
-    [
-        (37, 2, 1, 16, 16, jnp.float32, None, None),  # G=1, T off a tile
-        (50, 1, 2, 24, 16, jnp.float32, None, None),  # Dk != Dv, padded
-        (37, 2, 4, 16, 32, jnp.bfloat16, None, None),
-        (33, 1, 16, 16, 16, jnp.float32, None, None),  # G=16: block_q = 1
-        (100, 1, 3, 16, 24, jnp.float32, 16, None),  # G=3 padded, 2 chunks
-        (8, 1, 2, 16, 16, jnp.float32, None, None),  # T = l: Tc = 1
-        # dK/dV over 4 query segments of 32 positions, 2 chunks; segments
-        # before a chunk's first query write zeros.
-        (100, 1, 2, 16, 16, jnp.float32, 16, 32),
-    ])
-def test_forward_and_gradients(seq_len, num_kv_heads, group, dk, dv, dtype,
-                               block_k, segment):
-  q, k, v, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype)
-  kernel = functools.partial(compressed_attention, block_size=L, stride=D,
-                             interpret=True, block_k=block_k,
-                             segment=segment)
-  ref = functools.partial(reference.compressed_attention_reference,
-                          block_size=L, stride=D)
-  out, lse = kernel(q, k, v)
-  ref_out, ref_lse = ref(q, k, v)
-  assert out.dtype == q.dtype and lse.dtype == jnp.float32
-  u.assert_close(out, ref_out, dtype)
-  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
-  # Queries t < l - 1 see nothing: exactly 0 and -inf.
-  assert np.all(np.asarray(out[:, :L - 1]) == 0)
-  assert np.all(np.isneginf(np.asarray(lse[:, :L - 1])))
-  finite = np.isfinite(np.asarray(ref_lse))
-  u.assert_close(np.where(finite, lse, 0), np.where(finite, ref_lse, 0), dtype)
+class CompressedAttentionCases:
+  """The kernel's tests; subclasses say whether it runs interpreted."""
 
-  grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
-  u.assert_finite(grads)
-  u.assert_close(grads, ref_grads, dtype, "grad")
-  # Rows that see nothing get no gradient.
-  assert np.all(np.asarray(grads[0][:, :L - 1]) == 0)
+  INTERPRET = True
+
+  @pytest.mark.parametrize(
+      "seq_len,num_kv_heads,group,dk,dv,dtype,block_k,segment",
+      [
+          (37, 2, 1, 16, 16, jnp.float32, None, None),  # G=1, T off a tile
+          (50, 1, 2, 24, 16, jnp.float32, None, None),  # Dk != Dv, padded
+          (37, 2, 4, 16, 32, jnp.bfloat16, None, None),
+          (33, 1, 16, 16, 16, jnp.float32, None, None),  # G=16: block_q = 1
+          (100, 1, 3, 16, 24, jnp.float32, 16, None),  # G=3 padded, 2 chunks
+          (8, 1, 2, 16, 16, jnp.float32, None, None),  # T = l: Tc = 1
+          (30, 1, 2, 16, 24, jnp.float16, None, None),
+          # dK/dV over 4 query segments of 32 positions, 2 chunks; segments
+          # before a chunk's first query write zeros.
+          (100, 1, 2, 16, 16, jnp.float32, 16, 32),
+      ])
+  def test_forward_and_gradients(self, seq_len, num_kv_heads, group, dk, dv,
+                                 dtype, block_k, segment):
+    q, k, v, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype)
+    kernel = functools.partial(compressed_attention, block_size=L, stride=D,
+                               interpret=self.INTERPRET, block_k=block_k,
+                               segment=segment)
+    ref = functools.partial(reference.compressed_attention_reference,
+                            block_size=L, stride=D)
+    out, lse = kernel(q, k, v)
+    ref_out, ref_lse = ref(q, k, v)
+    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    u.assert_close(out, ref_out, dtype)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    # Queries t < l - 1 see nothing: exactly 0 and -inf.
+    assert np.all(np.asarray(out[:, :L - 1]) == 0)
+    assert np.all(np.isneginf(np.asarray(lse[:, :L - 1])))
+    finite = np.isfinite(np.asarray(ref_lse))
+    u.assert_close(np.where(finite, lse, 0), np.where(finite, ref_lse, 0),
+                   dtype)
+
+    grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
+    u.assert_finite(grads)
+    u.assert_close(grads, ref_grads, dtype, "grad")
+    # Rows that see nothing get no gradient.
+    assert np.all(np.asarray(grads[0][:, :L - 1]) == 0)
+
+  def test_no_compressed_tokens(self):
+    q, k, v, d_out = _inputs(5, 1, 2, 16, 24, jnp.float32)  # T < l: Tc = 0
+    assert k.shape[1] == 0
+    kernel = functools.partial(compressed_attention, block_size=L, stride=D,
+                               interpret=self.INTERPRET)
+    out, lse = kernel(q, k, v)
+    assert out.shape == (2, 5, 2, 24)
+    assert np.all(np.asarray(out) == 0)
+    assert np.all(np.isneginf(np.asarray(lse)))
+    grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
+    u.assert_finite(grads)
+    assert np.all(np.asarray(grads[0]) == 0)
+
+  def test_deterministic(self):
+    q, k, v, d_out = _inputs(50, 1, 4, 16, 16, jnp.bfloat16)
+    kernel = functools.partial(compressed_attention, block_size=L, stride=D,
+                               interpret=self.INTERPRET)
+    run = lambda: (kernel(q, k, v),  # pylint: disable=g-long-lambda
+                   jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v))
+    u.assert_bitwise_equal(run(), run())
 
 
-def test_no_compressed_tokens():
-  q, k, v, d_out = _inputs(5, 1, 2, 16, 24, jnp.float32)  # T < l: Tc = 0
-  assert k.shape[1] == 0
-  kernel = functools.partial(compressed_attention, block_size=L, stride=D,
-                             interpret=True)
-  out, lse = kernel(q, k, v)
-  assert out.shape == (2, 5, 2, 24)
-  assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
-  grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
-  u.assert_finite(grads)
-  assert np.all(np.asarray(grads[0]) == 0)
+class TestCompressedAttentionInterpret(CompressedAttentionCases):
+  INTERPRET = True
+
+
+@pytest.mark.gpu
+class TestCompressedAttentionGpu(CompressedAttentionCases):
+  INTERPRET = False
 
 
 def test_rejects_bad_shapes():

@@ -47,49 +47,108 @@ def _loss(fn, d_out):
   return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * d_out)
 
 
-@pytest.mark.parametrize(
-    "seq_len,num_kv_heads,group,dk,dv,dtype,num_slots,block_q",
-    [
-        (37, 2, 1, 16, 16, jnp.float32, 3, None),  # G=1: 16 positions/tile
-        (50, 1, 2, 24, 16, jnp.float32, 4, None),  # Dk != Dv, padded
-        (50, 1, 2, 24, 16, jnp.float32, 4, 16),  # larger position tile
-        (37, 2, 4, 16, 32, jnp.bfloat16, 3, None),
-        (37, 1, 16, 16, 16, jnp.float32, 2, None),  # G=16: the paper's tile
-    ])
-def test_forward_and_gradients(seq_len, num_kv_heads, group, dk, dv, dtype,
-                               num_slots, block_q):
-  q, k, v, idx, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype,
-                                num_slots)
-  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
-      q, k, v, idx, block_size=BS, interpret=True, block_q=block_q)
-  def ref(q, k, v):
-    return reference.selected_attention_reference(q, k, v, idx,
-                                                  block_size=BS)
-  out = kernel(q, k, v)
-  assert out.dtype == q.dtype
-  u.assert_close(out, ref(q, k, v), dtype)
-  assert np.all(np.asarray(out[:, 3]) == 0)  # nothing selected
-  assert np.all(np.asarray(out[:, 20]) == 0)  # only future keys selected
-  grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
-  u.assert_finite(grads)
-  u.assert_close(grads, ref_grads, dtype, "grad")
-  assert np.all(np.asarray(grads[0][:, 3]) == 0)
+def _kernel(idx, interpret, **kwargs):
+  return lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
+      q, k, v, idx, block_size=BS, interpret=interpret, **kwargs)
 
 
-def test_dkv_segments():
-  """Block 0's list of 48 positions spans segments of 16 (the last empty)."""
-  q, k, v, idx, d_out = _inputs(50, 1, 2, 16, 16, jnp.float32, 4,
-                                force_initial=True)
-  assert int(jnp.sum(jnp.any(idx[0, :, 0] == 0, -1))) == 48
-  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
-      q, k, v, idx, block_size=BS, interpret=True, block_k=8, dkv_segment=16)
-  def ref(q, k, v):
-    return reference.selected_attention_reference(q, k, v, idx,
-                                                  block_size=BS)
-  u.assert_close(jax.grad(_loss(kernel, d_out), argnums=(1, 2))(q, k, v),
-                 jax.grad(_loss(ref, d_out), argnums=(1, 2))(q, k, v),
-                 jnp.float32, "grad")
+def _ref(idx):
+  return lambda q, k, v: reference.selected_attention_reference(
+      q, k, v, idx, block_size=BS)
+
+
+class SelectedAttentionCases:
+  """The kernel's tests; subclasses say whether it runs interpreted."""
+
+  INTERPRET = True
+
+  @pytest.mark.parametrize(
+      "seq_len,num_kv_heads,group,dk,dv,dtype,num_slots,block_q",
+      [
+          (37, 2, 1, 16, 16, jnp.float32, 3, None),  # G=1: 16 positions/tile
+          (50, 1, 2, 24, 16, jnp.float32, 4, None),  # Dk != Dv, padded
+          (50, 1, 2, 24, 16, jnp.float32, 4, 16),  # larger position tile
+          (37, 2, 4, 16, 32, jnp.bfloat16, 3, None),
+          (37, 1, 16, 16, 16, jnp.float32, 2, None),  # G=16: the paper's tile
+          (20, 1, 2, 16, 24, jnp.float16, 2, None),  # T < 2 blocks, fp16
+      ])
+  def test_forward_and_gradients(self, seq_len, num_kv_heads, group, dk, dv,
+                                 dtype, num_slots, block_q):
+    q, k, v, idx, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype,
+                                  num_slots)
+    kernel = _kernel(idx, self.INTERPRET, block_q=block_q)
+    ref = _ref(idx)
+    out = kernel(q, k, v)
+    assert out.dtype == q.dtype
+    u.assert_close(out, ref(q, k, v), dtype)
+    assert np.all(np.asarray(out[:, 3]) == 0)  # nothing selected
+    if seq_len > 20:
+      assert np.all(np.asarray(out[:, 20]) == 0)  # only future keys
+    grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
+    u.assert_finite(grads)
+    u.assert_close(grads, ref_grads, dtype, "grad")
+    assert np.all(np.asarray(grads[0][:, 3]) == 0)
+
+  def test_dkv_segments(self):
+    """Block 0's list of 48 positions spans segments of 16 (the last empty)."""
+    q, k, v, idx, d_out = _inputs(50, 1, 2, 16, 16, jnp.float32, 4,
+                                  force_initial=True)
+    assert int(jnp.sum(jnp.any(idx[0, :, 0] == 0, -1))) == 48
+    kernel = _kernel(idx, self.INTERPRET, block_q_dkv=8, dkv_segment=16)
+    u.assert_close(
+        jax.grad(_loss(kernel, d_out), argnums=(1, 2))(q, k, v),
+        jax.grad(_loss(_ref(idx), d_out), argnums=(1, 2))(q, k, v),
+        jnp.float32, "grad")
+
+  def test_window_mask(self):
+    q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
+    window = 9
+    kernel = _kernel(idx, self.INTERPRET, window=window)
+
+    def ref(q, k, v):
+      t = jnp.arange(37)
+      mask = reference.selected_block_mask(idx, 37, BS)
+      mask &= (t[None, :] > t[:, None] - window)[None, :, None, :]
+      mask = jnp.repeat(mask, 2, axis=2)
+      return reference.masked_attention(q, k, v, mask, 16 ** -0.5)[0]
+
+    u.assert_close(kernel(q, k, v), ref(q, k, v), jnp.float32)
+    u.assert_close(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v),
+                   jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v),
+                   jnp.float32, "grad")
+
+  def test_garbage_slots_are_empty(self):
+    """Out-of-range and repeated slots change nothing (issue 10, 2 and 3)."""
+    q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 16, jnp.float32, 2)
+    garbage = jnp.concatenate(
+        [idx, idx[..., :1], jnp.full_like(idx[..., :1], 2**31 - 1),
+         jnp.full_like(idx[..., :1], 3), jnp.full_like(idx[..., :1], -7)], -1)
+    clean, dirty = _kernel(idx, self.INTERPRET), _kernel(garbage,
+                                                         self.INTERPRET)
+    np.testing.assert_array_equal(dirty(q, k, v), clean(q, k, v))
+    u.assert_bitwise_equal(
+        jax.grad(_loss(dirty, d_out), argnums=(0, 1, 2))(q, k, v),
+        jax.grad(_loss(clean, d_out), argnums=(0, 1, 2))(q, k, v))
+
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  def test_deterministic(self, dtype):
+    """Two runs give the same output and gradients, bit for bit."""
+    q, k, v, idx, d_out = _inputs(50, 1, 4, 16, 16, dtype, 3,
+                                  force_initial=True)
+    kernel = _kernel(idx, self.INTERPRET, dkv_segment=16, block_q_dkv=4)
+    run = lambda: (kernel(q, k, v),  # pylint: disable=g-long-lambda
+                   jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v))
+    u.assert_bitwise_equal(run(), run())
+
+
+class TestSelectedAttentionInterpret(SelectedAttentionCases):
+  INTERPRET = True
+
+
+@pytest.mark.gpu
+class TestSelectedAttentionGpu(SelectedAttentionCases):
+  INTERPRET = False
 
 
 def test_segment_rule():
@@ -102,27 +161,8 @@ def test_segment_rule():
   assert seg(65536, 64) == 8192
   with pytest.raises(ValueError, match="dkv_segment"):
     q, k, v, idx, _ = _inputs(37, 1, 2, 16, 16, jnp.float32, 3)
-    selected_attention(q, k, v, idx, block_size=BS, block_k=16,
+    selected_attention(q, k, v, idx, block_size=BS, block_q_dkv=16,
                        dkv_segment=8)
-
-
-def test_window_mask():
-  q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
-  window = 9
-  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
-      q, k, v, idx, block_size=BS, window=window, interpret=True)
-
-  def ref(q, k, v):
-    t = jnp.arange(37)
-    mask = reference.selected_block_mask(idx, 37, BS)
-    mask &= (t[None, :] > t[:, None] - window)[None, :, None, :]
-    mask = jnp.repeat(mask, 2, axis=2)
-    return reference.masked_attention(q, k, v, mask, 16 ** -0.5)[0]
-
-  u.assert_close(kernel(q, k, v), ref(q, k, v), jnp.float32)
-  u.assert_close(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v),
-                 jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v),
-                 jnp.float32, "grad")
 
 
 def test_inverted_block_table():
@@ -156,7 +196,48 @@ def test_lowers_to_triton(entry, group, dk, dv):
   # The smallest segment: dK/dV runs ceil(70 / block_k) >= 2 segments.
   kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
       q, k, v, idx, block_size=BS, interpret=False, block_q=launch.block_q,
-      block_k=launch.block_k, dkv_segment=launch.block_k,
+      block_q_dkv=launch.block_q_dkv, dkv_segment=launch.block_q_dkv,
       num_warps=launch.num_warps, num_stages=launch.num_stages)
   u.lower_for_cuda(kernel, q, k, v)
   u.lower_for_cuda(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)), q, k, v)
+
+
+def test_launch_configs_are_checked_when_built():
+  with pytest.raises(ValueError, match="block_q=24 must be a power of two"):
+    launch_config.SelectedLaunchConfig(block_q=24, block_q_dkv=16,
+                                       num_warps=4, num_stages=2)
+  with pytest.raises(ValueError, match="num_warps=3"):
+    launch_config.LaunchConfig(block_q=16, block_k=16, num_warps=3,
+                               num_stages=2)
+  with pytest.raises(ValueError, match="num_stages=0"):
+    launch_config.LaunchConfig(block_q=16, block_k=16, num_warps=4,
+                               num_stages=0)
+  with pytest.raises(ValueError, match="block_k=8 keys"):
+    launch_config.LaunchConfig(block_q=16, block_k=8, num_warps=4,
+                               num_stages=2)
+  launch = launch_config.SelectedLaunchConfig(block_q=1, block_q_dkv=16,
+                                              num_warps=4, num_stages=2)
+  launch.check_group(16)
+  with pytest.raises(ValueError, match="block_q=1 gives 4 query rows"):
+    launch.check_group(4)
+
+
+def test_resolve_applies_and_checks_overrides():
+  launch = launch_config.resolve("selected", group=2, head_dim=64,
+                                 seq_len=100, block_q_dkv=32, num_warps=None)
+  assert launch.block_q_dkv == 32 and launch.num_warps == 4
+  with pytest.raises(ValueError, match=r"\['block_k'\] are not launch"):
+    launch_config.resolve("selected", group=2, head_dim=64, seq_len=100,
+                          block_k=32)
+  with pytest.raises(ValueError, match="block_q_dkv=4 gives 8 query rows"):
+    launch_config.resolve("selected", group=2, head_dim=64, seq_len=100,
+                          block_q_dkv=4)
+
+
+def test_block_k_is_a_deprecated_name_of_block_q_dkv():
+  q, k, v, idx, _ = _inputs(37, 1, 2, 16, 16, jnp.float32, 2)
+  with pytest.warns(DeprecationWarning, match="block_q_dkv"):
+    old = selected_attention(q, k, v, idx, block_size=BS, interpret=True,
+                             block_k=16)
+  np.testing.assert_array_equal(old, selected_attention(
+      q, k, v, idx, block_size=BS, interpret=True, block_q_dkv=16))

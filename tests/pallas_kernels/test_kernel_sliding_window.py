@@ -1,13 +1,17 @@
-"""Branch 3 (Pallas path through the selected kernel) vs the reference."""
+"""Branch 3: the Pallas window (selected kernel) and cuDNN's padded window."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nsa_jax import ops
 from nsa_jax import reference
+from nsa_jax import xla
+from nsa_jax.impls import cudnn
 from pallas_kernels import sliding_window_attention
-from pallas_kernels.sliding_window import cudnn_supported
 from pallas_kernels.sliding_window import window_block_table
 
 import kernel_test_utils as u
@@ -22,16 +26,7 @@ def _inputs(seq_len, group, dk, dv, dtype):
   return q, k, v, d_out
 
 
-@pytest.mark.parametrize("window,group,dtype", [
-    (1, 2, jnp.float32),  # only the query's own key
-    (8, 1, jnp.float32),
-    (20, 4, jnp.bfloat16),  # window wider than one key block
-])
-def test_forward_and_gradients(window, group, dtype):
-  q, k, v, d_out = _inputs(37, group, 16, 24, dtype)
-  def kernel(q, k, v):
-    return sliding_window_attention(q, k, v, window=window, interpret=True)
-
+def _check_against_reference(kernel, window, q, k, v, d_out, dtype):
   def ref(q, k, v):
     return reference.sliding_window_attention_reference(q, k, v,
                                                         window=window)
@@ -41,6 +36,42 @@ def test_forward_and_gradients(window, group, dtype):
   u.assert_finite(grads)
   u.assert_close(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v),
                  dtype, "grad")
+
+
+class SlidingWindowCases:
+  """The Pallas window's tests; subclasses say whether it is interpreted."""
+
+  INTERPRET = True
+
+  @pytest.mark.parametrize("window,group,dtype", [
+      (1, 2, jnp.float32),  # only the query's own key
+      (8, 1, jnp.float32),
+      (20, 4, jnp.bfloat16),  # window wider than one key block
+      (5, 2, jnp.float16),
+  ])
+  def test_forward_and_gradients(self, window, group, dtype):
+    q, k, v, d_out = _inputs(37, group, 16, 24, dtype)
+    kernel = functools.partial(sliding_window_attention, window=window,
+                               interpret=self.INTERPRET)
+    _check_against_reference(kernel, window, q, k, v, d_out, dtype)
+
+  def test_deterministic(self):
+    q, k, v, d_out = _inputs(37, 2, 16, 16, jnp.bfloat16)
+    kernel = functools.partial(sliding_window_attention, window=20,
+                               interpret=self.INTERPRET)
+    loss = lambda q, k, v: jnp.sum(kernel(q, k, v).astype(jnp.float32) * d_out)
+    run = lambda: (kernel(q, k, v),  # pylint: disable=g-long-lambda
+                   jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    u.assert_bitwise_equal(run(), run())
+
+
+class TestSlidingWindowInterpret(SlidingWindowCases):
+  INTERPRET = True
+
+
+@pytest.mark.gpu
+class TestSlidingWindowGpu(SlidingWindowCases):
+  INTERPRET = False
 
 
 @pytest.mark.parametrize("seq_len,window,block", [(37, 8, 16), (70, 20, 16),
@@ -53,8 +84,57 @@ def test_block_table_covers_exactly_the_window(seq_len, window, block):
     assert got == want, t
 
 
-def test_cudnn_only_on_gpu():
+def _xla_in_cudnns_place(q, k, v, *, window, scale):
+  """Stands in for cuDNN on a CPU, holding the wrapper to cuDNN's rules."""
+  assert q.shape[1] % cudnn.SEQ_MULTIPLE == 0, q.shape
+  assert q.shape[3] == k.shape[3] == v.shape[3], (q.shape, v.shape)
+  assert q.shape[3] % cudnn.HEAD_DIM_MULTIPLE == 0, q.shape
+  assert window <= q.shape[1]
+  return xla.sliding_window_attention(q, k, v, window=window, scale=scale)
+
+
+@pytest.mark.parametrize("seq_len,dk,dv,window", [
+    (37, 16, 24, 8),  # T % 64 != 0, Dv > Dk
+    (64, 24, 12, 3),  # T on the edge, Dk > Dv, Dv off a multiple of 8
+    (70, 16, 16, 200),  # window longer than T
+])
+def test_cudnn_padding(seq_len, dk, dv, window):
+  """cuDNN's wrapper pads T and head dims and slices back, exactly."""
+  q, k, v, d_out = _inputs(seq_len, 2, dk, dv, jnp.float32)
+  kernel = functools.partial(cudnn.sliding_window_attention, window=window,
+                             scale=dk ** -0.5, attention=_xla_in_cudnns_place)
+  _check_against_reference(lambda q, k, v: kernel(q, k, v), window, q, k, v,
+                           d_out, jnp.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len,dk,dv,window", [(37, 16, 24, 8),
+                                                  (100, 64, 64, 20)])
+def test_cudnn_on_gpu(seq_len, dk, dv, window):
+  q, k, v, d_out = _inputs(seq_len, 2, dk, dv, jnp.bfloat16)
+  kernel = functools.partial(ops.sliding_window_attention, window=window,
+                             impl="cudnn")
+  _check_against_reference(kernel, window, q, k, v, d_out, jnp.bfloat16)
+
+
+def test_cudnn_offered_only_where_it_serves(monkeypatch):
   q, k, v, _ = _inputs(20, 1, 16, 16, jnp.bfloat16)
-  assert cudnn_supported(q, k, v) == (jax.default_backend() == "gpu")
+  on_gpu = jax.default_backend() == "gpu"
+  assert (cudnn.supports_window(q, k, v) is None) == on_gpu
+  reasons = ops.implementations("sliding_window_attention", q, k, v,
+                                window=4)
+  assert reasons["auto"] == ("cudnn" if on_gpu else "xla")
+  if not on_gpu:
+    with pytest.raises(ValueError, match="cuDNN needs a GPU"):
+      ops.sliding_window_attention(q, k, v, window=4, impl="cudnn")
   with pytest.raises(ValueError, match="implementation"):
     sliding_window_attention(q, k, v, window=4, implementation="flash")
+  # What a GPU backend would say about other calls.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert cudnn.supports_window(q, k, v) is None
+  as32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  assert "bfloat16 or float16" in cudnn.supports_window(*as32)
+  q_big, k_big, v_big, _ = _inputs(20, 1, 136, 16, jnp.bfloat16)
+  assert "136 > 128" in cudnn.supports_window(q_big, k_big, v_big)
+  chosen = ops.WINDOW.resolve("auto", *as32, window=4, scale=None)
+  assert chosen.name == "pallas"
