@@ -12,11 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_cases import TINY, Case, make_inputs, random_block_table
 from nsa_jax import ops
 from nsa_jax import reference
 from nsa_jax import xla
 from nsa_jax.impls import cudnn
+
+from nsa_cases import Case
+from nsa_cases import make_inputs
+from nsa_cases import random_block_table
+from nsa_cases import TINY
 
 CASE = Case(1, 37, 4, 2, 16, 8)
 L_SEL = TINY.sel_block

@@ -93,7 +93,7 @@ class BlockSelectCases:
     whole = _select(q, k, lse, config, self.INTERPRET)
     # One score tile per slice.
     sliced = _select(q, k, lse, config, self.INTERPRET, score_bytes=1)
-    other = _select(q, k, lse, config,
+    other = _select(q, k, lse, config, self.INTERPRET,
                     launch=ScoreLaunch(block_q=32, block_sel=32))
     np.testing.assert_array_equal(whole, sliced)
     np.testing.assert_array_equal(whole, other)

@@ -10,6 +10,7 @@ import pytest
 from nsa_jax import reference
 from pallas_kernels import compressed_attention
 from pallas_kernels import launch_config
+
 import kernel_test_utils as u
 
 L, D = 8, 4  # compressed block l and stride d
