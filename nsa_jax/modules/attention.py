@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
+from nsa_jax.modules import dense_attention
 from nsa_jax.modules.compression import BlockCompressor
 from nsa_jax.modules.rope import apply_rope
 
@@ -138,19 +139,38 @@ class NSAAttention(nnx.Module):
 
 
 class FullAttention(nnx.Module):
-  """Dense causal GQA attention with RoPE, through jax.nn.dot_product_attention.
+  """Dense causal GQA attention with RoPE (``dense_attention``).
 
-  That call picks cuDNN's fused kernel on a GPU (for bf16/fp16) and XLA
-  elsewhere. Same projections and shapes as NSAAttention with one K/V set.
+  What runs where, with ``implementation="auto"``: on an NVIDIA GPU with a
+  bf16/fp16 compute dtype and a head dim cuDNN takes (multiple of 8, <= 256
+  on Hopper, <= 128 before), cuDNN's flash attention, any T (padded to a
+  multiple of 64 inside); elsewhere (CPU, float32, other head dims) XLA's
+  attention, which materialises ``T x T`` scores. Same projections and
+  shapes as NSAAttention with one K/V set.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
                head_dim: int, *, rope_base: float = 10000.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               implementation: str = "auto", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """Args:
+      d_model: model width.
+      num_heads: Hq. num_kv_heads: Hkv, dividing Hq.
+      head_dim: Dk = Dv.
+      rope_base: RoPE wavelength base.
+      implementation: "auto", "cudnn" (raises at call time where cuDNN does
+        not serve) or "xla"; see ``dense_attention.causal_attention``.
+      dtype: compute dtype; param_dtype: parameter dtype.
+      rngs: parameter initialisation.
+    """
     _check_heads(num_heads, num_kv_heads)
     _check_head_dim(head_dim)
+    if implementation not in dense_attention.IMPLEMENTATIONS:
+      raise ValueError(f"implementation={implementation!r} is not one of "
+                       f"{dense_attention.IMPLEMENTATIONS}")
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim, self.rope_base = head_dim, rope_base
+    self.implementation = implementation
     linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
     self.q_proj = linear(d_model, num_heads * head_dim)
@@ -167,5 +187,6 @@ class FullAttention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = apply_rope(q, positions, self.rope_base)
     k = apply_rope(k, positions, self.rope_base)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out = dense_attention.causal_attention(
+        q, k, v, implementation=self.implementation)
     return self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))
