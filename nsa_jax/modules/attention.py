@@ -13,6 +13,7 @@ from nsa_jax.modules.compression import BlockCompressor
 from nsa_jax.modules.rope import apply_rope
 
 BRANCHES = ("cmp", "slc", "win")
+GATES = ("linear", "mlp")
 
 
 def _check_heads(num_heads, num_kv_heads):
@@ -24,6 +25,16 @@ def _check_heads(num_heads, num_kv_heads):
 def _check_head_dim(head_dim):
   if head_dim < 2 or head_dim % 2:
     raise ValueError(f"head_dim={head_dim} must be even and >= 2 (RoPE)")
+
+
+def _check_gate(gate, gate_hidden):
+  if gate not in GATES:
+    raise ValueError(f"gate={gate!r} is not one of {GATES}")
+  if gate_hidden is not None and (isinstance(gate_hidden, bool) or
+                                  not isinstance(gate_hidden, int) or
+                                  gate_hidden < 1):
+    raise ValueError(f"gate_hidden must be None or a positive int, got "
+                     f"{gate_hidden!r}")
 
 
 def _positions(x, positions):
@@ -39,7 +50,9 @@ class NSAAttention(nnx.Module):
   squeezes its keys/values into [B, Tc, Hkv, D] with ``BlockCompressor``
   (its keys after RoPE, so an MLP compressor sees absolute positions and the
   layer is not exactly shift-invariant; "mean" compression is);
-  gates = sigmoid(Linear(x)) [B, T, Hq, 3]; ``nsa_jax.ops.nsa_attention``
+  gates [B, T, Hq, 3] = sigmoid(Linear(x)) (``gate="linear"``) or, as the
+  paper derives them "via an MLP and sigmoid", sigmoid(Linear(SiLU(Linear(
+  x)))) (``gate="mlp"``); ``nsa_jax.ops.nsa_attention``
   mixes the branches; the output projection maps [B, T, Hq * Dv] back to
   [B, T, d_model].
   """
@@ -49,6 +62,7 @@ class NSAAttention(nnx.Module):
                config: NSAConfig = NSAConfig(), shared_kv: bool = False,
                compression: str = "mlp", compression_hidden: int | None = None,
                rope_base: float = 10000.0, impl: str = "auto",
+               gate: str = "linear", gate_hidden: int | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     """Args:
       d_model: model width.
@@ -60,6 +74,9 @@ class NSAAttention(nnx.Module):
       compression_hidden: width of the compression MLP.
       rope_base: RoPE wavelength base.
       impl: "auto", "pallas", "xla" or "reference" (see nsa_jax.ops).
+      gate: "linear" (one projection) or "mlp" (Linear -> SiLU -> Linear);
+        both end in a sigmoid and start at 0.5 (zero-initialised last layer).
+      gate_hidden: hidden width of the "mlp" gate, default d_model // 4.
       dtype: compute dtype; param_dtype: parameter dtype.
       rngs: parameter initialisation.
     """
@@ -71,6 +88,7 @@ class NSAAttention(nnx.Module):
     if not isinstance(config, NSAConfig):
       raise TypeError(f"config must be an NSAConfig, got {type(config)}")
     ops.resolve_impl(impl)
+    _check_gate(gate, gate_hidden)
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim, self.v_head_dim = head_dim, v_head_dim
@@ -90,8 +108,13 @@ class NSAAttention(nnx.Module):
         param_dtype=param_dtype, rngs=rngs)
     self.compress_k = compressor(head_dim)
     self.compress_v = compressor(v_head_dim)
-    self.gate_proj = linear(d_model, num_heads * len(BRANCHES),
-                            kernel_init=nnx.initializers.zeros_init())
+    self.gate = gate
+    if gate == "mlp":
+      self.gate_hidden_proj = linear(d_model,
+                                     gate_hidden or max(d_model // 4, 1))
+    self.gate_proj = linear(
+        d_model if gate == "linear" else self.gate_hidden_proj.out_features,
+        num_heads * len(BRANCHES), kernel_init=nnx.initializers.zeros_init())
     self.out_proj = linear(num_heads * v_head_dim, d_model, use_bias=False)
 
   def _kv(self, x, branch, positions):
@@ -121,8 +144,10 @@ class NSAAttention(nnx.Module):
     k_cmp_raw, v_cmp_raw = self._kv(x, "cmp", positions)
     k, v = self._kv(x, "slc", positions)
     k_win, v_win = self._kv(x, "win", positions)
+    hidden = x if self.gate == "linear" else jax.nn.silu(
+        self.gate_hidden_proj(x))
     gates = jax.nn.sigmoid(
-        self.gate_proj(x).reshape(b, t, self.num_heads, len(BRANCHES)))
+        self.gate_proj(hidden).reshape(b, t, self.num_heads, len(BRANCHES)))
     return dict(q=q, k=k, v=v, k_win=k_win, v_win=v_win,
                 k_cmp=self.compress_k(k_cmp_raw),
                 v_cmp=self.compress_v(v_cmp_raw), gates=gates)
