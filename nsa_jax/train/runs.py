@@ -150,13 +150,17 @@ def _num(value: float | None, spec: str) -> str:
 def summarize(results: dict[str, dict[str, Any]]) -> str:
   """A markdown table comparing the runs, including val loss at equal time.
 
-  Losses a run did not log (None) show as ``-``.
+  Losses a run did not log (None) show as ``-``; so does the peak memory of
+  a backend without memory statistics (CPU). A peak written ``<= X`` was
+  reached before the run started (an earlier run in the same process), so
+  it bounds the run's own peak from above.
   """
   budget = min(r["train_s"] for r in results.values())
   lines = [
       f"| attention | params | steps | final train loss | final val loss | "
-      f"val loss at {budget:.0f}s train time | train time (s) | tokens/s |",
-      "|---|---|---|---|---|---|---|---|",
+      f"val loss at {budget:.0f}s train time | train time (s) | tokens/s | "
+      f"peak memory |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in results.items():
     rows = metrics.read_metrics(r["metrics"]) if pathlib.Path(
@@ -169,7 +173,9 @@ def summarize(results: dict[str, dict[str, Any]]) -> str:
         f"| {name} | {r['params']:,} | {r['steps']} | "
         f"{_num(r['loss'], '.4f')} | {_num(r['val_loss'], '.4f')} | "
         f"{_num(evals[-1] if evals else None, '.4f')} | "
-        f"{r['train_s']:.1f} | {np.median(rates) if rates else 0:.0f} |")
+        f"{r['train_s']:.1f} | {np.median(rates) if rates else 0:.0f} | "
+        f"{metrics.format_bytes(r.get('peak_bytes'), r.get('peak_shared'))} "
+        f"|")
   return "\n".join(lines)
 
 
@@ -182,7 +188,8 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
   "fresh"); ``run_config.json`` is written once its run is accepted.
 
   Returns:
-    Per attention type: params, steps, loss, val_loss, train_s, metrics.
+    Per attention type: params, steps, loss, val_loss, train_s,
+    peak_bytes, peak_shared (see ``loop.RunResult``), metrics.
 
   Raises:
     RunRefused: a directory holds a run of another config.
@@ -199,6 +206,7 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
       _discard(run_dir, log)
     model = TransformerLM(model_cfg, rngs=nnx.Rngs(plan.train.seed))
     log(f"[{name}] {model_cfg}")
+    log(f"[{name}] {_param_count(model):,} parameters")
     train_it.restore({**train_it.state(), "step": 0})
 
     def write_config(run_dir=run_dir, name=name):
@@ -216,6 +224,8 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
                      "steps": result.final_step, "loss": result.final_loss,
                      "val_loss": result.final_val_loss,
                      "train_s": result.train_s,
+                     "peak_bytes": result.peak_bytes,
+                     "peak_shared": result.peak_shared,
                      "metrics": str(result.metrics_path)}
   table = summarize(results)
   log(table)
