@@ -242,3 +242,26 @@ class TransformerLM(nnx.Module):
     valid = (tokens >= 0) & (tokens < self.config.vocab_size)
     x = self.embed(jnp.where(valid, tokens, 0))
     return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+
+
+def count_params(config: LMConfig) -> int:
+  """Parameters of ``TransformerLM(config)``, counted without allocating.
+
+  NSA's count exceeds full attention's at the same shape: per-branch K/V
+  projections (unless ``shared_kv``), the two compression MLPs and the gates.
+  """
+  model = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
+  return sum(int(np.prod(x.shape)) for x in
+             jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def match_mlp_hidden(config: LMConfig, target: int, multiple: int = 64
+                     ) -> LMConfig:
+  """``config`` with the SwiGLU width whose parameter count is nearest
+  ``target`` (a multiple of ``multiple``, at least ``multiple``)."""
+  base = dataclasses.replace(config, mlp_hidden=multiple)
+  per_step = count_params(
+      dataclasses.replace(config, mlp_hidden=2 * multiple)) - count_params(
+          base)
+  steps = max(round((target - count_params(base)) / per_step), 0)
+  return dataclasses.replace(config, mlp_hidden=multiple * (steps + 1))

@@ -1,5 +1,7 @@
 """TransformerLM: logits, tying, bf16, causality and a few AdamW steps."""
 
+import dataclasses
+
 import chex
 from flax import nnx
 import jax
@@ -11,6 +13,8 @@ import pytest
 from nsa_jax import NSAConfig
 from nsa_jax.modules import LMConfig
 from nsa_jax.modules import TransformerLM
+from nsa_jax.modules.transformer import count_params
+from nsa_jax.modules.transformer import match_mlp_hidden
 
 VOCAB = 64
 
@@ -220,3 +224,28 @@ def test_mlp_gate_through_lm_config():
   assert num_params(mlp) == num_params(linear) + extra
   logits = forward(mlp, make_tokens(2, 30))
   chex.assert_tree_all_finite(logits)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(attention="full"), dict(attention="nsa"),
+    dict(attention="nsa", shared_kv=True, gate="mlp"),
+    dict(attention="nsa", compression="mean", tie_embeddings=False)])
+def test_count_params_counts_the_built_model(overrides):
+  config = make_config(**overrides)
+  model = TransformerLM(config, rngs=nnx.Rngs(0))
+  assert count_params(config) == num_params(model)
+
+
+def test_match_mlp_hidden_brings_full_nearest_to_nsa():
+  nsa = make_config(attention="nsa", num_layers=2)
+  full = make_config(attention="full", num_layers=2)
+  target = count_params(nsa)
+  assert count_params(full) < target  # per-branch K/V, compressors, gates
+  matched = match_mlp_hidden(full, target, multiple=8)
+  assert matched.mlp_hidden % 8 == 0
+  gap = abs(count_params(matched) - target)
+  for other in (matched.mlp_hidden - 8, matched.mlp_hidden + 8):
+    assert gap <= abs(count_params(
+        make_config(attention="full", num_layers=2, mlp_hidden=other))
+        - target)
+  assert dataclasses.replace(matched, mlp_hidden=full.mlp_hidden) == full

@@ -2,6 +2,7 @@
 
 import pytest
 
+from nsa_jax.modules.transformer import count_params
 from nsa_jax.train import cli
 from nsa_jax.train import presets
 
@@ -56,3 +57,15 @@ def test_one_flag_names_the_run_directory(tmp_path):
   plan = _plan("--preset", "gpu-16k", "--workdir", str(tmp_path / "x"))
   assert plan.workdir == tmp_path / "x"
   assert _plan("--preset", "gpu-16k").workdir.as_posix() == "runs/gpu-16k"
+
+
+def test_match_params_widens_only_the_full_model():
+  base = _plan("--preset", "gpu-8k")
+  plan = _plan("--preset", "gpu-8k", "--match-params")
+  nsa = count_params(plan.models["nsa"])
+  full = count_params(plan.models["full"])
+  assert plan.models["nsa"] == base.models["nsa"]
+  assert plan.models["full"].mlp_hidden > base.models["full"].mlp_hidden
+  assert abs(full - nsa) / nsa < 0.01
+  alone = _plan("--preset", "gpu-8k", "--match-params", "--attention", "full")
+  assert alone.models["full"] == plan.models["full"]

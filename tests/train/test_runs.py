@@ -57,6 +57,10 @@ def test_rerun_reports_a_finished_run_and_fresh_retrains(tmp_path, finished):
   assert again["full"]["loss"] == first["full"]["loss"]
   assert again["full"]["val_loss"] == first["full"]["val_loss"]
   assert "| full |" in (tmp_path / "summary.md").read_text()
+  params = first["full"]["params"]
+  assert f"[full] {params:,} parameters" in log
+  summary = (tmp_path / "summary.md").read_text()
+  assert f"| {params:,} |" in summary and "peak memory" in summary
   resumed, _ = _run(tmp_path, "--resume")  # crashed in summarize before
   assert resumed["full"]["loss"] == first["full"]["loss"]
   fresh, log = _run(tmp_path, "--fresh")
