@@ -33,6 +33,11 @@ from nsa_jax.train.cli import Plan
 from nsa_jax.train.config import TrainConfig
 
 RUN_CONFIG = "run_config.json"
+# Keys of run_config.json that do not identify a run: a run continues under
+# other values of them. "execution" holds LMConfig fields that change memory
+# and speed, not the math (EXECUTION_FIELDS).
+_UNCHECKED = ("train", "execution")
+EXECUTION_FIELDS = ("remat",)
 _RUN_FILES = (RUN_CONFIG, "metrics.jsonl", "checkpoints")
 
 
@@ -66,8 +71,14 @@ def make_data(plan: Plan, log: Callable[[str], None] = print):
 
 
 def run_config(plan: Plan, model: LMConfig) -> dict[str, Any]:
-  """What a checkpoint of this run must have been saved under."""
-  return {"model": dataclasses.asdict(model), "data": plan.data,
+  """What a checkpoint of this run must have been saved under.
+
+  ``EXECUTION_FIELDS`` of the model are left out: resuming with remat on or
+  off is the same run.
+  """
+  fields = {k: v for k, v in dataclasses.asdict(model).items()
+            if k not in EXECUTION_FIELDS}
+  return {"model": fields, "data": plan.data,
           "batch_size": plan.train.batch_size,
           "seq_len": plan.train.seq_len, "seed": plan.train.seed}
 
@@ -75,7 +86,7 @@ def run_config(plan: Plan, model: LMConfig) -> dict[str, Any]:
 def load_model_config(run_dir: str | pathlib.Path) -> LMConfig:
   """The LMConfig a run saved in ``<run_dir>/run_config.json``."""
   saved = json.loads((pathlib.Path(run_dir) / RUN_CONFIG).read_text())
-  model = saved["model"]
+  model = {**saved["model"], **saved.get("execution", {})}
   return LMConfig(**{**model, "nsa": NSAConfig(**model["nsa"])})
 
 
@@ -99,7 +110,7 @@ def load_run(run_dir: str | pathlib.Path,
       wrt=nnx.Param)
   with checkpoint_lib.Checkpointer(
       run_dir / "checkpoints",
-      config={k: v for k, v in saved.items() if k != "train"}) as ckpt:
+      config={k: v for k, v in saved.items() if k not in _UNCHECKED}) as ckpt:
     step = ckpt.restore(model, optimizer, log=log).step
   log(f"loaded {run_dir} at step {step}")
   return model
@@ -116,7 +127,7 @@ def _check_run_dir(run_dir: pathlib.Path, config: dict[str, Any],
   path = run_dir / RUN_CONFIG
   if path.exists():
     saved = json.loads(path.read_text())
-    saved = {k: v for k, v in saved.items() if k != "train"}
+    saved = {k: v for k, v in saved.items() if k not in _UNCHECKED}
     if saved != json.loads(json.dumps(config)):
       diff = sorted(k for k in set(saved) | set(config)
                     if saved.get(k) != config.get(k))
@@ -209,11 +220,12 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
     log(f"[{name}] {_param_count(model):,} parameters")
     train_it.restore({**train_it.state(), "step": 0})
 
-    def write_config(run_dir=run_dir, name=name):
+    def write_config(run_dir=run_dir, name=name, model_cfg=model_cfg):
       run_dir.mkdir(parents=True, exist_ok=True)
+      execution = {k: getattr(model_cfg, k) for k in EXECUTION_FIELDS}
       (run_dir / RUN_CONFIG).write_text(json.dumps(
-          {**configs[name], "train": dataclasses.asdict(plan.train)},
-          indent=1))
+          {**configs[name], "train": dataclasses.asdict(plan.train),
+           "execution": execution}, indent=1))
 
     result = loop.train(
         model, plan.train, train_it, run_dir, eval_data=evals,
