@@ -15,9 +15,9 @@ What runs where (``choose_implementation`` decides, from static facts only):
   per head (fine for short T; at 8k+ in training it runs out of memory on
   an 80 GB GPU).
 
-The limits are those jax 0.10.2 and 0.11.2 check before calling cuDNN
-(``check_is_flash_attention``) plus the backward's T rule measured on an
-H100 (``shared/PALLAS_TRITON.md``).
+The dtype and head-dim limits are those jax checks before it calls cuDNN
+(``check_is_flash_attention``, read in jax 0.10.2); the backward's T rule was
+measured on an H100 with jax 0.11.2.
 """
 
 from __future__ import annotations
