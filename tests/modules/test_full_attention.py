@@ -65,7 +65,7 @@ def _qkv(t, b=2, hq=4, hkv=2, d=16, seed=0):
 XLA = functools.partial(jax.nn.dot_product_attention, implementation="xla")
 
 
-@pytest.mark.parametrize("t", [1, 37, 64, 100, 130])
+@pytest.mark.parametrize("t", [1, 37, 64, 130])
 def test_padding_wrapper_equals_unpadded_attention(t):
   """XLA attention in cuDNN's place: T off 64 padded, forward and VJP."""
   q, k, v, d_out = _qkv(t)
@@ -79,13 +79,18 @@ def test_padding_wrapper_equals_unpadded_attention(t):
   padded = lambda q, k, v: da.padded_causal_attention(
       q, k, v, attention_fn=fake_cudnn)
   plain = lambda q, k, v: XLA(q, k, v, is_causal=True)
-  out, vjp = jax.vjp(padded, q, k, v)
-  want, want_vjp = jax.vjp(plain, q, k, v)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def forward_and_vjp(f, q, k, v, d_out):
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(d_out)
+
+  out, grads = forward_and_vjp(padded, q, k, v, d_out)
+  want, want_grads = forward_and_vjp(plain, q, k, v, d_out)
   assert seen and seen[0] == -(-t // 64) * 64
   chex.assert_shape(out, q.shape)
   chex.assert_trees_all_close(out, want, rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(vjp(d_out), want_vjp(d_out), rtol=1e-5,
-                              atol=1e-5)
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-5)
 
 
 def test_causal_attention_xla_matches_dot_product_attention():
