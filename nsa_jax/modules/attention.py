@@ -8,10 +8,12 @@ import jax.numpy as jnp
 
 from nsa_jax import ops
 from nsa_jax.config import NSAConfig
+from nsa_jax.modules import dense_attention
 from nsa_jax.modules.compression import BlockCompressor
 from nsa_jax.modules.rope import apply_rope
 
 BRANCHES = ("cmp", "slc", "win")
+GATES = ("linear", "mlp")
 
 
 def _check_heads(num_heads, num_kv_heads):
@@ -39,6 +41,16 @@ def _check_x(x):
                     f"ids first), got dtype {jnp.result_type(x)}")
 
 
+def _check_gate(gate, gate_hidden):
+  if gate not in GATES:
+    raise ValueError(f"gate={gate!r} is not one of {GATES}")
+  if gate_hidden is not None and (isinstance(gate_hidden, bool) or
+                                  not isinstance(gate_hidden, int) or
+                                  gate_hidden < 1):
+    raise ValueError(f"gate_hidden must be None or a positive int, got "
+                     f"{gate_hidden!r}")
+
+
 def _positions(x, positions):
   return jnp.arange(x.shape[1]) if positions is None else positions
 
@@ -52,7 +64,9 @@ class NSAAttention(nnx.Module):
   squeezes its keys/values into [B, Tc, Hkv, D] with ``BlockCompressor``
   (its keys after RoPE, so an MLP compressor sees absolute positions and the
   layer is not exactly shift-invariant; "mean" compression is);
-  gates = sigmoid(Linear(x)) [B, T, Hq, 3]; ``nsa_jax.ops.nsa_attention``
+  gates [B, T, Hq, 3] = sigmoid(Linear(x)) (``gate="linear"``) or, as the
+  paper derives them "via an MLP and sigmoid", sigmoid(Linear(SiLU(Linear(
+  x)))) (``gate="mlp"``); ``nsa_jax.ops.nsa_attention``
   mixes the branches; the output projection maps [B, T, Hq * Dv] back to
   [B, T, d_model].
   """
@@ -62,6 +76,7 @@ class NSAAttention(nnx.Module):
                config: NSAConfig = NSAConfig(), shared_kv: bool = False,
                compression: str = "mlp", compression_hidden: int | None = None,
                rope_base: float = 10000.0, impl: str = "auto",
+               gate: str = "linear", gate_hidden: int | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     """Args:
       d_model: model width.
@@ -75,6 +90,9 @@ class NSAAttention(nnx.Module):
       impl: "auto", "pallas", "xla" or "reference" (see nsa_jax.ops); an
         impl that cannot run this config (e.g. "pallas" with an l' the
         kernel lacks) is refused here, not at the first call.
+      gate: "linear" (one projection) or "mlp" (Linear -> SiLU -> Linear);
+        both end in a sigmoid and start at 0.5 (zero-initialised last layer).
+      gate_hidden: hidden width of the "mlp" gate, default d_model // 4.
       dtype: compute dtype; param_dtype: parameter dtype.
       rngs: parameter initialisation.
     """
@@ -86,6 +104,7 @@ class NSAAttention(nnx.Module):
                        f"{v_head_dim}")
     if not isinstance(config, NSAConfig):
       raise TypeError(f"config must be an NSAConfig, got {type(config)}")
+    _check_gate(gate, gate_hidden)
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
     ops.check_nsa_support(config, impl, num_heads=num_heads,
                           num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -109,8 +128,13 @@ class NSAAttention(nnx.Module):
         param_dtype=param_dtype, rngs=rngs)
     self.compress_k = compressor(head_dim)
     self.compress_v = compressor(v_head_dim)
-    self.gate_proj = linear(d_model, num_heads * len(BRANCHES),
-                            kernel_init=nnx.initializers.zeros_init())
+    self.gate = gate
+    if gate == "mlp":
+      self.gate_hidden_proj = linear(d_model,
+                                     gate_hidden or max(d_model // 4, 1))
+    self.gate_proj = linear(
+        d_model if gate == "linear" else self.gate_hidden_proj.out_features,
+        num_heads * len(BRANCHES), kernel_init=nnx.initializers.zeros_init())
     self.out_proj = linear(num_heads * v_head_dim, d_model, use_bias=False)
 
   def _kv(self, x, branch, positions):
@@ -139,8 +163,10 @@ class NSAAttention(nnx.Module):
     k_cmp_raw, v_cmp_raw = self._kv(x, "cmp", positions)
     k, v = self._kv(x, "slc", positions)
     k_win, v_win = self._kv(x, "win", positions)
+    hidden = x if self.gate == "linear" else jax.nn.silu(
+        self.gate_hidden_proj(x))
     gates = jax.nn.sigmoid(
-        self.gate_proj(x).reshape(b, t, self.num_heads, len(BRANCHES)))
+        self.gate_proj(hidden).reshape(b, t, self.num_heads, len(BRANCHES)))
     return dict(q=q, k=k, v=v, k_win=k_win, v_win=v_win,
                 k_cmp=self.compress_k(k_cmp_raw),
                 v_cmp=self.compress_v(v_cmp_raw), gates=gates)
@@ -157,20 +183,39 @@ class NSAAttention(nnx.Module):
 
 
 class FullAttention(nnx.Module):
-  """Dense causal GQA attention with RoPE, through jax.nn.dot_product_attention.
+  """Dense causal GQA attention with RoPE (``dense_attention``).
 
-  That call picks cuDNN's fused kernel on a GPU (for bf16/fp16) and XLA
-  elsewhere. Same projections and shapes as NSAAttention with one K/V set.
+  What runs where, with ``implementation="auto"``: on an NVIDIA GPU with a
+  bf16/fp16 compute dtype and a head dim cuDNN takes (multiple of 8, <= 256
+  on Hopper, <= 128 before), cuDNN's flash attention, any T (padded to a
+  multiple of 64 inside); elsewhere (CPU, float32, other head dims) XLA's
+  attention, which materialises ``T x T`` scores. Same projections and
+  shapes as NSAAttention with one K/V set.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
                head_dim: int, *, rope_base: float = 10000.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               implementation: str = "auto", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """Args:
+      d_model: model width.
+      num_heads: Hq. num_kv_heads: Hkv, dividing Hq.
+      head_dim: Dk = Dv.
+      rope_base: RoPE wavelength base.
+      implementation: "auto", "cudnn" (raises at call time where cuDNN does
+        not serve) or "xla"; see ``dense_attention.causal_attention``.
+      dtype: compute dtype; param_dtype: parameter dtype.
+      rngs: parameter initialisation.
+    """
     _check_d_model(d_model)
     _check_heads(num_heads, num_kv_heads)
     _check_head_dim(head_dim)
+    if implementation not in dense_attention.IMPLEMENTATIONS:
+      raise ValueError(f"implementation={implementation!r} is not one of "
+                       f"{dense_attention.IMPLEMENTATIONS}")
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim, self.rope_base = head_dim, rope_base
+    self.implementation = implementation
     linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
     self.q_proj = linear(d_model, num_heads * head_dim)
@@ -188,5 +233,6 @@ class FullAttention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = apply_rope(q, positions, self.rope_base)
     k = apply_rope(k, positions, self.rope_base)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out = dense_attention.causal_attention(
+        q, k, v, implementation=self.implementation)
     return self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))

@@ -12,12 +12,21 @@ import numpy as np
 from nsa_jax.config import NSAConfig
 from nsa_jax.data.token_ids import check_token_ids
 from nsa_jax.modules.attention import FullAttention
+from nsa_jax.modules.attention import GATES
 from nsa_jax.modules.attention import NSAAttention
 from nsa_jax.modules.compression import COMPRESSIONS
 from nsa_jax.validation import IMPLS
 
 ATTENTIONS = ("nsa", "full")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Per-block rematerialisation (nnx.remat, i.e. jax.checkpoint, around each
+# DecoderBlock): what the backward pass keeps of a block's forward.
+REMAT_POLICIES = {
+    "none": None,  # no remat: every activation is kept
+    "block": jax.checkpoint_policies.nothing_saveable,  # the block's input
+    # the input and matmul outputs without batch dims (the projections)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +44,19 @@ class LMConfig:
     nsa: NSA hyper-parameters (used when attention == "nsa").
     shared_kv: NSA branches share one K/V projection.
     compression: NSA compression function, "mlp" or "mean".
+    gate: NSA gate, "linear" (sigmoid of one projection) or "mlp" (sigmoid
+      of Linear -> SiLU -> Linear, the paper's wording).
+    gate_hidden: hidden width of the "mlp" gate, default d_model // 4.
     tie_embeddings: output projection is the transposed embedding.
     rope_base: RoPE wavelength base.
     impl: NSA implementation, see nsa_jax.ops.
     dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32.
     norm_eps: RMSNorm epsilon.
+    remat: per-block rematerialisation, a key of ``REMAT_POLICIES``:
+      "none", "block" (the backward recomputes each block from its input:
+      memory of one block's activations plus the residual stream) or "dots"
+      (keeps the projections' outputs too). Losses and gradients do not
+      change.
   """
 
   vocab_size: int = 256
@@ -54,11 +71,14 @@ class LMConfig:
   nsa: NSAConfig = NSAConfig()
   shared_kv: bool = False
   compression: str = "mlp"
+  gate: str = "linear"
+  gate_hidden: int | None = None
   tie_embeddings: bool = True
   rope_base: float = 10000.0
   impl: str = "auto"
   dtype: str = "float32"
   norm_eps: float = 1e-6
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads",
@@ -67,7 +87,7 @@ class LMConfig:
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"LMConfig.{name} must be a positive int, got "
                          f"{value!r}")
-    for name in ("v_head_dim", "mlp_hidden"):
+    for name in ("v_head_dim", "mlp_hidden", "gate_hidden"):
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or
                                 not isinstance(value, int) or value < 1):
@@ -100,6 +120,11 @@ class LMConfig:
     if self.compression not in COMPRESSIONS:
       raise ValueError(f"LMConfig.compression={self.compression!r} is not one "
                        f"of {COMPRESSIONS}")
+    if self.gate not in GATES:
+      raise ValueError(f"LMConfig.gate={self.gate!r} is not one of {GATES}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"LMConfig.remat={self.remat!r} is not one of "
+                       f"{tuple(REMAT_POLICIES)}")
     if self.impl not in IMPLS:
       raise ValueError(f"LMConfig.impl={self.impl!r} is not one of {IMPLS}")
     if self.dtype not in DTYPES:
@@ -140,7 +165,8 @@ class DecoderBlock(nnx.Module):
           config.d_model, config.num_heads, config.num_kv_heads,
           config.head_dim, v_head_dim=config.v_head_dim, config=config.nsa,
           shared_kv=config.shared_kv, compression=config.compression,
-          rope_base=config.rope_base, impl=config.impl, dtype=dtype, rngs=rngs)
+          rope_base=config.rope_base, impl=config.impl, gate=config.gate,
+          gate_hidden=config.gate_hidden, dtype=dtype, rngs=rngs)
     else:
       self.attn = FullAttention(
           config.d_model, config.num_heads, config.num_kv_heads,
@@ -150,6 +176,10 @@ class DecoderBlock(nnx.Module):
   def __call__(self, x, positions=None):
     x = x + self.attn(self.attn_norm(x), positions)
     return x + self.mlp(self.mlp_norm(x))
+
+
+def _call_block(block: DecoderBlock, x, positions):
+  return block(x, positions)
 
 
 class TransformerLM(nnx.Module):
@@ -195,8 +225,11 @@ class TransformerLM(nnx.Module):
     if concrete is not None:
       check_token_ids(concrete, self.config.vocab_size)
     x = self._embed(tokens)
+    policy = REMAT_POLICIES[self.config.remat]
+    call = _call_block if self.config.remat == "none" else nnx.remat(
+        _call_block, policy=policy)
     for layer in self.layers:
-      x = layer(x, positions)
+      x = call(layer, x, positions)
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
@@ -209,3 +242,26 @@ class TransformerLM(nnx.Module):
     valid = (tokens >= 0) & (tokens < self.config.vocab_size)
     x = self.embed(jnp.where(valid, tokens, 0))
     return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+
+
+def count_params(config: LMConfig) -> int:
+  """Parameters of ``TransformerLM(config)``, counted without allocating.
+
+  NSA's count exceeds full attention's at the same shape: per-branch K/V
+  projections (unless ``shared_kv``), the two compression MLPs and the gates.
+  """
+  model = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
+  return sum(int(np.prod(x.shape)) for x in
+             jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def match_mlp_hidden(config: LMConfig, target: int, multiple: int = 64
+                     ) -> LMConfig:
+  """``config`` with the SwiGLU width whose parameter count is nearest
+  ``target`` (a multiple of ``multiple``, at least ``multiple``)."""
+  base = dataclasses.replace(config, mlp_hidden=multiple)
+  per_step = count_params(
+      dataclasses.replace(config, mlp_hidden=2 * multiple)) - count_params(
+          base)
+  steps = max(round((target - count_params(base)) / per_step), 0)
+  return dataclasses.replace(config, mlp_hidden=multiple * (steps + 1))

@@ -16,7 +16,9 @@ from typing import Any
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.data import tokenizer
+from nsa_jax.modules.transformer import count_params
 from nsa_jax.modules.transformer import LMConfig
+from nsa_jax.modules.transformer import match_mlp_hidden
 from nsa_jax.train.config import TrainConfig
 from nsa_jax.train.presets import DATA_DEFAULTS
 from nsa_jax.train.presets import DEFAULT_PRESET
@@ -133,6 +135,10 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
   run.add_argument("--resume-step", type=int, default=None, metavar="STEP",
                    help="continue from this checkpoint step (implies "
                    "--resume)")
+  run.add_argument("--match-params", action="store_true",
+                   help="widen the full model's SwiGLU (--mlp-hidden) until "
+                   "its parameter count is nearest the NSA model's (fair "
+                   "comparison; default: same shape, NSA larger)")
   run.add_argument("--plot", default=True,
                    action=argparse.BooleanOptionalAction,
                    help="write loss_curves.png (default: on)")
@@ -189,6 +195,11 @@ def resolve(args: argparse.Namespace,
     nsa = NSAConfig(**_pick(values, NSAConfig, "nsa_"))
     models = {a: LMConfig(**_pick(values, LMConfig, skip=_MODEL_SKIP),
                           attention=a, nsa=nsa) for a in attentions}
+    if args.match_params and "full" in models:
+      nsa_model = LMConfig(**_pick(values, LMConfig, skip=_MODEL_SKIP),
+                           attention="nsa", nsa=nsa)
+      models["full"] = match_mlp_hidden(models["full"],
+                                        count_params(nsa_model))
     train_cfg = TrainConfig(**_pick(values, TrainConfig))
   except (ValueError, TypeError) as e:
     parser.error(str(e))

@@ -36,6 +36,12 @@ class RunResult:
     train_s: seconds spent in train steps, compilation excluded.
     elapsed_s: wall-clock seconds of the run (all sessions).
     metrics_path: the JSONL metrics file.
+    peak_bytes: the device's peak allocated bytes at the end (``memory_stats``
+      ``peak_bytes_in_use``); None where the backend has no such statistic
+      (CPU).
+    peak_shared: the peak was already reached before this run's training
+      started (an earlier run in the same process): ``peak_bytes`` is then
+      only an upper bound of this run's own peak.
   """
 
   start_step: int
@@ -45,6 +51,8 @@ class RunResult:
   train_s: float
   elapsed_s: float
   metrics_path: pathlib.Path
+  peak_bytes: int | None = None
+  peak_shared: bool = False
 
 
 def evaluate(model: nnx.Module, batches: Sequence[Batch]) -> float:
@@ -81,6 +89,7 @@ def _saved_result(metrics_path: pathlib.Path, step: int, steps: int,
           if metrics_path.exists() else [])
   rows = [r for r in rows if r.get("step", 0) <= step]
   losses = [r["loss"] for r in rows if r["kind"] == "train"]
+  peak, shared = peak_of_rows(rows)
   val_losses = [r["val_loss"] for r in rows if r["kind"] == "eval"]
   what = ("finished" if step == steps
           else f"past the requested {steps} steps")
@@ -89,7 +98,20 @@ def _saved_result(metrics_path: pathlib.Path, step: int, steps: int,
                    final_loss=losses[-1] if losses else None,
                    final_val_loss=val_losses[-1] if val_losses else None,
                    train_s=train_s, elapsed_s=elapsed_s,
-                   metrics_path=metrics_path)
+                   metrics_path=metrics_path, peak_bytes=peak,
+                   peak_shared=shared)
+
+
+def peak_of_rows(rows: Sequence[dict[str, Any]]) -> tuple[int | None, bool]:
+  """(peak bytes, shared) of a run from its train rows; (None, False) if
+  none recorded one. Shared when every row at that peak says so."""
+  peaks = [r for r in rows if r.get("kind") == "train"
+           and r.get("peak_bytes") is not None]
+  if not peaks:
+    return None, False
+  peak = max(r["peak_bytes"] for r in peaks)
+  return peak, all(r.get("peak_shared", False) for r in peaks
+                   if r["peak_bytes"] == peak)
 
 
 def _format_eta(seconds: float) -> str:
@@ -110,7 +132,9 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
   """Trains ``model`` in place for ``cfg.steps`` optimizer steps.
 
   Writes ``<workdir>/metrics.jsonl`` (rows ``kind="train"``: step, loss,
-  grad_norm, lr, tokens, tokens_per_s, train_s, elapsed_s; rows
+  grad_norm, lr, tokens, tokens_per_s, train_s, elapsed_s, peak_bytes (the
+  device's peak memory so far, None on CPU) and peak_shared (see
+  ``RunResult``); rows
   ``kind="eval"``: step, val_loss, train_s, elapsed_s) and orbax checkpoints
   under ``<workdir>/checkpoints``. With ``resume=True`` it restores the newest
   good checkpoint (model, optimizer, RNG, data position; a corrupt newer one
@@ -194,12 +218,17 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=name, unit="step",
                   disable=not show_bar, dynamic_ncols=True)
   session_start = time.perf_counter()
+  peak_before = metrics_lib.peak_bytes_in_use()
   # Timing covers train steps only: a segment opens after each step that
   # compiled, logged, evaluated or saved, and closes (blocking) before the
   # next of those.
   seg_start, compiled = None, False
   window_steps, window_s = 0, 0.0  # since the last train row
   loss = val_loss = None
+  peak = None
+
+  def peak_shared():
+    return bool(peak_before) and peak == peak_before
 
   def elapsed():
     return elapsed_before + time.perf_counter() - session_start
@@ -239,19 +268,22 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
         tokens_per_s = (window_steps * cfg.tokens_per_step / window_s
                         if window_steps and window_s > 0 else None)
         window_steps, window_s = 0, 0.0
+        peak = metrics_lib.peak_bytes_in_use()
         writer.write({
             "kind": "train", "step": done, "loss": loss,
             "grad_norm": float(out["grad_norm"]),
             "lr": float(schedule(step)),
             "tokens": done * cfg.tokens_per_step,
             "tokens_per_s": tokens_per_s, "train_s": train_s,
-            "elapsed_s": elapsed()})
+            "elapsed_s": elapsed(), "peak_bytes": peak,
+            "peak_shared": peak_shared()})
         rate = f"{tokens_per_s:.0f}" if tokens_per_s else "-"
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=rate)
         if not show_bar and (done % (cfg.log_every * 10) == 0 or is_last):
           eta = (cfg.steps - done) * train_s / max(done - start - 1, 1)
           log(f"[{name}] step {done}/{cfg.steps} loss {loss:.4f} "
-              f"{rate} tok/s eta {_format_eta(eta)}")
+              f"{rate} tok/s eta {_format_eta(eta)} peak memory "
+              f"{metrics_lib.format_bytes(peak, peak_shared())}")
       if do_eval:
         val_loss = evaluate(model, eval_data)
         writer.write({"kind": "eval", "step": done, "val_loss": val_loss,
@@ -271,6 +303,8 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
     bar.close()
     writer.close()
     ckpt.close()
+  peak, shared = peak_of_rows(metrics_lib.read_metrics(writer.path))
   return RunResult(start_step=start, final_step=cfg.steps, final_loss=loss,
                    final_val_loss=val_loss, train_s=train_s,
-                   elapsed_s=elapsed(), metrics_path=writer.path)
+                   elapsed_s=elapsed(), metrics_path=writer.path,
+                   peak_bytes=peak, peak_shared=shared)

@@ -1,10 +1,12 @@
-"""Metrics as JSON lines: one row per logged train step or eval pass."""
+"""Metrics as JSON lines (train and eval rows); the device's peak memory."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 from typing import Any
+
+import jax
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -47,3 +49,30 @@ class MetricsWriter:
 
   def close(self) -> None:
     self._file.close()
+
+
+def peak_bytes_in_use(device=None) -> int | None:
+  """The device's peak allocated bytes since the process started, or None.
+
+  Read from ``device.memory_stats()["peak_bytes_in_use"]`` (default
+  ``jax.local_devices()[0]``); None where the backend keeps no such
+  statistics (the CPU backend returns no stats). jax offers no reset: a
+  second run in the same process sees the first run's peak too.
+  """
+  if device is None:
+    device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if not stats or stats.get("peak_bytes_in_use") is None:
+    return None
+  return int(stats["peak_bytes_in_use"])
+
+
+def format_bytes(value: int | None, shared: bool = False) -> str:
+  """GiB with one decimal; "-" for None; "<=" when the peak is an upper
+  bound (reached before the run started, in the same process)."""
+  if value is None:
+    return "-"
+  return f"{'<= ' if shared else ''}{value / 2**30:.1f} GiB"

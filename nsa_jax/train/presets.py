@@ -25,21 +25,37 @@ _CPU_DEMO = {
 }
 
 
-def _gpu(seq_len: int, batch_size: int) -> dict[str, Any]:
-  """Short GPU runs (minutes on one H100/H200) at long context, paper NSA."""
+# The GPU presets' time budget. Every one trains B x T = 65,536 tokens per
+# step for 400 steps: 26.2M tokens per model, so tokens/s and peak memory
+# compare across T at equal work. On one H100 that assumes NSA at >= 200k
+# tok/s (measured 260-300k at 8k-32k, jax 0.11.2) and cuDNN dense attention
+# at >= 200k tok/s (its 64k attention, about 1.4 GFLOP per token per step,
+# at about 400 TFLOP/s): <= 130 s of train steps per model, plus about 30 s
+# of compilation and 5 evals of 4 batches and 2 checkpoints: NSA and full
+# together in about 5-6 minutes, within 8. More steps: ``--steps``.
+GPU_TOKENS_PER_STEP = 65_536
+GPU_STEPS = 400
+
+
+def _gpu(seq_len: int, **overrides: Any) -> dict[str, Any]:
+  """Short GPU runs (minutes on one H100) at long context, paper NSA."""
   return {
       "d_model": 512, "num_layers": 6, "num_heads": 8, "num_kv_heads": 2,
       "head_dim": 64, "mlp_hidden": 1536, "dtype": "bfloat16",
-      "steps": 600, "batch_size": batch_size, "seq_len": seq_len,
-      "lr": 1.5e-3, "warmup_steps": 60, "log_every": 10, "eval_every": 100,
-      "eval_batches": 4, "ckpt_every": 200, "passkey_rows": 1,
+      "steps": GPU_STEPS, "batch_size": GPU_TOKENS_PER_STEP // seq_len,
+      "seq_len": seq_len, "lr": 1.5e-3, "warmup_steps": 40, "log_every": 10,
+      "eval_every": 100, "eval_batches": 4, "ckpt_every": 200,
+      "passkey_rows": 1, **overrides,
   }
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": _CPU_DEMO,
-    "gpu-8k": _gpu(8192, 8),
-    "gpu-16k": _gpu(16384, 4),
-    "gpu-32k": _gpu(32768, 2),
+    "gpu-8k": _gpu(8192),
+    "gpu-16k": _gpu(16384),
+    "gpu-32k": _gpu(32768),
+    # Batch 1: no room for a passkey row (it must be < batch); remat per
+    # block keeps the step's memory near one block's activations at 64k.
+    "gpu-64k": _gpu(65536, passkey_rows=0, remat="block"),
 }
 DEFAULT_PRESET = "cpu-demo"

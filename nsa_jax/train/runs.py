@@ -33,6 +33,11 @@ from nsa_jax.train.cli import Plan
 from nsa_jax.train.config import TrainConfig
 
 RUN_CONFIG = "run_config.json"
+# Keys of run_config.json that do not identify a run: a run continues under
+# other values of them. "execution" holds LMConfig fields that change memory
+# and speed, not the math (EXECUTION_FIELDS).
+_UNCHECKED = ("train", "execution")
+EXECUTION_FIELDS = ("remat",)
 _RUN_FILES = (RUN_CONFIG, "metrics.jsonl", "checkpoints")
 
 
@@ -66,8 +71,14 @@ def make_data(plan: Plan, log: Callable[[str], None] = print):
 
 
 def run_config(plan: Plan, model: LMConfig) -> dict[str, Any]:
-  """What a checkpoint of this run must have been saved under."""
-  return {"model": dataclasses.asdict(model), "data": plan.data,
+  """What a checkpoint of this run must have been saved under.
+
+  ``EXECUTION_FIELDS`` of the model are left out: resuming with remat on or
+  off is the same run.
+  """
+  fields = {k: v for k, v in dataclasses.asdict(model).items()
+            if k not in EXECUTION_FIELDS}
+  return {"model": fields, "data": plan.data,
           "batch_size": plan.train.batch_size,
           "seq_len": plan.train.seq_len, "seed": plan.train.seed}
 
@@ -75,7 +86,7 @@ def run_config(plan: Plan, model: LMConfig) -> dict[str, Any]:
 def load_model_config(run_dir: str | pathlib.Path) -> LMConfig:
   """The LMConfig a run saved in ``<run_dir>/run_config.json``."""
   saved = json.loads((pathlib.Path(run_dir) / RUN_CONFIG).read_text())
-  model = saved["model"]
+  model = {**saved["model"], **saved.get("execution", {})}
   return LMConfig(**{**model, "nsa": NSAConfig(**model["nsa"])})
 
 
@@ -99,7 +110,7 @@ def load_run(run_dir: str | pathlib.Path,
       wrt=nnx.Param)
   with checkpoint_lib.Checkpointer(
       run_dir / "checkpoints",
-      config={k: v for k, v in saved.items() if k != "train"}) as ckpt:
+      config={k: v for k, v in saved.items() if k not in _UNCHECKED}) as ckpt:
     step = ckpt.restore(model, optimizer, log=log).step
   log(f"loaded {run_dir} at step {step}")
   return model
@@ -116,7 +127,7 @@ def _check_run_dir(run_dir: pathlib.Path, config: dict[str, Any],
   path = run_dir / RUN_CONFIG
   if path.exists():
     saved = json.loads(path.read_text())
-    saved = {k: v for k, v in saved.items() if k != "train"}
+    saved = {k: v for k, v in saved.items() if k not in _UNCHECKED}
     if saved != json.loads(json.dumps(config)):
       diff = sorted(k for k in set(saved) | set(config)
                     if saved.get(k) != config.get(k))
@@ -150,13 +161,17 @@ def _num(value: float | None, spec: str) -> str:
 def summarize(results: dict[str, dict[str, Any]]) -> str:
   """A markdown table comparing the runs, including val loss at equal time.
 
-  Losses a run did not log (None) show as ``-``.
+  Losses a run did not log (None) show as ``-``; so does the peak memory of
+  a backend without memory statistics (CPU). A peak written ``<= X`` was
+  reached before the run started (an earlier run in the same process), so
+  it bounds the run's own peak from above.
   """
   budget = min(r["train_s"] for r in results.values())
   lines = [
       f"| attention | params | steps | final train loss | final val loss | "
-      f"val loss at {budget:.0f}s train time | train time (s) | tokens/s |",
-      "|---|---|---|---|---|---|---|---|",
+      f"val loss at {budget:.0f}s train time | train time (s) | tokens/s | "
+      f"peak memory |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in results.items():
     rows = metrics.read_metrics(r["metrics"]) if pathlib.Path(
@@ -169,7 +184,9 @@ def summarize(results: dict[str, dict[str, Any]]) -> str:
         f"| {name} | {r['params']:,} | {r['steps']} | "
         f"{_num(r['loss'], '.4f')} | {_num(r['val_loss'], '.4f')} | "
         f"{_num(evals[-1] if evals else None, '.4f')} | "
-        f"{r['train_s']:.1f} | {np.median(rates) if rates else 0:.0f} |")
+        f"{r['train_s']:.1f} | {np.median(rates) if rates else 0:.0f} | "
+        f"{metrics.format_bytes(r.get('peak_bytes'), r.get('peak_shared'))} "
+        f"|")
   return "\n".join(lines)
 
 
@@ -182,7 +199,8 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
   "fresh"); ``run_config.json`` is written once its run is accepted.
 
   Returns:
-    Per attention type: params, steps, loss, val_loss, train_s, metrics.
+    Per attention type: params, steps, loss, val_loss, train_s,
+    peak_bytes, peak_shared (see ``loop.RunResult``), metrics.
 
   Raises:
     RunRefused: a directory holds a run of another config.
@@ -199,13 +217,15 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
       _discard(run_dir, log)
     model = TransformerLM(model_cfg, rngs=nnx.Rngs(plan.train.seed))
     log(f"[{name}] {model_cfg}")
+    log(f"[{name}] {_param_count(model):,} parameters")
     train_it.restore({**train_it.state(), "step": 0})
 
-    def write_config(run_dir=run_dir, name=name):
+    def write_config(run_dir=run_dir, name=name, model_cfg=model_cfg):
       run_dir.mkdir(parents=True, exist_ok=True)
+      execution = {k: getattr(model_cfg, k) for k in EXECUTION_FIELDS}
       (run_dir / RUN_CONFIG).write_text(json.dumps(
-          {**configs[name], "train": dataclasses.asdict(plan.train)},
-          indent=1))
+          {**configs[name], "train": dataclasses.asdict(plan.train),
+           "execution": execution}, indent=1))
 
     result = loop.train(
         model, plan.train, train_it, run_dir, eval_data=evals,
@@ -216,6 +236,8 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
                      "steps": result.final_step, "loss": result.final_loss,
                      "val_loss": result.final_val_loss,
                      "train_s": result.train_s,
+                     "peak_bytes": result.peak_bytes,
+                     "peak_shared": result.peak_shared,
                      "metrics": str(result.metrics_path)}
   table = summarize(results)
   log(table)

@@ -1,5 +1,7 @@
 """TransformerLM: logits, tying, bf16, causality and a few AdamW steps."""
 
+import dataclasses
+
 import chex
 from flax import nnx
 import jax
@@ -11,6 +13,8 @@ import pytest
 from nsa_jax import NSAConfig
 from nsa_jax.modules import LMConfig
 from nsa_jax.modules import TransformerLM
+from nsa_jax.modules.transformer import count_params
+from nsa_jax.modules.transformer import match_mlp_hidden
 
 VOCAB = 64
 
@@ -158,3 +162,90 @@ def test_out_of_range_ids_under_jit_embed_as_zeros(attention):
   zeros = nnx.jit(lambda m, t: m._embed(t))(model, bad)  # pylint: disable=protected-access
   assert float(jnp.abs(zeros[0, 20]).max()) == 0.0
   assert float(jnp.abs(zeros[0, 30]).max()) == 0.0
+
+
+def _loss_and_grads(config, tokens):
+  model = TransformerLM(config, rngs=nnx.Rngs(0))
+
+  def loss_fn(model):
+    logits = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, tokens[:, 1:]).mean()
+
+  loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+  return loss, nnx.to_pure_dict(grads)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_keeps_loss_and_gradients(attention, remat):
+  tokens = make_tokens(2, 41)
+  base = make_config(attention=attention, num_layers=2)
+  loss, grads = _loss_and_grads(base, tokens)
+  loss_r, grads_r = _loss_and_grads(
+      make_config(attention=attention, num_layers=2, remat=remat), tokens)
+  np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
+  chex.assert_trees_all_close(grads_r, grads, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_recomputes_blocks_in_the_backward_pass():
+  """The jaxpr of the gradient holds one checkpoint (remat) per block."""
+  tokens = make_tokens(1, 17)
+
+  def remat_count(remat):
+    model = TransformerLM(make_config(attention="full", num_layers=3,
+                                      remat=remat), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    loss = lambda p: nnx.merge(graphdef, p)(tokens).sum()
+    return str(jax.make_jaxpr(jax.grad(loss))(params)).count("remat")
+
+  assert remat_count("none") == 0
+  assert remat_count("block") >= 3
+
+
+def test_gate_and_remat_options_are_validated():
+  with pytest.raises(ValueError, match="remat='all'"):
+    make_config(remat="all")
+  with pytest.raises(ValueError, match="gate='conv'"):
+    make_config(gate="conv")
+  with pytest.raises(ValueError, match="gate_hidden"):
+    make_config(gate="mlp", gate_hidden=0)
+
+
+def test_mlp_gate_through_lm_config():
+  linear = TransformerLM(make_config(), rngs=nnx.Rngs(0))
+  mlp = TransformerLM(make_config(gate="mlp", gate_hidden=12),
+                      rngs=nnx.Rngs(0))
+  attn = mlp.layers[0].attn
+  assert attn.gate == "mlp" and attn.gate_hidden_proj.out_features == 12
+  assert linear.layers[0].attn.gate == "linear"
+  d, hq = 32, 4
+  extra = (d * 12 + 12) + (12 * 3 * hq) - (d * 3 * hq)
+  assert num_params(mlp) == num_params(linear) + extra
+  logits = forward(mlp, make_tokens(2, 30))
+  chex.assert_tree_all_finite(logits)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(attention="full"), dict(attention="nsa"),
+    dict(attention="nsa", shared_kv=True, gate="mlp"),
+    dict(attention="nsa", compression="mean", tie_embeddings=False)])
+def test_count_params_counts_the_built_model(overrides):
+  config = make_config(**overrides)
+  model = TransformerLM(config, rngs=nnx.Rngs(0))
+  assert count_params(config) == num_params(model)
+
+
+def test_match_mlp_hidden_brings_full_nearest_to_nsa():
+  nsa = make_config(attention="nsa", num_layers=2)
+  full = make_config(attention="full", num_layers=2)
+  target = count_params(nsa)
+  assert count_params(full) < target  # per-branch K/V, compressors, gates
+  matched = match_mlp_hidden(full, target, multiple=8)
+  assert matched.mlp_hidden % 8 == 0
+  gap = abs(count_params(matched) - target)
+  for other in (matched.mlp_hidden - 8, matched.mlp_hidden + 8):
+    assert gap <= abs(count_params(
+        make_config(attention="full", num_layers=2, mlp_hidden=other))
+        - target)
+  assert dataclasses.replace(matched, mlp_hidden=full.mlp_hidden) == full

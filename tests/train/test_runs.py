@@ -57,6 +57,10 @@ def test_rerun_reports_a_finished_run_and_fresh_retrains(tmp_path, finished):
   assert again["full"]["loss"] == first["full"]["loss"]
   assert again["full"]["val_loss"] == first["full"]["val_loss"]
   assert "| full |" in (tmp_path / "summary.md").read_text()
+  params = first["full"]["params"]
+  assert f"[full] {params:,} parameters" in log
+  summary = (tmp_path / "summary.md").read_text()
+  assert f"| {params:,} |" in summary and "peak memory" in summary
   resumed, _ = _run(tmp_path, "--resume")  # crashed in summarize before
   assert resumed["full"]["loss"] == first["full"]["loss"]
   fresh, log = _run(tmp_path, "--fresh")
@@ -112,3 +116,16 @@ def test_resume_into_an_empty_workdir_is_one_clean_line(tmp_path):
       f"error: cannot resume: checkpoint directory "
       f"{tmp_path / 'new' / 'full' / 'checkpoints'} does not exist"]
   assert not (tmp_path / "new").exists()
+
+
+def test_remat_is_not_part_of_a_runs_identity(tmp_path, finished):
+  """Resuming with remat switched on is the same run, recorded as such."""
+  first = _copy(finished, tmp_path)
+  results, log = _run(tmp_path, "--resume-step", "2", "--remat", "block")
+  assert "resumed from" in log
+  assert abs(results["full"]["loss"] - first["full"]["loss"]) < 1e-5
+  saved = runs.load_model_config(tmp_path / "full")
+  assert saved.remat == "block" and saved.d_model == 32
+  with pytest.raises(runs.RunRefused, match="differing: model"):
+    _run(tmp_path, "--resume", "--gate", "mlp", "--attention", "full",
+         "--mlp-hidden", "96")
