@@ -3,6 +3,7 @@
   python experiments/bench_kernels.py                  # all shapes, 8k-128k
   python experiments/bench_kernels.py --shapes 64/4/128/128 --seq-lens 65536
   python experiments/bench_kernels.py --plot-only      # redraw the plot
+  python experiments/bench_kernels.py --tune           # time launch candidates
   python experiments/bench_kernels.py --smoke          # CPU, interpret
 
 Per shape: full NSA (``ops.nsa_attention(impl="pallas")``) against cuDNN's
@@ -54,6 +55,11 @@ def main(argv=None):
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--out", default="outputs/bench_kernels")
   parser.add_argument("--plot-only", action="store_true")
+  parser.add_argument("--tune", action="store_true",
+                      help="time the launch candidates of each kernel at "
+                      "--profile-len instead of the sweep")
+  parser.add_argument("--tune-kernels", default="compressed,selected,"
+                      "block_scores")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shape on the CPU in interpret mode")
   args = parser.parse_args(argv)
@@ -78,6 +84,11 @@ def main(argv=None):
     iters, reps, profile_len = args.iters, args.reps, args.profile_len
     peak = benchmark.measured_peak_tflops()
     print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
+  if args.tune:
+    for shape in shapes:
+      benchmark.tune(shape, profile_len, config, dtype,
+                     kernels=args.tune_kernels.split(","), log=log)
+    return
   rows = benchmark.run_sweep(shapes, seq_lens, config, dtype, iters=iters,
                              reps=reps, interpret=interpret, log=log)
   print("\n" + benchmark.speedup_table(rows), flush=True)

@@ -318,3 +318,76 @@ def save_rows(path: str, rows):
     json.dump([dict(r, shape=dataclasses.asdict(r["shape"]))
                for r in merged.values()], f, indent=1)
   return list(merged.values())
+
+
+# Launch candidates ``tune`` times per kernel: (rows, second tile, warps,
+# stages), the table's format (``pallas_kernels.launch_config``); for the
+# block-score kernel the second entry is unused (16 blocks per step).
+TUNE_CANDIDATES = {
+    "compressed": [(rows, block_k, warps, stages)
+                   for rows in (64, 128) for block_k in (32, 64)
+                   for warps in (4, 8) for stages in (2, 3)],
+    "selected": [(16, 64, warps, stages) for warps in (1, 2, 4)
+                 for stages in (2, 3, 4)],
+    "block_scores": [(rows, 16, warps, stages) for rows in (64, 128)
+                     for warps in (4, 8) for stages in (1, 2)],
+}
+
+
+def tune(shape: Shape, seq_len: int, config: NSAConfig, dtype, *,
+         kernels=("compressed", "selected", "block_scores"), iters=3,
+         reps=3, log=print):
+  """Times each launch candidate (forward+backward where there is one).
+
+  Returns:
+    dict kernel -> (best ms, best candidate); the winners go into
+    ``pallas_kernels/launch_config.py`` (and ``block_scores.default_launch``).
+  """
+  import pallas_kernels as pk  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import triton_compat as tc  # pylint: disable=g-import-not-at-top
+  x = make_inputs(shape, seq_len, config, dtype)
+  q, k, v, k_cmp, v_cmp = (x[n] for n in ("q", "k", "v", "k_cmp", "v_cmp"))
+  _, lse = ops.compressed_attention(q, k_cmp, v_cmp,
+                                    block_size=config.cmp_block,
+                                    stride=config.cmp_stride, impl="pallas")
+  idx = ops.select_blocks(q, k_cmp, lse, config, impl="pallas")
+  group_p = tc.next_pow2(shape.hq // shape.hkv)
+  positions = lambda rows: max(1, rows // group_p)
+
+  def candidate_fn(kernel, entry):
+    rows, second, warps, stages = entry
+    if kernel == "compressed":
+      f = lambda q, kc, vc: pk.compressed_attention(
+          q, kc, vc, block_size=config.cmp_block, stride=config.cmp_stride,
+          block_q=positions(rows), block_k=second, num_warps=warps,
+          num_stages=stages)
+      return fwd_bwd(f, (0, 1, 2)), (q, k_cmp, v_cmp)
+    if kernel == "selected":
+      f = lambda q, k, v: pk.selected_attention(
+          q, k, v, idx, block_size=config.sel_block, block_q=positions(rows),
+          block_q_dkv=positions(second), num_warps=warps, num_stages=stages)
+      return fwd_bwd(f, (0, 1, 2)), (q, k, v)
+    launch = pk.ScoreLaunch(block_q=positions(rows), num_warps=warps,
+                            num_stages=stages)
+    f = lambda q, kc, lse: pk.select_blocks(
+        q, kc, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+        sel_block=config.sel_block, num_selected=config.num_selected,
+        num_initial=config.num_initial, num_local=config.num_local,
+        launch=launch)
+    return f, (q, k_cmp, lse)
+
+  best = {}
+  for kernel in kernels:
+    for entry in TUNE_CANDIDATES[kernel]:
+      fn, args = candidate_fn(kernel, entry)
+      try:
+        ms = time_ms(fn, *args, iters=iters, reps=reps)
+      except Exception as e:  # pylint: disable=broad-except
+        log(f"{kernel} {entry}: failed: {str(e).splitlines()[0][:100]}")
+        continue
+      log(f"{kernel} {entry}: {ms:.3f} ms")
+      if kernel not in best or ms < best[kernel][0]:
+        best[kernel] = (ms, entry)
+    if kernel in best:
+      log(f"BEST {kernel} {shape} T={seq_len}: {best[kernel]}")
+  return best

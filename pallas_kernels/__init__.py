@@ -1,6 +1,7 @@
 """Pallas Triton kernels of Native Sparse Attention (jax only, no flax)."""
 
 from pallas_kernels.block_scores import block_scores
+from pallas_kernels.block_scores import ScoreLaunch
 from pallas_kernels.block_select import select_blocks
 from pallas_kernels.block_select import supports_selection
 from pallas_kernels.compressed_attention import compressed_attention
@@ -13,6 +14,7 @@ from pallas_kernels.triton_compat import default_interpret
 
 __all__ = [
     "LaunchConfig",
+    "ScoreLaunch",
     "SelectedLaunchConfig",
     "block_scores",
     "compressed_attention",

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 from pallas_kernels import group_tiles
 from pallas_kernels import triton_compat as tc
 
-# Query rows (positions x padded group) per program, and selection blocks per
-# inner step, by input itemsize: fp32 tiles hold twice the bytes, so they
-# take half the rows to stay inside shared memory.
-_ROWS = {2: 128, 4: 64}
+# Query rows (positions x padded group) per program by input itemsize, and
+# selection blocks per inner step. Measured on an H100 (T = 64k, Hq 64 /
+# Hkv 4 / D 128, bf16, scores + top-n): 64 rows, 4 warps, 2 stages took
+# 13.1 ms; 128 rows 14.3-15.0 ms; 256 rows 18-20 ms; 8 warps at 64 rows 27 ms.
+_ROWS = {2: 64, 4: 64}
 _BLOCK_SEL = 16
 
 

@@ -69,7 +69,8 @@ def step(carry, s, mask, v, bad_keys, c):
     s: float32 [rows, keys] raw dots q.k (any value where masked).
     mask: bool [rows, keys], True where the row sees the key.
     v: [keys, Dv] value tile, non-finite rows zeroed (``values``).
-    bad_keys: int32 [keys], 1 where the key or value was non-finite.
+    bad_keys: int32 [keys], 1 where the key or value was non-finite; None
+      when the caller has already cleaned its keys (no per-tile check).
     c: scale * log2(e), a positive Python float.
 
   Returns:
@@ -84,8 +85,9 @@ def step(carry, s, mask, v, bad_keys, c):
   alpha = jnp.exp2((m - m_safe) * c)  # [rows]
   p = jnp.exp2((s - m_safe[:, None]) * c)  # [rows, keys], 0 where masked
   acc = alpha[:, None] * acc + tc.dot(p.astype(v.dtype), v)
-  seen_bad = jnp.where(mask, bad_keys[None, :], 0)
-  bad = jnp.maximum(bad, jnp.max(seen_bad, axis=1))
+  if bad_keys is not None:
+    seen_bad = jnp.where(mask, bad_keys[None, :], 0)
+    bad = jnp.maximum(bad, jnp.max(seen_bad, axis=1))
   return acc, m_new, alpha * l + jnp.sum(p, axis=1), bad
 
 

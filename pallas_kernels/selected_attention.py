@@ -137,11 +137,6 @@ def _load_block(ref, blk, block_size):
              :]
 
 
-def _load_values(ref, blk, block_size):
-  """A [l', D] key or value block, non-finite rows zeroed, and those rows."""
-  return online_softmax.values(_load_block(ref, blk, block_size))
-
-
 def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, m_ref, log2l_ref, *,
                 st: _Static):
   """Online softmax (FlashAttention-2) over the tile's selected blocks.
@@ -153,11 +148,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, m_ref, log2l_ref, *,
   q, t = group_tiles.query_tile(q_ref)
 
   def update(carry, blk, mask):
-    k, bad_k = _load_values(k_ref, blk, st.block_size)  # [l', Dk]
-    v, bad_v = _load_values(v_ref, blk, st.block_size)  # [l', Dv]
+    k = _load_block(k_ref, blk, st.block_size)  # [l', Dk]
+    v = _load_block(v_ref, blk, st.block_size)  # [l', Dv]
     s = tc.dot(q, k, trans_b=True)  # [rows, l'] raw dots
-    return online_softmax.step(carry, s, mask, v, jnp.maximum(bad_k, bad_v),
-                               st.scale * tc.LOG2E)
+    return online_softmax.step(carry, s, mask, v, None, st.scale * tc.LOG2E)
 
   carry = online_softmax.init(q.shape[0], v_ref.shape[-1])
   out, m, log2l, _ = online_softmax.finalize(
@@ -183,8 +177,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, m_ref, log2l_ref,
   delta = delta_ref[...].reshape(rows)
 
   def update(dq, blk, mask):
-    k, _ = _load_values(k_ref, blk, st.block_size)
-    v, _ = _load_values(v_ref, blk, st.block_size)
+    k = _load_block(k_ref, blk, st.block_size)
+    v = _load_block(v_ref, blk, st.block_size)
     s = tc.dot(q, k, trans_b=True)
     p = online_softmax.probabilities(s, mask, m, log2l, st.scale * tc.LOG2E)
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
@@ -217,8 +211,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   num_segments = _I32(st.num_segments)
   blk = lax.div(pl.program_id(1), num_segments)
   seg = lax.rem(pl.program_id(1), num_segments)
-  k, _ = online_softmax.values(k_ref[...])
-  v, _ = online_softmax.values(v_ref[...])
+  k = k_ref[...]
+  v = v_ref[...]
   key_pos = blk * st.block_size + jnp.arange(st.block_size, dtype=_I32)
   lo = offsets_ref[blk] + seg * st.segment
   hi = jnp.minimum(offsets_ref[blk + 1], lo + st.segment)
@@ -448,6 +442,51 @@ def valid_block_indices(block_indices, num_blocks: int):
   return jnp.where(keep, idx, -1).astype(jnp.int32)
 
 
+def _non_finite_keys(k, v, block_indices, st: _Static):
+  """Masked keys contribute nothing, whatever they hold (issue 10, item 4).
+
+  Rows of K or V with a non-finite entry are zeroed before the kernel (so
+  0 * inf never reaches a product), and the queries that can see one of them
+  are found here, in XLA, to be set to NaN after it, as every path of the
+  library does. Doing this outside the kernel keeps its loop free of
+  per-tile checks (done per K/V tile in the loop, they made the forward 2.3x
+  slower at T = 64k on an H100: each tile had to pass through registers
+  before its matmul). Cost: one read and write of K and V, and a gather of
+  one int32 per (position, slot).
+
+  Args:
+    k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
+    block_indices: int32 [B, T, Hkv, n], entries in [0, Ts) or -1.
+    st: static settings (with ``window``, the table must cover the window,
+      as ``sliding_window`` builds it).
+
+  Returns:
+    (k, v with bad rows zeroed, bool [B, T, Hkv]: the query sees a bad key).
+  """
+  batch, seq_len, hkv, _ = k.shape
+  bad = ~(jnp.isfinite(k).all(-1) & jnp.isfinite(v).all(-1))  # [B, T, Hkv]
+  k = jnp.where(bad[..., None], jnp.zeros((), k.dtype), k)
+  v = jnp.where(bad[..., None], jnp.zeros((), v.dtype), v)
+  t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]
+  if st.window is not None:
+    # Keys t - w < s <= t: a count of bad keys over that range.
+    count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
+    before = jnp.pad(count, ((0, 0), (st.window, 0), (0, 0)))[:, :seq_len]
+    return k, v, count - before > 0
+  # Selected blocks: the first bad position of each block is <= t.
+  num_blocks = -(-seq_len // st.block_size)
+  pos = jnp.where(bad, t, jnp.int32(2 ** 30))
+  pos = tc.pad_axis(pos, 1, num_blocks * st.block_size, 2 ** 30)
+  first_bad = pos.reshape(batch, num_blocks, st.block_size, hkv).min(2)
+  n = block_indices.shape[-1]
+  idx = jnp.maximum(block_indices, 0).transpose(0, 2, 1, 3)  # [B, Hkv, T, n]
+  gathered = jnp.take_along_axis(
+      first_bad.transpose(0, 2, 1), idx.reshape(batch, hkv, seq_len * n),
+      axis=2).reshape(batch, hkv, seq_len, n).transpose(0, 2, 1, 3)
+  sees = (block_indices >= 0) & (gathered <= t[..., None])
+  return k, v, sees.any(-1)
+
+
 def supports_block_size(block_size: int) -> bool:
   """Whether the kernel takes this l': a power of two >= tc.MIN_DOT_DIM."""
   return block_size >= tc.MIN_DOT_DIM and not block_size & (block_size - 1)
@@ -574,4 +613,7 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
     return jnp.zeros((batch, seq_len, num_heads, v.shape[-1]), q.dtype)
   block_indices = valid_block_indices(block_indices,
                                       -(-seq_len // block_size))
-  return _selected_attention(q, k, v, block_indices, st)
+  k, v, sees_bad = _non_finite_keys(k, v, block_indices, st)
+  out = _selected_attention(q, k, v, block_indices, st)
+  sees_bad = jnp.repeat(sees_bad, group, axis=2)[..., None]  # [B, T, Hq, 1]
+  return jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out)

@@ -9,6 +9,10 @@ import pytest
 
 from nsa_cases import CASES
 
+# References compute float32 matmuls at full precision on every backend (a
+# GPU's default is TF32, about 1e-3 off), so kernels are held to float32.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def pytest_configure(config):
   config.addinivalue_line(
