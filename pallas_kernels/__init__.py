@@ -4,6 +4,7 @@ from pallas_kernels.block_scores import block_scores
 from pallas_kernels.block_select import select_blocks
 from pallas_kernels.block_select import supports_selection
 from pallas_kernels.compressed_attention import compressed_attention
+from pallas_kernels.decode_attention import block_sparse_decode
 from pallas_kernels.launch_config import LaunchConfig
 from pallas_kernels.selected_attention import selected_attention
 from pallas_kernels.selected_attention import supports_block_size
@@ -12,6 +13,7 @@ from pallas_kernels.triton_compat import default_interpret
 
 __all__ = [
     "LaunchConfig",
+    "block_sparse_decode",
     "block_scores",
     "compressed_attention",
     "default_interpret",
