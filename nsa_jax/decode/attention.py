@@ -246,8 +246,19 @@ def select_decode_blocks(p_cmp, positions, config: NSAConfig,
   return top_n_at(scores, positions, config)
 
 
+def _use_kernel(impl: str, num_queries: int, block_size: int) -> bool:
+  """Whether the selected branch runs the Pallas decode kernel."""
+  from nsa_jax import ops  # pylint: disable=g-import-not-at-top
+
+  resolved = ops.resolve_impl(impl)
+  if resolved != "pallas" or num_queries != 1:
+    return False
+  supported = block_size >= 16 and not block_size & (block_size - 1)
+  return supported or impl == "pallas"  # explicit: the kernel's own error
+
+
 def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
-               scale=None):
+               scale=None, impl: str = "auto"):
   """NSA output of a step's queries against a cache that already holds them.
 
   Args:
@@ -258,6 +269,11 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
       included).
     config: NSA hyper-parameters.
     scale: default 1/sqrt(Dk).
+    impl: "pallas" runs the selected branch of a one-token step with the
+      Pallas kernel ``pallas_kernels.block_sparse_decode`` (interpret mode
+      without a GPU); "auto" does so on a GPU when l' is a power of two
+      >= 16; otherwise (and for several tokens a step) everything is XLA.
+      "xla" and "reference" are the XLA path.
 
   Returns:
     [B, Q, Hq, Dv] in q.dtype; NaN for rows past ``max_length``.
@@ -273,8 +289,15 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
       q, cache.k_cmp, cache.v_cmp, lengths, config, scale=scale)
   num_blocks = cache.k.shape[1] // config.sel_block
   table = select_decode_blocks(p_cmp, positions, config, num_blocks, hkv)
-  o_slc, _ = block_sparse_decode(q, cache.k, cache.v, table, lengths,
-                                 block_size=config.sel_block, scale=scale)
+  if _use_kernel(impl, nq, config.sel_block):
+    import pallas_kernels  # pylint: disable=g-import-not-at-top
+    o_slc, _ = pallas_kernels.block_sparse_decode(
+        q[:, 0], cache.k, cache.v, table[:, 0], lengths,
+        block_size=config.sel_block, scale=scale)
+    o_slc = o_slc[:, None]
+  else:
+    o_slc, _ = block_sparse_decode(q, cache.k, cache.v, table, lengths,
+                                   block_size=config.sel_block, scale=scale)
   if cache.shared_kv:
     # The window reads the raw cache: gather the newest Rw positions.
     span = min(config.window + nq - 1, cache.k.shape[1])

@@ -206,7 +206,7 @@ def nsa_decode_step(layer, x, cache: cache_lib.NSACache):
     new.update(k_cmp=cache_lib.write(cache.k_cmp, k_new, index),
                v_cmp=cache_lib.write(cache.v_cmp, v_new, index))
   cache = cache.replace(**new)
-  out = attn_lib.nsa_decode(q, gates, cache, layer.config)
+  out = attn_lib.nsa_decode(q, gates, cache, layer.config, impl=layer.impl)
   out = layer.out_proj(out.reshape(b, nq, layer.num_heads * layer.v_head_dim))
   return out, cache
 
