@@ -187,3 +187,17 @@ def test_cache_is_a_pytree_with_the_documented_shapes(attention):
   assert all(isinstance(x, jax.Array) for x in leaves)
   moved = jax.jit(lambda c: c)(cache)
   assert moved.max_length == 40
+
+
+def test_decode_with_the_pallas_kernel_equals_full_forward():
+  # impl="pallas": prefill through the training kernels and the selected
+  # branch of every step through the decode kernel (interpret mode on CPU).
+  model = make_model(impl="pallas")
+  tokens = make_tokens(2, 56, seed=8)
+  full = forward(model, tokens)
+  cache = model.init_cache(2, 56)
+  _, cache = prefill(model, tokens[:, :40], cache, None)
+  for t in range(40, 56):
+    step_logits, cache = decode_step(model, tokens[:, t:t + 1], cache)
+    np.testing.assert_allclose(step_logits[:, 0], full[:, t],
+                               err_msg=f"{t=}", **TOL)
