@@ -34,7 +34,7 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _concrete(x):
+def concrete(x):
   """``x`` as numpy, or None when it is traced."""
   try:
     return np.asarray(x)
@@ -55,7 +55,7 @@ def check_capacity(lengths, num_new: int, max_length: int, what: str = ""):
   Raises:
     CacheOverflowError: naming the first row that does not fit.
   """
-  lengths = _concrete(lengths)
+  lengths = concrete(lengths)
   if lengths is None:
     return
   over = np.nonzero(lengths + num_new > max_length)[0]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nsa_jax import ops
 from nsa_jax.data.token_ids import check_token_ids
@@ -29,9 +28,12 @@ from nsa_jax.decode import cache as cache_lib
 from nsa_jax.modules.rope import apply_rope
 
 
-def _check_x(x):
+def _check_x(x, cache):
   if x.ndim != 3:
     raise ValueError(f"x must be [B, T, d_model], got {x.shape=}")
+  if x.shape[0] != cache.lengths.shape[0]:
+    raise ValueError(f"x has batch {x.shape[0]}, the cache "
+                     f"{cache.lengths.shape[0]} rows (init_cache's batch)")
 
 
 def _prompt_lengths(x, lengths):
@@ -43,10 +45,10 @@ def _prompt_lengths(x, lengths):
   if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths must be int [B] with B={b}, got "
                      f"{lengths.shape} {lengths.dtype}")
-  concrete = cache_lib._concrete(lengths)  # pylint: disable=protected-access
-  if concrete is not None and ((concrete < 1) | (concrete > t)).any():
+  known = cache_lib.concrete(lengths)
+  if known is not None and ((known < 1) | (known > t)).any():
     raise ValueError(f"prompt lengths must lie in [1, T={t}], got "
-                     f"{concrete.tolist()}")
+                     f"{known.tolist()}")
   return lengths.astype(jnp.int32)
 
 
@@ -110,7 +112,7 @@ def nsa_prefill(layer, x, cache: cache_lib.NSACache, lengths=None):
   Raises:
     CacheOverflowError: T > max_length.
   """
-  _check_x(x)
+  _check_x(x, cache)
   b, t, _ = x.shape
   _check_prefill_fits(t, cache)
   lengths = _prompt_lengths(x, lengths)
@@ -175,7 +177,7 @@ def nsa_decode_step(layer, x, cache: cache_lib.NSACache):
     CacheOverflowError: a concrete row would pass max_length.
     ValueError: Q > the cache's max_query_len.
   """
-  _check_x(x)
+  _check_x(x, cache)
   b, nq, _ = x.shape
   if nq > cache.max_query_len:
     raise ValueError(f"decode_step got {nq} tokens per row, the cache was "
@@ -238,7 +240,7 @@ def full_prefill(layer, x, cache: cache_lib.FullCache, lengths=None):
 
   Args, Returns, Raises: as ``nsa_prefill``.
   """
-  _check_x(x)
+  _check_x(x, cache)
   b, t, _ = x.shape
   _check_prefill_fits(t, cache)
   lengths = _prompt_lengths(x, lengths)
@@ -253,7 +255,7 @@ def full_prefill(layer, x, cache: cache_lib.FullCache, lengths=None):
 
 def full_decode_step(layer, x, cache: cache_lib.FullCache):
   """The next Q tokens of every row, dense; as ``nsa_decode_step``."""
-  _check_x(x)
+  _check_x(x, cache)
   b, nq, _ = x.shape
   cache_lib.check_capacity(cache.lengths, nq, cache.max_length, "decode_step")
   positions = cache.lengths[:, None] + jnp.arange(nq, dtype=jnp.int32)
@@ -281,9 +283,9 @@ def _check_tokens(model, tokens):
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be int [B, T], got {tokens.shape} "
                      f"{tokens.dtype}")
-  concrete = cache_lib._concrete(tokens)  # pylint: disable=protected-access
-  if concrete is not None:
-    check_token_ids(np.asarray(concrete), model.config.vocab_size)
+  known = cache_lib.concrete(tokens)
+  if known is not None:
+    check_token_ids(known, model.config.vocab_size)
 
 
 def _check_caches(model, caches):

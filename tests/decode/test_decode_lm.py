@@ -201,3 +201,10 @@ def test_decode_with_the_pallas_kernel_equals_full_forward():
     step_logits, cache = decode_step(model, tokens[:, t:t + 1], cache)
     np.testing.assert_allclose(step_logits[:, 0], full[:, t],
                                err_msg=f"{t=}", **TOL)
+
+
+def test_a_batch_that_does_not_match_the_cache_is_an_error():
+  model = make_model()
+  cache = model.init_cache(2, 16)
+  with pytest.raises(ValueError, match="batch 3, the cache 2 rows"):
+    model.prefill(make_tokens(3, 4), cache)
