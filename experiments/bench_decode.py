@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--out", default="bench_decode.json")
   parser.add_argument("--model-layers", type=int, default=4)
+  parser.add_argument("--plot", default="bench_decode.png",
+                      help="PNG of latency against context ('' for none)")
   args = parser.parse_args(argv)
   print(f"python {platform.python_version()}, jax {jax.__version__}, "
         f"devices {jax.devices()}")
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 methods=methods, iters=args.iters,
                                 peak_gbps=peak)
   print(bench.decode_table(rows))
+  if args.plot:
+    print(f"wrote {bench.plot_decode(rows, args.plot)}")
   model_rows = []
   for attention in ("nsa", "full"):
     lm = LMConfig(

@@ -181,6 +181,43 @@ def decode_table(rows) -> str:
   return "\n".join(lines)
 
 
+def plot_decode(rows, path: str, title: str = "decode latency"):
+  """Per-token latency against context, one panel per (shape, batch).
+
+  Args:
+    rows: from ``run_decode_sweep``.
+    path: PNG to write.
+    title: figure title.
+
+  Returns:
+    ``path``.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  panels = sorted({(str(Shape(**r["shape"])), r["batch"]) for r in rows})
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4),
+                           squeeze=False)
+  for ax, (shape, batch) in zip(axes[0], panels):
+    mine = [r for r in rows if r["ms"] is not None and r["batch"] == batch
+            and str(Shape(**r["shape"])) == shape]
+    for method in sorted({r["method"] for r in mine}):
+      points = sorted((r["context"], r["ms"]) for r in mine
+                      if r["method"] == method)
+      ax.plot(*zip(*points), marker="o",
+              linestyle="-" if method.startswith("nsa") else "--",
+              label=method)
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)",
+           ylabel="ms per decode step", title=f"{shape}, batch {batch}")
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def time_model_decode(model, context: int, batch: int, *, iters: int = 10,
                       reps: int = 3) -> float:
   """ms of one TransformerLM decode step with about ``context`` cached tokens.

@@ -17,7 +17,10 @@ def test_smoke_run_writes_attention_and_model_rows(tmp_path, capsys):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   out = tmp_path / "rows.json"
-  rows = module.main(["--smoke", "--iters", "1", "--out", str(out)])
+  png = tmp_path / "rows.png"
+  rows = module.main(["--smoke", "--iters", "1", "--out", str(out),
+                      "--plot", str(png)])
+  assert png.stat().st_size > 1000
   assert {r["method"] for r in rows} == {"nsa_xla", "dense_xla"}
   assert all(r["error"] is None and r["ms"] > 0 for r in rows)
   saved = json.loads(out.read_text())
