@@ -21,6 +21,8 @@ class _Static:
   scale: float
   slots_per_split: int  # table slots walked by one program (power of two)
   num_splits: int  # programs per (batch, kv head)
+  window: int | None  # keys also need s > t - window
+  ring: bool  # the cache is a ring buffer: slot x holds t - ((t - x) mod S)
   num_warps: int
   num_stages: int
   interpret: bool
@@ -47,15 +49,21 @@ def _decode_kernel(q_ref, k_ref, v_ref, idx_ref, t_ref, o_ref, lse_ref, *,
   t_max = jnp.max(t_ref[...])  # the row's query position
   rows = q.shape[0]
   offsets = jnp.arange(st.block_size)
+  ring_size = k_ref.shape[0]
 
   def body(i, carry):
     acc, m, l = carry
     blk = idx_ref[i]
     use = blk >= 0
     blk = jnp.maximum(blk, 0)  # an empty slot loads block 0, all masked
-    # Keys s <= t of a used block; the others, garbage included, are masked
-    # in the scores and zeroed in the values (NaN * 0 would be NaN).
-    keep = use & (blk * st.block_size + offsets <= t_max)  # [l']
+    # Keys 0 <= s <= t (and s > t - w) of a used block; the others, garbage
+    # included, are masked in the scores and zeroed in the values.
+    slot_pos = blk * st.block_size + offsets  # [l']
+    if st.ring:  # the newest position at or before t that maps to the slot
+      slot_pos = t_max - lax.rem(t_max - slot_pos + ring_size, ring_size)
+    keep = use & (slot_pos <= t_max) & (slot_pos >= 0)
+    if st.window is not None:
+      keep &= slot_pos > t_max - st.window
     k = _load_block(k_ref, blk, st.block_size)  # [l', Dk]
     k = jnp.where(keep[:, None], k, jnp.zeros((), k.dtype))
     s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [Gp, l']
@@ -160,6 +168,7 @@ def default_num_splits(batch: int, num_kv_heads: int, num_slots: int) -> int:
 
 def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
                         scale: float | None = None,
+                        window: int | None = None, ring: bool = False,
                         num_splits: int | None = None,
                         interpret: bool | None = None, num_warps: int = 4,
                         num_stages: int = 2):
@@ -182,6 +191,10 @@ def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
     lengths: int [B] in [1, S], tokens in the cache, the query's included.
     block_size: a power of two >= 16.
     scale: default 1/sqrt(Dk).
+    window: if set, keys also need ``s > t - window`` (NSA's window branch).
+    ring: k, v are a ring buffer of S slots (NSA's window K/V): slot x
+      holds position ``t - ((t - x) mod S)``, which the masks use; it must
+      hold the newest S positions, so ``S >= window``.
     num_splits: programs per (batch, kv head), a power of two; default
       ``default_num_splits``.
     interpret: Pallas interpret mode; None: when no GPU is present.
@@ -215,6 +228,8 @@ def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
     raise ValueError(f"{block_table.dtype=} must be an integer type")
   if lengths.shape != (b,):
     raise ValueError(f"{lengths.shape=} must be [B] with B={b}")
+  if window is not None and window < 1:
+    raise ValueError(f"{window=} must be >= 1")
   n = block_table.shape[-1]
   if num_splits is None:
     num_splits = default_num_splits(b, hkv, n)
@@ -224,17 +239,21 @@ def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
   st = _Static(block_size=block_size,
                scale=dk ** -0.5 if scale is None else float(scale),
                slots_per_split=slots, num_splits=num_splits,
-               num_warps=num_warps, num_stages=num_stages,
+               window=window, ring=bool(ring), num_warps=num_warps,
+               num_stages=num_stages,
                interpret=tc.resolve_interpret(interpret))
   return _decode(q, k, v, block_table, lengths, st)
 
 
 def block_sparse_decode_reference(q, k, v, block_table, lengths, *,
-                                  block_size: int, scale: float | None = None):
+                                  block_size: int, scale: float | None = None,
+                                  window: int | None = None,
+                                  ring: bool = False):
   """Dense masked float32 oracle of ``block_sparse_decode``.
 
-  Key s is seen by the query of (b, g) iff ``s // block_size`` is in
-  ``block_table[b, g]`` and ``s < lengths[b]``.
+  Slot x (position x, or ``t - ((t - x) mod S)`` for a ring) is seen by the
+  query of (b, g) at ``t = lengths[b] - 1`` iff ``x // block_size`` is in
+  ``block_table[b, g]`` and ``0 <= position <= t`` (and ``> t - window``).
 
   Returns:
     (out [B, Hq, Dv] in q.dtype, lse [B, Hq] float32).
@@ -244,7 +263,11 @@ def block_sparse_decode_reference(q, k, v, block_table, lengths, *,
   group = hq // hkv
   s = jnp.arange(size)
   in_table = (block_table[..., None] == (s // block_size)).any(axis=-2)
-  mask = in_table & (s < lengths[:, None, None])  # [B, Hkv, S]
+  t = (lengths - 1)[:, None, None]
+  pos = t - jnp.mod(t - s, size) if ring else s  # [B, 1, S]
+  mask = in_table & (pos >= 0) & (pos <= t)  # [B, Hkv, S]
+  if window is not None:
+    mask &= pos > t - window
   mask = jnp.repeat(mask, group, axis=1)  # [B, Hq, S]
   kf = jnp.repeat(k.astype(jnp.float32), group, axis=2)
   vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)

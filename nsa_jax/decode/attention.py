@@ -257,6 +257,64 @@ def _use_kernel(impl: str, num_queries: int, block_size: int) -> bool:
   return supported or impl == "pallas"  # explicit: the kernel's own error
 
 
+def _window_xla(q, cache, config: NSAConfig, positions, scale):
+  """Branch 3 in XLA: the ring (own K/V) or the newest raw keys (shared).
+
+  Args:
+    q: [B, Q, Hq, Dk]. cache: NSACache. config: NSA settings.
+    positions: int32 [B, Q] query positions. scale: or None.
+
+  Returns:
+    [B, Q, Hq, Dv].
+  """
+  lengths = cache.lengths
+  if cache.shared_kv:
+    # The window reads the raw cache: gather the newest w + Q - 1 positions.
+    span = min(config.window + q.shape[1] - 1, cache.k.shape[1])
+    win_pos = (lengths - 1)[:, None] - jnp.arange(span, dtype=jnp.int32)
+    k_win = cache_lib.read(cache.k, win_pos)
+    v_win = cache_lib.read(cache.v, win_pos)
+    win_pos = jnp.where(win_pos >= 0, win_pos, -1)
+  else:
+    k_win, v_win = cache.k_win, cache.v_win
+    win_pos = cache_lib.ring_positions(lengths, k_win.shape[1])
+  return attend_by_position(q, k_win, v_win, win_pos, positions, scale=scale,
+                            window=config.window)[0]
+
+
+def _window_kernel(q, cache, config: NSAConfig, scale):
+  """Branch 3 of a one-token step through the block-sparse decode kernel.
+
+  Own window K/V: every block of the ring (``ring=True``); shared K/V: the
+  blocks of the raw cache that hold positions ``(t - w, t]``.
+
+  Args:
+    q: [B, Hq, Dk]. cache: NSACache. config: NSA settings. scale: or None.
+
+  Returns:
+    [B, Hq, Dv].
+  """
+  import pallas_kernels  # pylint: disable=g-import-not-at-top
+
+  bs, w = config.sel_block, config.window
+  b, hkv = cache.lengths.shape[0], cache.k.shape[2]
+  if cache.shared_kv:
+    k, v, ring = cache.k, cache.v, False
+    t = cache.lengths - 1
+    first = jnp.maximum(t - w + 1, 0) // bs  # [B]
+    count = min(-(-w // bs) + 1, k.shape[1] // bs)
+    blocks = first[:, None] + jnp.arange(count)  # [B, count]
+    blocks = jnp.where(blocks <= (t // bs)[:, None], blocks, -1)
+  else:
+    k, v, ring = cache.k_win, cache.v_win, True
+    num = k.shape[1] // bs
+    blocks = jnp.broadcast_to(jnp.arange(num), (b, num))
+  table = jnp.broadcast_to(blocks[:, None], (b, hkv, blocks.shape[1]))
+  return pallas_kernels.block_sparse_decode(
+      q, k, v, table.astype(jnp.int32), cache.lengths, block_size=bs,
+      scale=scale, window=w, ring=ring)[0]
+
+
 def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
                scale=None, impl: str = "auto"):
   """NSA output of a step's queries against a cache that already holds them.
@@ -269,10 +327,11 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
       included).
     config: NSA hyper-parameters.
     scale: default 1/sqrt(Dk).
-    impl: "pallas" runs the selected branch of a one-token step with the
-      Pallas kernel ``pallas_kernels.block_sparse_decode`` (interpret mode
-      without a GPU); "auto" does so on a GPU when l' is a power of two
-      >= 16; otherwise (and for several tokens a step) everything is XLA.
+    impl: "pallas" runs the selected and window branches of a one-token
+      step with the Pallas kernel ``pallas_kernels.block_sparse_decode``
+      (interpret mode without a GPU); "auto" does so on a GPU when l' is a
+      power of two >= 16; otherwise (and for several tokens a step)
+      everything is XLA.
       "xla" and "reference" are the XLA path.
 
   Returns:
@@ -295,21 +354,11 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
         q[:, 0], cache.k, cache.v, table[:, 0], lengths,
         block_size=config.sel_block, scale=scale)
     o_slc = o_slc[:, None]
+    o_win = _window_kernel(q[:, 0], cache, config, scale)[:, None]
   else:
     o_slc, _ = block_sparse_decode(q, cache.k, cache.v, table, lengths,
                                    block_size=config.sel_block, scale=scale)
-  if cache.shared_kv:
-    # The window reads the raw cache: gather the newest Rw positions.
-    span = min(config.window + nq - 1, cache.k.shape[1])
-    win_pos = (lengths - 1)[:, None] - jnp.arange(span, dtype=jnp.int32)
-    k_win = cache_lib.read(cache.k, win_pos)
-    v_win = cache_lib.read(cache.v, win_pos)
-    win_pos = jnp.where(win_pos >= 0, win_pos, -1)
-  else:
-    k_win, v_win = cache.k_win, cache.v_win
-    win_pos = cache_lib.ring_positions(lengths, k_win.shape[1])
-  o_win = attend_by_position(q, k_win, v_win, win_pos, positions,
-                             scale=scale, window=config.window)[0]
+    o_win = _window_xla(q, cache, config, positions, scale)
   out = ops.combine_branches(gates, o_cmp, o_slc, o_win)
   return poison_overflow(out, cache)
 

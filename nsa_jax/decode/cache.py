@@ -176,7 +176,8 @@ class NSACache:
       selection branch; S is ``max_length`` rounded up to a multiple of l'
       so the cache splits into whole selection blocks.
     k_win, v_win: [B, Rw, Hkv, Dk/Dv] ring buffer of the window branch's own
-      keys/values, ``Rw = min(w + max_query_len - 1, S)``; None with shared
+      keys/values, ``Rw = min(w + max_query_len - 1, S)`` rounded up to a
+      multiple of l' (whole blocks for the decode kernel); None with shared
       K/V (the window then reads k, v).
     k_cmp_raw, v_cmp_raw: [B, Rc, Hkv, Dk/Dv] ring buffer of the compression
       branch's raw keys/values, ``Rc = l + max_query_len - 1``, enough for the
@@ -227,7 +228,9 @@ class NSACache:
     dv = head_dim if v_head_dim is None else v_head_dim
     size = _round_up(max_length, config.sel_block)
     zeros = lambda n, d: jnp.zeros((batch, n, num_kv_heads, d), dtype)
-    win = min(config.window + max_query_len - 1, size)
+    # Whole selection blocks, so the decode kernel can walk the ring.
+    win = min(_round_up(config.window + max_query_len - 1, config.sel_block),
+              size)
     cmp_ring = config.cmp_block + max_query_len - 1
     tc = config.num_compressed(max_length)
     return cls(

@@ -1,4 +1,4 @@
-"""nsa_decode on a random cache: the Pallas selected branch equals XLA's."""
+"""nsa_decode on a random cache: the Pallas branches equal XLA's."""
 
 from decode_testing import poison
 from decode_testing import TINY
@@ -26,7 +26,7 @@ def _random_cache(shared_kv, lengths, max_length=80, hkv=2, dk=16, dv=8):
 
 
 @pytest.mark.parametrize("shared_kv", [False, True])
-def test_pallas_selected_branch_equals_xla(shared_kv):
+def test_pallas_branches_equal_xla(shared_kv):
   lengths = [80, 33, 7, 50]
   cache = _random_cache(shared_kv, lengths)
   ks = jax.random.split(jax.random.key(1), 2)
@@ -36,13 +36,14 @@ def test_pallas_selected_branch_equals_xla(shared_kv):
   pallas = attn_lib.nsa_decode(q, gates, cache, TINY, impl="pallas")
   assert np.isfinite(np.asarray(xla)).all()
   np.testing.assert_allclose(pallas, xla, atol=2e-5, rtol=2e-5)
-  # The selected branch alone, so the comparison is not carried by the
-  # other two branches.
-  only_slc = gates * jnp.array([0.0, 1.0, 0.0])
-  np.testing.assert_allclose(
-      attn_lib.nsa_decode(q, only_slc, cache, TINY, impl="pallas"),
-      attn_lib.nsa_decode(q, only_slc, cache, TINY, impl="xla"),
-      atol=2e-5, rtol=2e-5)
+  # The selected and window branches alone (the kernel's), so the
+  # comparison is not carried by the compressed branch.
+  for branch in ([0.0, 1.0, 0.0], [0.0, 0.0, 1.0]):
+    only = gates * jnp.array(branch)
+    np.testing.assert_allclose(
+        attn_lib.nsa_decode(q, only, cache, TINY, impl="pallas"),
+        attn_lib.nsa_decode(q, only, cache, TINY, impl="xla"),
+        atol=2e-5, rtol=2e-5, err_msg=f"{branch=}")
 
 
 def test_selection_in_decode_equals_top_n_blocks_of_the_full_path():
