@@ -216,10 +216,8 @@ def nsa_decode_step(layer, x, cache: cache_lib.NSACache):
 # FullAttention --------------------------------------------------------------
 
 
-def full_init_cache(layer, batch: int, max_length: int, *, dtype=None,
-                    **unused):
+def full_init_cache(layer, batch: int, max_length: int, *, dtype=None):
   """An empty FullCache for ``layer`` (a ``FullAttention``)."""
-  del unused  # max_query_len: a dense cache needs no ring buffer
   return cache_lib.FullCache.create(
       batch, max_length, layer.num_kv_heads, layer.head_dim,
       dtype=dtype or _dtype(layer.q_proj))

@@ -209,3 +209,18 @@ def test_a_batch_that_does_not_match_the_cache_is_an_error():
   cache = model.init_cache(2, 16)
   with pytest.raises(ValueError, match="batch 3, the cache 2 rows"):
     model.prefill(make_tokens(3, 4), cache)
+
+
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_a_cache_shorter_than_one_compressed_block(shared_kv):
+  # max_length 7 < l = 8: no compressed token ever exists (Tc = 0).
+  model = make_model(shared_kv=shared_kv)
+  tokens = make_tokens(1, 7, seed=6)
+  full = forward(model, tokens)
+  cache = model.init_cache(1, 7)
+  assert cache[0].k_cmp.shape[1] == 0
+  _, cache = prefill(model, tokens[:, :2], cache, None)
+  for t in range(2, 7):
+    step_logits, cache = decode_step(model, tokens[:, t:t + 1], cache)
+    np.testing.assert_allclose(step_logits[:, 0], full[:, t],
+                               err_msg=f"{t=}", **TOL)
