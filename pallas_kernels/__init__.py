@@ -5,6 +5,7 @@ from pallas_kernels.block_scores import ScoreLaunch
 from pallas_kernels.block_select import select_blocks
 from pallas_kernels.block_select import supports_selection
 from pallas_kernels.compressed_attention import compressed_attention
+from pallas_kernels.decode_attention import block_sparse_decode
 from pallas_kernels.launch_config import LaunchConfig
 from pallas_kernels.launch_config import SelectedLaunchConfig
 from pallas_kernels.selected_attention import selected_attention
@@ -17,6 +18,7 @@ __all__ = [
     "ScoreLaunch",
     "SelectedLaunchConfig",
     "block_scores",
+    "block_sparse_decode",
     "compressed_attention",
     "default_interpret",
     "select_blocks",

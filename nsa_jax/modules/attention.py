@@ -181,6 +181,23 @@ class NSAAttention(nnx.Module):
     b, t = x.shape[:2]
     return self.out_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
 
+  def init_cache(self, batch: int, max_length: int, *,
+                 max_query_len: int = 1, dtype=None):
+    """An empty ``nsa_jax.decode.NSACache`` of ``max_length`` tokens a row."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    return layers.nsa_init_cache(self, batch, max_length,
+                                 max_query_len=max_query_len, dtype=dtype)
+
+  def prefill(self, x, cache, lengths=None):
+    """x [B, T, d_model] -> ([B, T, d_model], cache); see nsa_jax.decode."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    return layers.nsa_prefill(self, x, cache, lengths)
+
+  def decode_step(self, x, cache):
+    """x [B, Q, d_model] -> ([B, Q, d_model], cache); see nsa_jax.decode."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    return layers.nsa_decode_step(self, x, cache)
+
 
 class FullAttention(nnx.Module):
   """Dense causal GQA attention with RoPE (``dense_attention``).
@@ -236,3 +253,20 @@ class FullAttention(nnx.Module):
     out = dense_attention.causal_attention(
         q, k, v, implementation=self.implementation)
     return self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+  def init_cache(self, batch: int, max_length: int, *,
+                 max_query_len: int = 1, dtype=None):
+    """An empty ``nsa_jax.decode.FullCache`` of ``max_length`` tokens a row."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    del max_query_len  # any number of tokens per step fits a dense cache
+    return layers.full_init_cache(self, batch, max_length, dtype=dtype)
+
+  def prefill(self, x, cache, lengths=None):
+    """x [B, T, d_model] -> ([B, T, d_model], cache); see nsa_jax.decode."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    return layers.full_prefill(self, x, cache, lengths)
+
+  def decode_step(self, x, cache):
+    """x [B, Q, d_model] -> ([B, Q, d_model], cache); see nsa_jax.decode."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    return layers.full_decode_step(self, x, cache)

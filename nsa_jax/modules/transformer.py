@@ -237,6 +237,23 @@ class TransformerLM(nnx.Module):
       logits = self.lm_head(x)
     return logits.astype(jnp.float32)
 
+  def init_cache(self, batch: int, max_length: int, *,
+                 max_query_len: int = 1):
+    """One empty decode cache per layer (a tuple); see nsa_jax.decode."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    return layers.lm_init_cache(self, batch, max_length,
+                                max_query_len=max_query_len)
+
+  def prefill(self, tokens, cache, lengths=None):
+    """tokens int [B, T] -> (logits [B, T, vocab], cache); nsa_jax.decode."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    return layers.lm_prefill(self, tokens, cache, lengths)
+
+  def decode_step(self, tokens, cache):
+    """tokens int [B, Q] -> (logits [B, Q, vocab], cache); nsa_jax.decode."""
+    from nsa_jax.decode import layers  # pylint: disable=g-import-not-at-top
+    return layers.lm_decode_step(self, tokens, cache)
+
   def _embed(self, tokens):
     """Embeddings [B, T, d_model]; ids outside the vocabulary give zeros."""
     valid = (tokens >= 0) & (tokens < self.config.vocab_size)

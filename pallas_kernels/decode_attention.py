@@ -1,0 +1,287 @@
+"""Block-sparse decode attention (Pallas Triton): one query a row, any table."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+from pallas_kernels import triton_compat as tc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Hashable settings of one call."""
+
+  block_size: int  # keys per block
+  scale: float
+  slots_per_split: int  # table slots walked by one program (power of two)
+  num_splits: int  # programs per (batch, kv head)
+  window: int | None  # keys also need s > t - window
+  ring: bool  # the cache is a ring buffer: slot x holds t - ((t - x) mod S)
+  num_warps: int
+  num_stages: int
+  interpret: bool
+
+
+def _load_block(ref, blk, block_size):
+  return ref[pl.ds(pl.multiple_of(blk * block_size, block_size), block_size),
+             :]
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, idx_ref, t_ref, o_ref, lse_ref, *,
+                   st: _Static):
+  """Online softmax (FlashAttention-2) over one split of a table row.
+
+  Program (b, g, split) walks slots ``[split * n_s, (split + 1) * n_s)`` of
+  row (b, g) of the block table with the whole GQA group as rows (NSA
+  section 3.4), and writes a partial output normalised by its own sum plus
+  its log-sum-exp; ``_combine`` merges the splits (flash-decoding).
+
+  Refs: q [Gp, Dk], k [S, Dk], v [S, Dv], idx [n_s], t [Gp] (the query
+  position, equal on all rows) -> o [Gp, Dv] float32, lse [Gp] float32.
+  """
+  q = q_ref[...]  # [Gp, Dk]
+  t_max = jnp.max(t_ref[...])  # the row's query position
+  rows = q.shape[0]
+  offsets = jnp.arange(st.block_size)
+  ring_size = k_ref.shape[0]
+
+  def body(i, carry):
+    acc, m, l = carry
+    blk = idx_ref[i]
+    use = blk >= 0
+    blk = jnp.maximum(blk, 0)  # an empty slot loads block 0, all masked
+    # Keys 0 <= s <= t (and s > t - w) of a used block; the others, garbage
+    # included, are masked in the scores and zeroed in the values.
+    slot_pos = blk * st.block_size + offsets  # [l']
+    if st.ring:  # the newest position at or before t that maps to the slot
+      slot_pos = t_max - lax.rem(t_max - slot_pos + ring_size, ring_size)
+    keep = use & (slot_pos <= t_max) & (slot_pos >= 0)
+    if st.window is not None:
+      keep &= slot_pos > t_max - st.window
+    k = _load_block(k_ref, blk, st.block_size)  # [l', Dk]
+    k = jnp.where(keep[:, None], k, jnp.zeros((), k.dtype))
+    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [Gp, l']
+    s = jnp.where(keep[None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    v = _load_block(v_ref, blk, st.block_size)  # [l', Dv]
+    v = jnp.where(keep[:, None], v, jnp.zeros((), v.dtype))
+    acc = alpha[:, None] * acc + tc.dot(p.astype(v.dtype), v)
+    return acc, m_new, alpha * l + jnp.sum(p, axis=1)
+
+  carry = (jnp.zeros((rows, v_ref.shape[-1]), jnp.float32),
+           jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, st.slots_per_split, body, carry)
+  seen = l > 0.0
+  o_ref[...] = acc / jnp.where(seen, l, 1.0)[:, None]
+  lse_ref[...] = jnp.where(
+      seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * tc.LN2, -jnp.inf)
+
+
+def _combine(o, lse):
+  """Merges split partials by their log-sum-exp.
+
+  Args:
+    o: float32 [B, Hkv, splits, Gp, Dv] partials, each normalised.
+    lse: float32 [B, Hkv, splits, Gp], -inf for an empty split.
+
+  Returns:
+    (out [B, Hkv, Gp, Dv], lse [B, Hkv, Gp]); -inf and 0 where all are empty.
+  """
+  m = jnp.max(lse, axis=2, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m), 0.0)  # [B,Hkv,s,Gp]
+  total = jnp.sum(w, axis=2)
+  seen = total > 0
+  out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(seen, total, 1.0)[
+      ..., None]
+  return out, jnp.where(seen, m[:, :, 0] + jnp.log(
+      jnp.where(seen, total, 1.0)), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def _decode(q, k, v, block_table, lengths, st: _Static):
+  b, hq, dk = q.shape
+  _, size, hkv, dv = v.shape
+  group = hq // hkv
+  group_p = tc.next_pow2(group, tc.MIN_DOT_DIM)
+  dk_p = tc.next_pow2(dk, tc.MIN_DOT_DIM)
+  dv_p = tc.next_pow2(dv, tc.MIN_DOT_DIM)
+  q4 = tc.pad_axis(tc.pad_axis(q.reshape(b, hkv, group, dk), 2, group_p), 3,
+                   dk_p)  # [B, Hkv, Gp, Dk_p]
+  k_p = tc.pad_axis(k, 3, dk_p)  # no copy when Dk is a power of two >= 16
+  v_p = tc.pad_axis(v, 3, dv_p)
+  table = tc.pad_axis(block_table.astype(jnp.int32), 2,
+                      st.num_splits * st.slots_per_split, -1)
+  table = table.reshape(b, hkv, st.num_splits, st.slots_per_split)
+  t = jnp.broadcast_to((lengths.astype(jnp.int32) - 1)[:, None], (b, group_p))
+  o, lse = pl.pallas_call(
+      functools.partial(_decode_kernel, st=st),
+      grid=(b, hkv, st.num_splits),
+      in_specs=[
+          pl.BlockSpec((None, None, group_p, dk_p),
+                       lambda i, g, s: (i, g, 0, 0)),
+          pl.BlockSpec((None, size, None, dk_p), lambda i, g, s: (i, 0, g, 0)),
+          pl.BlockSpec((None, size, None, dv_p), lambda i, g, s: (i, 0, g, 0)),
+          pl.BlockSpec((None, None, None, st.slots_per_split),
+                       lambda i, g, s: (i, g, s, 0)),
+          pl.BlockSpec((None, group_p), lambda i, g, s: (i, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, group_p, dv_p),
+                       lambda i, g, s: (i, g, s, 0, 0)),
+          pl.BlockSpec((None, None, None, group_p),
+                       lambda i, g, s: (i, g, s, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((b, hkv, st.num_splits, group_p, dv_p),
+                               jnp.float32),
+          jax.ShapeDtypeStruct((b, hkv, st.num_splits, group_p), jnp.float32),
+      ],
+      compiler_params=tc.compiler_params(st.num_warps, st.num_stages),
+      interpret=st.interpret,
+      name="block_sparse_decode",
+  )(q4, k_p, v_p, table, t)
+  out, lse = _combine(o, lse)
+  out = out[:, :, :group, :dv].reshape(b, hq, dv).astype(q.dtype)
+  return out, lse[:, :, :group].reshape(b, hq)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, num_slots: int) -> int:
+  """Splits so that about 128 programs run (one H100 wave), one slot each min.
+
+  Returns:
+    A power of two <= next_pow2(num_slots).
+  """
+  want = max(1, 128 // max(1, batch * num_kv_heads))
+  return min(tc.next_pow2(want), tc.next_pow2(num_slots))
+
+
+def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
+                        scale: float | None = None,
+                        window: int | None = None, ring: bool = False,
+                        num_splits: int | None = None,
+                        interpret: bool | None = None, num_warps: int = 4,
+                        num_stages: int = 2):
+  """One query per row over the key blocks of any block table.
+
+  The query of row b sits at position ``t = lengths[b] - 1`` and, for kv head
+  g, attends to the keys ``s <= t`` of the blocks ``block_table[b, g]``
+  (block j = keys ``[j*block_size, (j+1)*block_size)``, -1 empty, no
+  repeats). The grid is (batch, kv head, split): each program loads the
+  whole GQA group as one ``[Gp, Dk]`` tile (G padded to >= 16), walks its
+  split of the table's slots with an online softmax and writes a partial
+  output and log-sum-exp; the splits are merged by their log-sum-exp
+  (flash-decoding), so even batch 1 fills the GPU. Keys past a row's length
+  never enter: garbage there (NaN, inf) contributes nothing.
+
+  Args:
+    q: [B, Hq, Dk].
+    k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; S a multiple of ``block_size``.
+    block_table: int [B, Hkv, n], entries in [0, S / block_size) or -1.
+    lengths: int [B] in [1, S], tokens in the cache, the query's included.
+    block_size: a power of two >= 16.
+    scale: default 1/sqrt(Dk).
+    window: if set, keys also need ``s > t - window`` (NSA's window branch).
+    ring: k, v are a ring buffer of S slots (NSA's window K/V): slot x
+      holds position ``t - ((t - x) mod S)``, which the masks use; it must
+      hold the newest S positions, so ``S >= window``.
+    num_splits: programs per (batch, kv head), a power of two; default
+      ``default_num_splits``.
+    interpret: Pallas interpret mode; None: when no GPU is present.
+    num_warps, num_stages: Triton launch settings.
+
+  Returns:
+    (out [B, Hq, Dv] in q.dtype, lse [B, Hq] float32); a row that sees no
+    key gets out = 0, lse = -inf.
+
+  Raises:
+    ValueError: shapes or settings that do not fit.
+  """
+  if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"expected q [B, Hq, Dk], k/v [B, S, Hkv, D]; got "
+                     f"{q.shape=}, {k.shape=}, {v.shape=}")
+  b, hq, dk = q.shape
+  _, size, hkv, _ = v.shape
+  if k.shape[:3] != (b, size, hkv) or k.shape[3] != dk or hq % hkv:
+    raise ValueError(f"{q.shape=}, {k.shape=} and {v.shape=} do not fit "
+                     "(batch, cache length, GQA heads or Dk)")
+  if block_size < tc.MIN_DOT_DIM or block_size & (block_size - 1):
+    raise ValueError(f"{block_size=} must be a power of two >= "
+                     f"{tc.MIN_DOT_DIM}")
+  if size % block_size:
+    raise ValueError(f"cache length {size} must be a multiple of "
+                     f"{block_size=}")
+  if block_table.ndim != 3 or block_table.shape[:2] != (b, hkv):
+    raise ValueError(f"{block_table.shape=} must be [B, Hkv, n] for "
+                     f"{q.shape=} and {k.shape=}")
+  if not jnp.issubdtype(block_table.dtype, jnp.integer):
+    raise ValueError(f"{block_table.dtype=} must be an integer type")
+  if lengths.shape != (b,):
+    raise ValueError(f"{lengths.shape=} must be [B] with B={b}")
+  if window is not None and window < 1:
+    raise ValueError(f"{window=} must be >= 1")
+  n = block_table.shape[-1]
+  if num_splits is None:
+    num_splits = default_num_splits(b, hkv, n)
+  if num_splits < 1 or num_splits & (num_splits - 1):
+    raise ValueError(f"{num_splits=} must be a power of two >= 1")
+  slots = tc.next_pow2(-(-n // num_splits))
+  st = _Static(block_size=block_size,
+               scale=dk ** -0.5 if scale is None else float(scale),
+               slots_per_split=slots, num_splits=num_splits,
+               window=window, ring=bool(ring), num_warps=num_warps,
+               num_stages=num_stages,
+               interpret=tc.resolve_interpret(interpret))
+  return _decode(q, k, v, block_table, lengths, st)
+
+
+def block_sparse_decode_reference(q, k, v, block_table, lengths, *,
+                                  block_size: int, scale: float | None = None,
+                                  window: int | None = None,
+                                  ring: bool = False):
+  """Dense masked float32 oracle of ``block_sparse_decode``.
+
+  Slot x (position x, or ``t - ((t - x) mod S)`` for a ring) is seen by the
+  query of (b, g) at ``t = lengths[b] - 1`` iff ``x // block_size`` is in
+  ``block_table[b, g]`` and ``0 <= position <= t`` (and ``> t - window``).
+
+  Returns:
+    (out [B, Hq, Dv] in q.dtype, lse [B, Hq] float32).
+  """
+  b, hq, dk = q.shape
+  size, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  s = jnp.arange(size)
+  in_table = (block_table[..., None] == (s // block_size)).any(axis=-2)
+  t = (lengths - 1)[:, None, None]
+  pos = t - jnp.mod(t - s, size) if ring else s  # [B, 1, S]
+  mask = in_table & (pos >= 0) & (pos <= t)  # [B, Hkv, S]
+  if window is not None:
+    mask &= pos > t - window
+  mask = jnp.repeat(mask, group, axis=1)  # [B, Hq, S]
+  kf = jnp.repeat(k.astype(jnp.float32), group, axis=2)
+  vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)
+  vf = jnp.where(mask.transpose(0, 2, 1)[..., None], vf, 0.0)
+  scores = jnp.einsum("bhd,bshd->bhs", q.astype(jnp.float32), kf)
+  scores = jnp.where(mask, scores * (dk ** -0.5 if scale is None else scale),
+                     -jnp.inf)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m)
+  denom = p.sum(-1)
+  seen = denom > 0
+  out = jnp.einsum("bhs,bshd->bhd", p, vf) / jnp.where(seen, denom, 1.0)[
+      ..., None]
+  lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, denom, 1.0)),
+                  -jnp.inf)
+  return out.astype(q.dtype), lse

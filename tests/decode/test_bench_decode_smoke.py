@@ -1,0 +1,38 @@
+"""experiments/bench_decode.py --smoke runs on a CPU and writes its rows."""
+
+import importlib.util
+import json
+import pathlib
+
+from nsa_jax import NSAConfig
+from nsa_jax.benchmark import Shape
+from nsa_jax.decode import benchmark as bench
+
+_ROOT = pathlib.Path(__file__).parents[2]
+
+
+def test_smoke_run_writes_attention_and_model_rows(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location(
+      "bench_decode", _ROOT / "experiments" / "bench_decode.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "rows.json"
+  png = tmp_path / "rows.png"
+  rows = module.main(["--smoke", "--iters", "1", "--out", str(out),
+                      "--plot", str(png)])
+  assert png.stat().st_size > 1000
+  assert {r["method"] for r in rows} == {"nsa_xla", "dense_xla"}
+  assert all(r["error"] is None and r["ms"] > 0 for r in rows)
+  saved = json.loads(out.read_text())
+  assert len(saved["model"]) == 8  # nsa/full x 2 contexts x 2 batches
+  assert "| speedup |" in capsys.readouterr().out
+
+
+def test_bytes_per_step():
+  config = NSAConfig.paper()
+  shape = Shape(64, 4, 128, 128)
+  per_token = 4 * 256 * 2  # Hkv * (Dk + Dv) * bf16
+  # 64k: 4095 compressed + 16 * 64 selected + 512 window = 5631 tokens, the
+  # paper's ~5.6k of 65,536.
+  assert bench.nsa_bytes(shape, 65536, config, 1, 2) == 5631 * per_token
+  assert bench.dense_bytes(shape, 65536, 16, 2) == 16 * 65536 * per_token
