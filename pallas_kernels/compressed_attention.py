@@ -361,6 +361,9 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
 
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32 natural log).
+    Keys/values with a non-finite entry are zeroed before the kernel (a
+    masked one contributes nothing); a query that can see one gets a NaN
+    output (its lse is that of the other tokens).
     Queries that see no compressed token (t < l - 1, or Tc = 0) get out = 0
     and lse = -inf, with zero (never NaN) gradients.
 
@@ -403,4 +406,15 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
                segment=(dkv_segment(seq_len, launch.block_q)
                         if segment is None else segment),
                interpret=tc.resolve_interpret(interpret))
-  return _compressed_attention(q, k_cmp, v_cmp, st)
+  bad = ~(jnp.isfinite(k_cmp).all(-1) & jnp.isfinite(v_cmp).all(-1))
+  k_cmp = jnp.where(bad[..., None], jnp.zeros((), k_cmp.dtype), k_cmp)
+  v_cmp = jnp.where(bad[..., None], jnp.zeros((), v_cmp.dtype), v_cmp)
+  out, lse = _compressed_attention(q, k_cmp, v_cmp, st)
+  # A query sees token i from t = i*d + l - 1 on: it sees a bad one from the
+  # first bad token's t on, and gets NaN there (as every path does).
+  first_t = jnp.arange(num_cmp, dtype=jnp.int32) * stride + block_size - 1
+  first_bad = jnp.min(jnp.where(bad, first_t[None, :, None], seq_len), 1)
+  sees_bad = (jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]
+              >= first_bad[:, None, :])  # [B, T, Hkv]
+  sees_bad = jnp.repeat(sees_bad, group, axis=2)[..., None]
+  return jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out), lse

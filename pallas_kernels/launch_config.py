@@ -1,10 +1,14 @@
 """Launch settings per kernel and shape: validated configs and a small table.
 
-PROVISIONAL VALUES. No GPU was available when this table was written: the
-numbers below are NOT measured. They follow the usual FlashAttention-2 Triton
-choices (64-row query tiles, 4 warps up to head dim 128, 8 above) and must be
-re-measured on an H100 with ``python experiments/bench_kernels.py --tune``,
-which times every candidate in ``CANDIDATES`` and prints the best per bucket.
+What was measured (one H100, bf16, T = 64k, Hq 64 / Hkv 4 / D 128): for the
+compressed kernel's 128 bucket, (64, 64, 4, 2) gave the best forward+backward
+(51.7 ms) of rows {64, 128} x keys {32, 64} x warps {4, 8}; (128, 64, 4, 2)
+had a faster forward (11.4 against 12.8 ms) but a slower backward, which
+shares the launch. The other entries (the 64 and 256 buckets, the selected
+kernel) are still the usual FlashAttention-2 Triton choices, not measured:
+``python experiments/bench_kernels.py --tune`` times the candidates of
+``nsa_jax.benchmark.TUNE_CANDIDATES`` on a GPU. The block-score kernel has
+its own measured default (``block_scores.default_launch``).
 
 Each kernel has one frozen config class whose fields say what they count, and
 ``resolve`` is the one place that turns the table plus a caller's overrides
@@ -100,13 +104,12 @@ class SelectedLaunchConfig:
     _check_rows("block_q_dkv", self.block_q_dkv, group)
 
 
-KERNELS = ("compressed", "selected", "block_scores")
-_CONFIG_CLASS = {"compressed": LaunchConfig, "selected": SelectedLaunchConfig,
-                 "block_scores": LaunchConfig}
+KERNELS = ("compressed", "selected")
+_CONFIG_CLASS = {"compressed": LaunchConfig, "selected": SelectedLaunchConfig}
 
 # Head-dim buckets (padded max(Dk, Dv)) -> (query rows per program, second
-# tile in rows or keys, num_warps, num_stages). PROVISIONAL, NOT MEASURED:
-# see the module docstring.
+# tile in rows or keys, num_warps, num_stages); see the module docstring for
+# which were measured.
 _TABLE = {
     # second column: compressed tokens per step.
     "compressed": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2),
@@ -116,8 +119,6 @@ _TABLE = {
     # second column is in rows too: the dK/dV kernel's gathered rows.
     "selected": {64: (16, 64, 4, 2), 128: (16, 64, 4, 2),
                  256: (16, 64, 8, 2)},
-    "block_scores": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2),
-                     256: (64, 32, 8, 2)},
 }
 
 # The selected kernel's dK/dV step splits each key block's list of query
@@ -127,15 +128,6 @@ _TABLE = {
 # copies of dK/dV).
 SELECTED_MIN_SEGMENT = 256
 SELECTED_MAX_SEGMENTS = 8
-
-# What ``bench_kernels.py --tune`` tries per bucket.
-CANDIDATES = {
-    kernel: [(rows, second, warps, stages)
-             for rows in (16, 32, 64, 128)
-             for second in (32, 64, 128)
-             for warps in (4, 8) for stages in (1, 2, 3)]
-    for kernel in KERNELS
-}
 
 
 def _bucket(head_dim: int) -> int:

@@ -127,12 +127,7 @@ def test_non_finite_block_key_is_masked(impl):
   assert np.isnan(_visible(out, np.r_[20:32])).all()
 
 
-@pytest.mark.parametrize("impl", [
-    "reference", "xla",
-    pytest.param("pallas", marks=pytest.mark.xfail(
-        strict=True, reason="the compressed kernel (being rewritten) does not "
-        "mask values yet")),
-])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
 def test_non_finite_compressed_value_is_masked(impl):
   """Item 4, compressed branch: v_cmp of a token still in the future."""
   x = make_inputs(CASE)
