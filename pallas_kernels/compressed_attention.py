@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import group_tiles
 from pallas_kernels import launch_config
+from pallas_kernels import online_softmax
 from pallas_kernels import triton_compat as tc
 
 
@@ -55,74 +56,72 @@ def _tile_setup(q_ref, st: _Static):
 
 
 def _scores(q, k_ref, t, chunk, st: _Static):
-  """Base-2 logits of one [rows, block_k] tile and its visibility mask."""
+  """Raw dots q.k of one [rows, block_k] tile and its visibility mask.
+
+  Unscaled: ``online_softmax`` subtracts the row max from the raw dots
+  before scaling, which keeps the backward's probabilities exact at large
+  logits (issue 10, item 1).
+  """
   block_k = st.launch.block_k
   start = pl.multiple_of(chunk * block_k, block_k)
   k = k_ref[pl.ds(start, block_k), :]  # [block_k, Dk]
-  s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, block_k]
+  s = tc.dot(q, k, trans_b=True)  # [rows, block_k]
   i = start + jnp.arange(block_k)
   visible = i[None, :] * st.stride + (st.block_size - 1) <= t[:, None]
   return s, visible, start
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, log2l_ref, *,
+                st: _Static):
   """FlashAttention-2 forward for one (batch, query tile, kv head).
 
   Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv] -> o [block_q, Gp, Dv],
-  lse [block_q, Gp]. The online softmax runs in base 2 (exp2 is the native
-  instruction); lse is converted to natural log when stored.
+  lse [block_q, Gp] (natural log), m / log2l [block_q, Gp] (the backward's
+  residuals: row max of the raw dots, log2 of the row sum). The online
+  softmax (``online_softmax``) runs in base 2, exp2 being the native
+  instruction.
   """
   q, t, num_visible = _tile_setup(q_ref, st)
-  rows = q.shape[0]
-  dv = v_ref.shape[-1]
 
   def body(chunk, carry):
-    acc, m, l = carry
     s, visible, start = _scores(q, k_ref, t, chunk, st)
-    s = jnp.where(visible, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    # A row that has seen nothing keeps m = -inf; shift by 0 to avoid inf-inf.
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)  # [rows]
-    p = jnp.exp2(s - m_safe[:, None])  # [rows, block_k], 0 where masked
     v = v_ref[pl.ds(start, st.launch.block_k), :]  # [block_k, Dv]
-    acc = alpha[:, None] * acc + tc.dot(p.astype(v.dtype), v)
-    return acc, m_new, alpha * l + jnp.sum(p, axis=1)
+    return online_softmax.step(carry, s, visible, v, None,
+                               st.scale * tc.LOG2E)
 
-  acc = jnp.zeros((rows, dv), jnp.float32)
-  m = jnp.full((rows,), -jnp.inf, jnp.float32)
-  l = jnp.zeros((rows,), jnp.float32)
   num_chunks = lax.div(num_visible + st.launch.block_k - 1, st.launch.block_k)
-  acc, m, l = lax.fori_loop(0, num_chunks, body, (acc, m, l))
-  seen = l > 0.0
-  out = acc / jnp.where(seen, l, 1.0)[:, None]
-  lse = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * tc.LN2,
-                  -jnp.inf)
+  carry = lax.fori_loop(0, num_chunks, body,
+                        online_softmax.init(q.shape[0], v_ref.shape[-1]))
+  out, m, log2l, lse = online_softmax.finalize(carry, st.scale)
   o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
   lse_ref[...] = lse.reshape(lse_ref.shape)
+  m_ref[...] = m.reshape(m_ref.shape)
+  log2l_ref[...] = log2l.reshape(log2l_ref.shape)
 
 
-def _probs(q, k_ref, t, lse2, chunk, st: _Static):
+def _probs(q, k_ref, t, m, log2l, chunk, st: _Static):
   """Recomputed softmax probabilities of one tile (0 where not visible)."""
   s, visible, start = _scores(q, k_ref, t, chunk, st)
-  return jnp.where(visible, jnp.exp2(s - lse2[:, None]), 0.0), start
+  return online_softmax.probabilities(s, visible, m, log2l,
+                                      st.scale * tc.LOG2E), start
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               st: _Static):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
+               dq_ref, *, st: _Static):
   """dQ = scale * sum_i dS_i k_i, dS = P * (dO.V^T - delta) (FA-2, Alg. 2).
 
   Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv], do [block_q, Gp, Dv],
-  lse / delta [block_q, Gp] -> dq [block_q, Gp, Dk].
+  m / log2l / delta [block_q, Gp] -> dq [block_q, Gp, Dk].
   """
   q, t, num_visible = _tile_setup(q_ref, st)
   rows, dk = q.shape
   do = do_ref[...].reshape(rows, do_ref.shape[-1])
-  lse2 = lse_ref[...].reshape(rows) * tc.LOG2E
+  m = m_ref[...].reshape(rows)
+  log2l = log2l_ref[...].reshape(rows)
   delta = delta_ref[...].reshape(rows)
 
   def body(chunk, dq):
-    p, start = _probs(q, k_ref, t, lse2, chunk, st)
+    p, start = _probs(q, k_ref, t, m, log2l, chunk, st)
     v = v_ref[pl.ds(start, st.launch.block_k), :]
     k = k_ref[pl.ds(start, st.launch.block_k), :]
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
@@ -133,8 +132,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
   dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, st: _Static):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
+                dk_ref, dv_ref, *, st: _Static):
   """Partial dK, dV of one chunk of compressed tokens from one query segment.
 
   Program (b, seg * num_chunks + c, g) takes chunk c of ``block_k``
@@ -147,7 +146,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
   result is deterministic.
 
   Refs: q [Tp, Gp, Dk], k [block_k, Dk], v [block_k, Dv], do [Tp, Gp, Dv],
-  lse / delta [Tp, Gp] -> float32 dk [block_k, Dk], dv [block_k, Dv].
+  m / log2l / delta [Tp, Gp] -> float32 dk [block_k, Dk], dv [block_k, Dv].
   """
   seq_pad, group_p, dk = q_ref.shape
   block_q, block_k = st.launch.block_q, st.launch.block_k
@@ -165,12 +164,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
     start = pl.multiple_of(tile * block_q, block_q)
     q = q_ref[pl.ds(start, block_q), :, :].reshape(rows, dk)
     do = do_ref[pl.ds(start, block_q), :, :].reshape(rows, v.shape[-1])
-    lse2 = lse_ref[pl.ds(start, block_q), :].reshape(rows) * tc.LOG2E
+    m = m_ref[pl.ds(start, block_q), :].reshape(rows)
+    log2l = log2l_ref[pl.ds(start, block_q), :].reshape(rows)
     delta = delta_ref[pl.ds(start, block_q), :].reshape(rows)
     t = start + lax.div(jnp.arange(rows), group_p)
-    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, block_k]
+    s = tc.dot(q, k, trans_b=True)  # [rows, block_k] raw dots
     visible = i[None, :] * st.stride + (st.block_size - 1) <= t[:, None]
-    p = jnp.where(visible, jnp.exp2(s - lse2[:, None]), 0.0)
+    p = online_softmax.probabilities(s, visible, m, log2l,
+                                     st.scale * tc.LOG2E)
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
     dv_acc = dv_acc + tc.dot(p.astype(do.dtype), do, trans_a=True)
     dk_acc = dk_acc + tc.dot(ds.astype(q.dtype), q, trans_a=True)
@@ -207,18 +208,18 @@ def _fwd(q, k_cmp, v_cmp, st: _Static):
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q = st.launch.block_q
-  out, lse = pl.pallas_call(
+  out, lse, m, log2l = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
       in_specs=[group_tiles.group_spec(block_q, group_p, dk_p),
                 group_tiles.kv_spec(tc_pad, dk_p),
                 group_tiles.kv_spec(tc_pad, dv_p)],
-      out_specs=[group_tiles.group_spec(block_q, group_p, dv_p),
-                 group_tiles.group_spec(block_q, group_p)],
+      out_specs=[group_tiles.group_spec(block_q, group_p, dv_p)]
+      + [group_tiles.group_spec(block_q, group_p)] * 3,
       out_shape=[
-          jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p, dv_p), q.dtype),
-          jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p), jnp.float32),
-      ],
+          jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p, dv_p), q.dtype)]
+      + [jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p), jnp.float32)]
+      * 3,
       compiler_params=tc.compiler_params(st.launch.num_warps,
                                          st.launch.num_stages),
       interpret=st.interpret,
@@ -226,16 +227,17 @@ def _fwd(q, k_cmp, v_cmp, st: _Static):
   )(q5, k_p, v_p)
   out = tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v)
   lse = tc.ungroup_heads(lse, st.seq_len, st.group)
-  return out, lse
+  return out, lse, m, log2l
 
 
-def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
+def _bwd(q, k_cmp, v_cmp, out, lse, m, log2l, d_out, d_lse, st: _Static):
+  """dQ, dK, dV; m and log2l are the forward's grouped residuals."""
   q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q, block_k = st.launch.block_q, st.launch.block_k
-  do5, lse4, delta4 = group_tiles.backward_rows(out, d_out, lse, q5, dv_p,
-                                                d_lse=d_lse)
+  do5, delta4 = group_tiles.delta_rows(out, d_out, q5, dv_p, d_lse=d_lse,
+                                       lse=lse)
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
 
   dq = pl.pallas_call(
@@ -244,15 +246,14 @@ def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
       in_specs=[group_tiles.group_spec(block_q, group_p, dk_p),
                 group_tiles.kv_spec(tc_pad, dk_p),
                 group_tiles.kv_spec(tc_pad, dv_p),
-                group_tiles.group_spec(block_q, group_p, dv_p),
-                group_tiles.group_spec(block_q, group_p),
-                group_tiles.group_spec(block_q, group_p)],
+                group_tiles.group_spec(block_q, group_p, dv_p)]
+      + [group_tiles.group_spec(block_q, group_p)] * 3,
       out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
       out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_compressed_attention_dq",
-  )(q5, k_p, v_p, do5, lse4, delta4)
+  )(q5, k_p, v_p, do5, m, log2l, delta4)
 
   num_chunks = st.num_chunks
   num_segments = -(-seq_pad // st.segment)
@@ -273,7 +274,8 @@ def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
       functools.partial(_dkv_kernel, st=st),
       grid=(batch, num_segments * num_chunks, hkv),
       in_specs=[whole(group_p, dk_p), chunk(dk_p), chunk(dv_p),
-                whole(group_p, dv_p), whole(group_p), whole(group_p)],
+                whole(group_p, dv_p), whole(group_p), whole(group_p),
+                whole(group_p)],
       out_specs=[partial(dk_p), partial(dv_p)],
       out_shape=[
           jax.ShapeDtypeStruct((batch, num_segments * tc_pad, hkv, dk_p),
@@ -283,7 +285,7 @@ def _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st: _Static):
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_compressed_attention_dkv",
-  )(q5, k_p, v_p, do5, lse4, delta4)
+  )(q5, k_p, v_p, do5, m, log2l, delta4)
 
   def sum_segments(x, like):  # fixed-order sum over segments: deterministic
     x = x.reshape(batch, num_segments, tc_pad, hkv, -1).sum(axis=1)
@@ -306,18 +308,18 @@ def dkv_segment(seq_len: int, block_q: int) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _compressed_attention(q, k_cmp, v_cmp, st: _Static):
-  return _fwd(q, k_cmp, v_cmp, st)
+  return _fwd(q, k_cmp, v_cmp, st)[:2]
 
 
 def _vjp_fwd(q, k_cmp, v_cmp, st: _Static):
-  out, lse = _fwd(q, k_cmp, v_cmp, st)
-  return (out, lse), (q, k_cmp, v_cmp, out, lse)
+  out, lse, m, log2l = _fwd(q, k_cmp, v_cmp, st)
+  return (out, lse), (q, k_cmp, v_cmp, out, lse, m, log2l)
 
 
 def _vjp_bwd(st: _Static, residuals, cotangents):
-  q, k_cmp, v_cmp, out, lse = residuals
+  q, k_cmp, v_cmp, out, lse, m, log2l = residuals
   d_out, d_lse = cotangents
-  return _bwd(q, k_cmp, v_cmp, out, lse, d_out, d_lse, st)
+  return _bwd(q, k_cmp, v_cmp, out, lse, m, log2l, d_out, d_lse, st)
 
 
 _compressed_attention.defvjp(_vjp_fwd, _vjp_bwd)

@@ -81,21 +81,3 @@ def delta_rows(out, d_out, q5, dv_p: int, d_lse=None, lse=None):
     delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
   return (tc.group_heads(d_out, hkv, seq_pad, group_p, dv_p),
           group_rows(delta, hkv, seq_pad, group_p))
-
-
-def backward_rows(out, d_out, lse, q5, dv_p: int, d_lse=None):
-  """FlashAttention-2 backward preprocessing, in the grouped layout.
-
-  Args:
-    out, d_out: [B, T, Hq, Dv] forward output and its cotangent.
-    lse: [B, T, Hq] float32 forward log-sum-exp.
-    q5: the grouped queries [B, Tp, Hkv, Gp, Dk] (gives the layout).
-    dv_p: padded Dv.
-    d_lse: optional [B, T, Hq] cotangent of lse (see ``delta_rows``).
-
-  Returns:
-    (dO [B, Tp, Hkv, Gp, dv_p], lse [B, Tp, Hkv, Gp], delta [B, Tp, Hkv, Gp]).
-  """
-  _, seq_pad, hkv, group_p, _ = q5.shape
-  do5, delta4 = delta_rows(out, d_out, q5, dv_p, d_lse=d_lse, lse=lse)
-  return do5, group_rows(lse, hkv, seq_pad, group_p), delta4

@@ -170,6 +170,24 @@ def test_large_logits_gradients(impl):
     np.testing.assert_allclose(got, exp, atol=1e-3)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_logits_compressed_gradients(impl):
+  """Item 1, compressed branch: fp32 gradients at logits near 1e6."""
+  x = make_inputs(CASE)
+  q, k_cmp, v_cmp = 1000 * x["q"], 1000 * x["k_cmp"], x["v_cmp"]
+  d_out = make_inputs(CASE, seed=1)["q"][..., :v_cmp.shape[-1]]
+  kw = dict(block_size=TINY.cmp_block, stride=TINY.cmp_stride)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v, **kw)[0] * d_out)
+  run = functools.partial(ops.compressed_attention, impl=impl)
+  ref = reference.compressed_attention_reference
+  grads = jax.grad(loss(run), argnums=(0, 1, 2))(q, k_cmp, v_cmp)
+  want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k_cmp, v_cmp)
+  # dV_cmp is a sum of probabilities times dO: 1e-4 absolute.
+  np.testing.assert_allclose(grads[2], want[2], atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_run_under_x64(dtype):
   """Item 6: the selected and window kernels with x64 enabled."""
