@@ -194,6 +194,21 @@ def check_block_sizes(cmp_block: int, cmp_stride: int, sel_block: int):
                      f"= {ratio} to be a power of two")
 
 
+def check_inputs(q, k_cmp, lse, cmp_block: int, cmp_stride: int,
+                 sel_block: int):
+  """Raises ValueError unless q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] and
+  lse [B, T, Hq] fit together and the block sizes can be tiled."""
+  batch, _, num_heads, head_dim = q.shape
+  num_kv_heads = k_cmp.shape[2]
+  if k_cmp.shape[0] != batch or k_cmp.shape[-1] != head_dim:
+    raise ValueError(f"{q.shape=} and {k_cmp.shape=} disagree")
+  if lse.shape != q.shape[:3]:
+    raise ValueError(f"{lse.shape=} must be {q.shape[:3]}")
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
+    raise ValueError(f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}")
+  check_block_sizes(cmp_block, cmp_stride, sel_block)
+
+
 def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
                   sel_block: int, scale: float, seq_len: int, q_offset: int,
                   launch: ScoreLaunch, interpret: bool):
@@ -280,15 +295,9 @@ def block_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   Raises:
     ValueError: on inconsistent shapes or block sizes.
   """
+  check_inputs(q, k_cmp, lse, cmp_block, cmp_stride, sel_block)
   batch, seq_len, num_heads, head_dim = q.shape
   _, num_cmp, num_kv_heads, _ = k_cmp.shape
-  if k_cmp.shape[0] != batch or k_cmp.shape[-1] != head_dim:
-    raise ValueError(f"{q.shape=} and {k_cmp.shape=} disagree")
-  if lse.shape != q.shape[:3]:
-    raise ValueError(f"{lse.shape=} must be {q.shape[:3]}")
-  if num_kv_heads == 0 or num_heads % num_kv_heads:
-    raise ValueError(f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}")
-  check_block_sizes(cmp_block, cmp_stride, sel_block)
   num_sel = -(-seq_len // sel_block)
   if num_cmp == 0 or seq_len == 0:
     return jnp.zeros((batch, seq_len, num_kv_heads, num_sel), jnp.float32)

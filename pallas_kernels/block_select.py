@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import triton_compat as tc
 from pallas_kernels.block_scores import check_block_sizes
+from pallas_kernels.block_scores import check_inputs
 from pallas_kernels.block_scores import default_launch
 from pallas_kernels.block_scores import padded_scores
 from pallas_kernels.block_scores import ScoreLaunch
@@ -148,15 +149,9 @@ def select_blocks(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   Raises:
     ValueError: on inconsistent shapes or block sizes.
   """
+  check_inputs(q, k_cmp, lse, cmp_block, cmp_stride, sel_block)
   batch, seq_len, num_heads, head_dim = q.shape
   num_kv_heads = k_cmp.shape[2]
-  if k_cmp.shape[0] != batch or k_cmp.shape[-1] != head_dim:
-    raise ValueError(f"{q.shape=} and {k_cmp.shape=} disagree")
-  if lse.shape != q.shape[:3]:
-    raise ValueError(f"{lse.shape=} must be {q.shape[:3]}")
-  if num_kv_heads == 0 or num_heads % num_kv_heads:
-    raise ValueError(f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}")
-  check_block_sizes(cmp_block, cmp_stride, sel_block)
   if num_selected < num_initial + num_local:
     raise ValueError(f"{num_selected=} < {num_initial=} + {num_local=}")
   if batch == 0 or seq_len == 0:
