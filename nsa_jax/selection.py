@@ -105,13 +105,32 @@ def top_n_blocks(scores, config: NSAConfig):
   Returns:
     int32 [B, T, Hkv, num_selected], no repeats.
   """
-  seq_len, num_sel = scores.shape[1], scores.shape[3]
-  own = (jnp.arange(seq_len) // config.sel_block)[:, None]  # [T, 1]
-  j = jnp.arange(num_sel)[None, :]  # [1, Ts]
+  batch, seq_len = scores.shape[:2]
+  positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+  return top_n_at(scores, positions, config)
+
+
+def top_n_at(scores, positions, config: NSAConfig):
+  """``top_n_blocks`` for queries at given positions (decoding uses this).
+
+  Forced blocks (the first ``num_initial`` and the ``num_local`` ending at
+  ``t // l'``) rank first, then the other causal blocks by score, ties to the
+  lower index; spare slots hold -1.
+
+  Args:
+    scores: float32 [B, Q, Hkv, Ts] group-summed importance.
+    positions: int [B, Q] query positions.
+    config: selection settings.
+
+  Returns:
+    int32 [B, Q, Hkv, num_selected], no repeats.
+  """
+  num_sel = scores.shape[-1]
+  own = (positions // config.sel_block)[:, :, None, None]  # [B, Q, 1, 1]
+  j = jnp.arange(num_sel)
   causal = j <= own
   forced = causal & ((j < config.num_initial) | (j > own - config.num_local))
-  ranked = jnp.where(forced[None, :, None, :], jnp.inf,
-                     jnp.where(causal[None, :, None, :], scores, -jnp.inf))
+  ranked = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
   n = config.num_selected
   if num_sel < n:
     ranked = jnp.pad(ranked, [(0, 0)] * 3 + [(0, n - num_sel)],

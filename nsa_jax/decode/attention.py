@@ -13,7 +13,6 @@ inputs), as in ``nsa_jax.xla``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from nsa_jax import selection
@@ -157,35 +156,6 @@ def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
   return out, lse
 
 
-def top_n_at(scores, positions, config: NSAConfig):
-  """``nsa_jax.selection.top_n_blocks`` for queries at given positions.
-
-  Forced blocks (the first ``num_initial`` and the ``num_local`` ending at
-  ``t // l'``) rank first, then the other causal blocks by score, ties to the
-  lower index; spare slots hold -1.
-
-  Args:
-    scores: float32 [B, Q, Hkv, Ts] group-summed importance.
-    positions: int32 [B, Q] query positions.
-    config: selection settings.
-
-  Returns:
-    int32 [B, Q, Hkv, num_selected], no repeats.
-  """
-  num_sel = scores.shape[-1]
-  own = (positions // config.sel_block)[:, :, None, None]  # [B, Q, 1, 1]
-  j = jnp.arange(num_sel)
-  causal = j <= own
-  forced = causal & ((j < config.num_initial) | (j > own - config.num_local))
-  ranked = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
-  n = config.num_selected
-  if num_sel < n:
-    ranked = jnp.pad(ranked, [(0, 0)] * 3 + [(0, n - num_sel)],
-                     constant_values=-jnp.inf)
-  values, indices = jax.lax.top_k(ranked, n)
-  return jnp.where(values > -jnp.inf, indices, -1).astype(jnp.int32)
-
-
 def compressed_decode(q, k_cmp, v_cmp, lengths, config: NSAConfig, *,
                       scale=None):
   """Branch 1 for a step's queries, and the importance branch 2 ranks.
@@ -243,7 +213,7 @@ def select_decode_blocks(p_cmp, positions, config: NSAConfig,
   p_slc = selection.compressed_to_selection_scores(p_cmp, config, num_blocks)
   scores = p_slc.reshape(b, nq, num_kv_heads, hq // num_kv_heads,
                          num_blocks).sum(axis=3)
-  return top_n_at(scores, positions, config)
+  return selection.top_n_at(scores, positions, config)
 
 
 def _use_kernel(impl: str, num_queries: int, block_size: int) -> bool:

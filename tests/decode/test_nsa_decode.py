@@ -9,6 +9,7 @@ import pytest
 
 from nsa_jax.decode import attention as attn_lib
 from nsa_jax.decode import NSACache
+from nsa_jax.selection import top_n_at
 from nsa_jax.selection import top_n_blocks
 
 
@@ -53,7 +54,7 @@ def test_selection_in_decode_equals_top_n_blocks_of_the_full_path():
   full = np.asarray(top_n_blocks(scores, TINY))
   positions = jnp.array([[0, 15, 16, 47], [48, 63, 64, 69]], jnp.int32)
   rows = scores[jnp.arange(2)[:, None], positions]  # [2, 4, 3, 5]
-  got = np.asarray(attn_lib.top_n_at(rows, positions, TINY))
+  got = np.asarray(top_n_at(rows, positions, TINY))
   for b in range(2):
     for j, t in enumerate(np.asarray(positions[b])):
       np.testing.assert_array_equal(got[b, j], full[b, t])
