@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import platform
-import sys
 import time
 
 import jax
@@ -65,12 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
         f"devices {jax.devices()}")
   workdir = pathlib.Path(args.workdir)
   results = {}
-  for name in [a.strip() for a in args.attention.split(",") if a.strip()]:
-    try:
-      model = train_lib.runs.load_run(workdir / name)
-    except (FileNotFoundError, train_lib.CheckpointError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      raise SystemExit(1) from e
+  for name, model in train_lib.runs.load_runs_or_exit(workdir,
+                                                       args.attention):
     run = lambda: decode.generate(
         model, prompts, max_new_tokens=args.max_new_tokens,
         sampling=sampling, seed=args.seed, stop_tokens=stop)

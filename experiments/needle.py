@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import numpy as np
 
@@ -54,12 +53,8 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
     parser.error(f"--samples must be >= 1, got {args.samples}")
   workdir = pathlib.Path(args.workdir)
   grids = {}
-  for name in [a.strip() for a in args.attention.split(",") if a.strip()]:
-    try:
-      model = train_lib.runs.load_run(workdir / name)
-    except (FileNotFoundError, train_lib.CheckpointError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      raise SystemExit(1) from e
+  for name, model in train_lib.runs.load_runs_or_exit(workdir,
+                                                       args.attention):
     grid = train_lib.accuracy_grid(model, args.lengths, args.depths,
                                    samples=args.samples, seed=args.seed)
     grids[name] = grid

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import sys
 from typing import Any
 
 from flax import nnx
@@ -114,6 +115,21 @@ def load_run(run_dir: str | pathlib.Path,
     step = ckpt.restore(model, optimizer, log=log).step
   log(f"loaded {run_dir} at step {step}")
   return model
+
+
+def load_runs_or_exit(workdir: str | pathlib.Path, attention: str):
+  """Yields (name, model) for each run named in a comma list, for scripts.
+
+  A missing or unusable run ends the script with its message on stderr and
+  exit status 1 (no traceback).
+  """
+  for name in [a.strip() for a in attention.split(",") if a.strip()]:
+    try:
+      model = load_run(pathlib.Path(workdir) / name)
+    except (FileNotFoundError, checkpoint_lib.CheckpointError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(1) from e
+    yield name, model
 
 
 def _check_run_dir(run_dir: pathlib.Path, config: dict[str, Any],
