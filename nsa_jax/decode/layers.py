@@ -293,15 +293,6 @@ def _check_caches(model, caches):
                      f"({len(model.layers)}), from init_cache")
 
 
-def _logits(model, x):
-  x = model.final_norm(x)
-  if model.config.tie_embeddings:
-    logits = model.embed.attend(x)
-  else:
-    logits = model.lm_head(x)
-  return logits.astype(jnp.float32)
-
-
 def _run(model, tokens, caches, attend):
   _check_tokens(model, tokens)
   _check_caches(model, caches)
@@ -312,7 +303,7 @@ def _run(model, tokens, caches, attend):
     x = x + h
     x = x + layer.mlp(layer.mlp_norm(x))
     new_caches.append(cache)
-  return _logits(model, x), tuple(new_caches)
+  return model.head(x), tuple(new_caches)
 
 
 def lm_prefill(model, tokens, caches, lengths=None):

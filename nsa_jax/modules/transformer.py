@@ -230,6 +230,10 @@ class TransformerLM(nnx.Module):
         _call_block, policy=policy)
     for layer in self.layers:
       x = call(layer, x, positions)
+    return self.head(x)
+
+  def head(self, x):
+    """Final norm and output projection: [B, T, d_model] -> float32 logits."""
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
