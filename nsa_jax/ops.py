@@ -54,7 +54,7 @@ COMPRESSED.register("reference", reference.compressed_attention_reference)
 
 BLOCK_SCORES = registry.Registry("block_scores")
 BLOCK_SCORES.register("pallas", pallas.block_scores,
-                      pallas.supports_block_scores, auto_backends=GPU)
+                      pallas.supports_select, auto_backends=GPU)
 BLOCK_SCORES.register(
     "xla", lambda q, k_cmp, lse, *, config, scale: selection.block_scores(
         q, k_cmp, lse, config, scale=scale), auto_backends=EVERYWHERE)

@@ -51,7 +51,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale):
                                          stride=stride, scale=scale)
 
 
-def supports_block_scores(q, k_cmp, lse, *, config, **static):
+def supports_select(q, k_cmp, lse, *, config, **static):
+  """Block scores and block selection share the score kernel's rules."""
   del lse, static
   if not _kernels().supports_selection(config):
     return (f"the block-score kernel needs sel_block / cmp_stride a power of "
@@ -63,14 +64,6 @@ def block_scores(q, k_cmp, lse, *, config, scale):
   return _kernels().block_scores(
       q, k_cmp, lse, cmp_block=config.cmp_block,
       cmp_stride=config.cmp_stride, sel_block=config.sel_block, scale=scale)
-
-
-def supports_select(q, k_cmp, lse, *, config, **static):
-  del lse, static
-  if not _kernels().supports_selection(config):
-    return (f"the selection kernels need sel_block / cmp_stride a power of "
-            f"two, got {config.sel_block} / {config.cmp_stride}")
-  return _dtype_reason(q, k_cmp) or _x64_reason()
 
 
 def select_blocks(q, k_cmp, lse, *, config, scale):
