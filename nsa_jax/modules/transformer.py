@@ -232,6 +232,17 @@ class TransformerLM(nnx.Module):
       x = call(layer, x, positions)
     return self.head(x)
 
+  def attention_input(self, tokens, layer: int, positions=None):
+    """The input of layer ``layer``'s attention: tokens int [B, T] ->
+    [B, T, d_model], after the layers below it and that block's attn_norm
+    (what ``layers[layer].attn`` sees in ``__call__``)."""
+    if not 0 <= layer < len(self.layers):
+      raise ValueError(f"layer={layer} is not in [0, {len(self.layers)})")
+    x = self._embed(tokens)
+    for block in self.layers[:layer]:
+      x = block(x, positions)
+    return self.layers[layer].attn_norm(x)
+
   def head(self, x):
     """Final norm and output projection: [B, T, d_model] -> float32 logits."""
     x = self.final_norm(x)

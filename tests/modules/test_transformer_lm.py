@@ -249,3 +249,29 @@ def test_match_mlp_hidden_brings_full_nearest_to_nsa():
         make_config(attention="full", num_layers=2, mlp_hidden=other))
         - target)
   assert dataclasses.replace(matched, mlp_hidden=full.mlp_hidden) == full
+
+
+class _Recorder(nnx.Module):
+  """Stands in for a layer's attention and keeps the input it was given."""
+
+  def __init__(self, attn):
+    self.attn = attn
+    self.seen = nnx.data(None)
+
+  def __call__(self, x, positions=None):
+    self.seen = x
+    return self.attn(x, positions)
+
+
+def test_attention_input_is_what_the_layer_sees_in_the_forward():
+  model = TransformerLM(make_config(num_layers=3), rngs=nnx.Rngs(0))
+  tokens = make_tokens(1, 40)
+  for index in range(3):
+    want = model.attention_input(tokens, index)
+    model.layers[index].attn = _Recorder(model.layers[index].attn)
+    model(tokens)
+    chex.assert_trees_all_close(model.layers[index].attn.seen, want,
+                                rtol=1e-6, atol=1e-6)
+    model.layers[index].attn = model.layers[index].attn.attn
+  with pytest.raises(ValueError, match="layer=3"):
+    model.attention_input(tokens, 3)
