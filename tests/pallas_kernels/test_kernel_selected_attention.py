@@ -10,6 +10,7 @@ from nsa_jax import reference
 from pallas_kernels import launch_config
 from pallas_kernels import selected_attention
 from pallas_kernels.selected_attention import _invert_block_table
+from pallas_kernels.selected_attention import tile_unions
 
 import kernel_test_utils as u
 
@@ -183,6 +184,23 @@ def test_inverted_block_table_drops_repeats():
   offsets, positions = _invert_block_table(idx, 2, pad=0)
   np.testing.assert_array_equal(offsets[0, 0], [0, 2, 4])
   np.testing.assert_array_equal(positions[0, 0, :4], [0, 2, 1, 2])
+
+
+@pytest.mark.parametrize("block_q", [1, 2, 4])
+def test_tile_unions_are_each_tiles_distinct_blocks_ascending(block_q):
+  rng = np.random.default_rng(0)
+  idx = rng.integers(-1, 6, size=(2, 8, 3, 4)).astype(np.int32)
+  idx[0, :block_q, 0] = -1  # a tile with nothing selected
+  union = np.asarray(tile_unions(jnp.asarray(idx), block_q))
+  assert union.shape == (2, 8 // block_q, 3, block_q * 4)
+  for b in range(2):
+    for i in range(8 // block_q):
+      for g in range(3):
+        tile = idx[b, i * block_q:(i + 1) * block_q, g]
+        want = np.unique(tile[tile >= 0])
+        got = union[b, i, g]
+        np.testing.assert_array_equal(got[:len(want)], want)
+        assert (got[len(want):] == -1).all()
 
 
 @pytest.mark.lowering
