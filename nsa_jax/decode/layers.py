@@ -223,12 +223,25 @@ def full_init_cache(layer, batch: int, max_length: int, *, dtype=None):
       dtype=dtype or _dtype(layer.q_proj))
 
 
-def _full_projections(layer, x, positions):
+def full_qkv(layer, x):
+  """A FullAttention's projections before RoPE.
+
+  Args:
+    layer: the FullAttention.
+    x: [B, T, d_model].
+
+  Returns:
+    (q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D]).
+  """
   b, t, _ = x.shape
   shape = lambda h: (b, t, h, layer.head_dim)
-  q = layer.q_proj(x).reshape(shape(layer.num_heads))
-  k = layer.k_proj(x).reshape(shape(layer.num_kv_heads))
-  v = layer.v_proj(x).reshape(shape(layer.num_kv_heads))
+  return (layer.q_proj(x).reshape(shape(layer.num_heads)),
+          layer.k_proj(x).reshape(shape(layer.num_kv_heads)),
+          layer.v_proj(x).reshape(shape(layer.num_kv_heads)))
+
+
+def _full_projections(layer, x, positions):
+  q, k, v = full_qkv(layer, x)
   return (apply_rope(q, positions, layer.rope_base),
           apply_rope(k, positions, layer.rope_base), v)
 
@@ -293,17 +306,31 @@ def _check_caches(model, caches):
                      f"({len(model.layers)}), from init_cache")
 
 
-def _run(model, tokens, caches, attend):
+def run_layers(model, tokens, states, attend):
+  """The model's blocks with each attention call replaced by ``attend``.
+
+  Args:
+    model: the TransformerLM.
+    tokens: int [B, T].
+    states: one entry per layer (a decode cache, or anything ``attend``
+      takes, None included).
+    attend: ``attend(index, attn, x, state) -> (out [B, T, d_model],
+      new state)`` for layer ``index``, its attention module and its
+      normalised input ``x``.
+
+  Returns:
+    (float32 logits [B, T, vocab], tuple of the layers' new states).
+  """
   _check_tokens(model, tokens)
-  _check_caches(model, caches)
+  _check_caches(model, states)
   x = model._embed(tokens)  # pylint: disable=protected-access
-  new_caches = []
-  for layer, cache in zip(model.layers, caches):
-    h, cache = attend(layer.attn, layer.attn_norm(x), cache)
+  new_states = []
+  for index, (layer, state) in enumerate(zip(model.layers, states)):
+    h, state = attend(index, layer.attn, layer.attn_norm(x), state)
     x = x + h
     x = x + layer.mlp(layer.mlp_norm(x))
-    new_caches.append(cache)
-  return model.head(x), tuple(new_caches)
+    new_states.append(state)
+  return model.head(x), tuple(new_states)
 
 
 def lm_prefill(model, tokens, caches, lengths=None):
@@ -320,8 +347,8 @@ def lm_prefill(model, tokens, caches, lengths=None):
     (float32 logits [B, T, vocab] (row b's next-token logits are at
     ``lengths[b] - 1``), caches).
   """
-  return _run(model, tokens, caches,
-              lambda attn, x, cache: attn.prefill(x, cache, lengths))
+  return run_layers(model, tokens, caches,
+                    lambda _, attn, x, cache: attn.prefill(x, cache, lengths))
 
 
 def lm_decode_step(model, tokens, caches):
@@ -335,5 +362,5 @@ def lm_decode_step(model, tokens, caches):
   Returns:
     (float32 logits [B, Q, vocab], caches).
   """
-  return _run(model, tokens, caches,
-              lambda attn, x, cache: attn.decode_step(x, cache))
+  return run_layers(model, tokens, caches,
+                    lambda _, attn, x, cache: attn.decode_step(x, cache))

@@ -1,0 +1,1 @@
+"""SeerAttention-R (arXiv 2506.08889): learned block-sparse decoding."""
