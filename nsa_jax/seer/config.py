@@ -45,10 +45,10 @@ class SeerConfig:
     if self.query_merge not in QUERY_MERGES:
       raise ValueError(f"SeerConfig.query_merge={self.query_merge!r} is not "
                        f"one of {QUERY_MERGES}")
-    for name in ("qk_norm", "rope"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"SeerConfig.{name} must be a bool, got "
-                         f"{getattr(self, name)!r}")
+    flags = {"qk_norm": self.qk_norm, "rope": self.rope}
+    wrong = {k: v for k, v in flags.items() if not isinstance(v, bool)}
+    if wrong:
+      raise ValueError(f"SeerConfig fields {wrong} must be bools")
 
 
 @dataclasses.dataclass(frozen=True)

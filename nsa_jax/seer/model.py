@@ -6,6 +6,7 @@ from flax import nnx
 import jax.numpy as jnp
 
 from nsa_jax import ops
+from nsa_jax.decode import cache as cache_lib
 from nsa_jax.decode import layers as layers_lib
 from nsa_jax.modules.rope import apply_rope
 from nsa_jax.modules.transformer import TransformerLM
@@ -54,8 +55,11 @@ class SeerLM(nnx.Module):
     if len(gates.layers) != len(model.layers):
       raise ValueError(f"{len(gates.layers)} gates for "
                        f"{len(model.layers)} layers")
-    if selection is not None and not isinstance(selection, Selection):
-      raise TypeError(f"selection must be a Selection, got {selection!r}")
+    if selection is not None:
+      if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a Selection, got {selection!r}")
+      # A budget below two blocks is refused now, not at the first call.
+      selection.num_slots(gates.config.block_size, 2)
     if impl not in IMPLS:
       raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     self.model, self.gates = model, gates
@@ -127,6 +131,12 @@ class SeerLM(nnx.Module):
     """Gated sparse step: tokens int [B, 1] -> (logits [B, 1, vocab], caches).
     """
     selection = self._selection()
+    if tokens.ndim != 2 or tokens.shape[1] != 1:
+      raise ValueError(f"SeerAttention-R decodes one token a step: tokens "
+                       f"must be [B, 1], got {tokens.shape}")
+    if isinstance(caches, (tuple, list)) and caches:  # before any compute
+      cache_lib.check_capacity(caches[0].lengths, 1, caches[0].max_length,
+                               "decode_step")
     return layers_lib.run_layers(
         self.model, tokens, caches,
         lambda i, attn, x, cache: decode_lib.decode_step(
