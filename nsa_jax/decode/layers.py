@@ -8,7 +8,7 @@ methods delegate here.
 
 ``prefill`` runs a (right-padded) prompt through the training path
 (``nsa_jax.ops.nsa_attention`` with the layer's ``impl``, or
-``jax.nn.dot_product_attention``) and fills the cache; ``decode_step`` takes
+``dense_attention.causal_attention``) and fills the cache; ``decode_step`` takes
 the next Q tokens of every row (Q = 1, or a few for speculative decoding),
 writes them to the cache, makes every compressed token they complete with
 the layer's own ``BlockCompressor``, and attends (``nsa_jax.decode.
@@ -25,6 +25,7 @@ from nsa_jax import ops
 from nsa_jax.data.token_ids import check_token_ids
 from nsa_jax.decode import attention as attn_lib
 from nsa_jax.decode import cache as cache_lib
+from nsa_jax.modules import dense_attention
 from nsa_jax.modules.rope import apply_rope
 
 
@@ -247,7 +248,11 @@ def _full_projections(layer, x, positions):
 
 
 def full_prefill(layer, x, cache: cache_lib.FullCache, lengths=None):
-  """A prompt through ``jax.nn.dot_product_attention``, filling the cache.
+  """A prompt through the layer's dense attention, filling the cache.
+
+  The attention is the forward's (``dense_attention.causal_attention`` with
+  the layer's implementation): cuDNN's flash attention on a GPU where it
+  serves, never a ``T x T`` matrix there.
 
   Args, Returns, Raises: as ``nsa_prefill``.
   """
@@ -256,7 +261,8 @@ def full_prefill(layer, x, cache: cache_lib.FullCache, lengths=None):
   _check_prefill_fits(t, cache)
   lengths = _prompt_lengths(x, lengths)
   q, k, v = _full_projections(layer, x, jnp.arange(t))
-  out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  out = dense_attention.causal_attention(q, k, v,
+                                         implementation=layer.implementation)
   out = layer.out_proj(out.reshape(b, t, layer.num_heads * layer.head_dim))
   put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
       buf, new.astype(buf.dtype), 0, axis=1)
