@@ -20,7 +20,7 @@ _step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
 _prefill = nnx.jit(lambda m, t, c, n: m.prefill(t, c, n))
 _forward = nnx.jit(lambda m, t: m(t))
 _keys = nnx.jit(lambda gate, k: gate.keys(k))
-# One model and gates for every test (building them compiles initialisers).
+# One model and gates for every test of the file.
 LM = make_lm(Selection(budget=48))
 
 

@@ -4,6 +4,7 @@ from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from seer_testing import random_module
 
 from nsa_jax.modules import LMConfig
 from nsa_jax.seer.config import SeerConfig
@@ -18,10 +19,9 @@ _keys = nnx.jit(lambda gate, k, start: gate.keys(k, start))
 _queries = nnx.jit(lambda gate, q, positions: gate.queries(q, positions))
 
 
-# A gate of one shape for the tests that need no other (building one
-# compiles its initialisers).
-GATE = AttnGate(4, 2, 8, SeerConfig(block_size=4, gate_dim=6),
-                rngs=nnx.Rngs(0))
+# A gate of one shape for the tests that need no other.
+GATE = random_module(lambda: AttnGate(
+    4, 2, 8, SeerConfig(block_size=4, gate_dim=6), rngs=nnx.Rngs(0)))
 
 
 def _qk(b, t, hq, hkv, d, seed=0):
@@ -35,11 +35,14 @@ def _qk(b, t, hq, hkv, d, seed=0):
 def test_shapes_and_causal_distribution(merge, hq, hkv, norm):
   config = SeerConfig(block_size=4, gate_dim=6, query_merge=merge,
                       qk_norm=norm)
-  gate = AttnGate(hq, hkv, 8, config, rngs=nnx.Rngs(0))
+  make = lambda: AttnGate(hq, hkv, 8, config, rngs=nnx.Rngs(0))
+  shapes = nnx.eval_shape(make)  # the initialisers' shapes, nothing drawn
   g = hq // hkv
   want = (hkv, g, 8, 6) if merge == "linear" else (hkv, 8, 6)
-  assert gate.q_weight.value.shape == want
-  assert gate.k_weight.value.shape == (hkv, 24, 6)
+  assert shapes.q_weight.value.shape == want
+  assert shapes.k_weight.value.shape == (hkv, 24, 6)
+  assert (shapes.q_norm is not None) == norm
+  gate = random_module(make)
   q, k = _qk(2, 19, hq, hkv, 8)  # T off a block edge: 4 complete blocks
   log_probs = _call(gate, q, k)
   assert log_probs.shape == (2, 19, hkv, 4) and log_probs.dtype == jnp.float32
