@@ -125,13 +125,41 @@ def top_n_at(scores, positions, config: NSAConfig):
   Returns:
     int32 [B, Q, Hkv, num_selected], no repeats.
   """
+  return forced_top_n(scores, positions, block_size=config.sel_block,
+                      num_selected=config.num_selected,
+                      num_initial=config.num_initial,
+                      num_local=config.num_local)
+
+
+def forced_top_n(scores, positions, *, block_size: int, num_selected: int,
+                 num_initial: int, num_local: int):
+  """The top-n rule of NSA's selection, for any block scores.
+
+  SeerAttention-R's budget selection is this rule with one initial and one
+  local block (block 0 and the query's own block). A score of -inf marks a
+  block that must not be chosen unless it is forced.
+
+  Args:
+    scores: float [B, Q, Hkv, Ts] block scores.
+    positions: int [B, Q] query positions.
+    block_size: keys per block.
+    num_selected: slots per (query, kv head), forced blocks included.
+    num_initial: forced leading blocks.
+    num_local: forced blocks ending at the query's own block ``t //
+      block_size``.
+
+  Returns:
+    int32 [B, Q, Hkv, num_selected]: forced blocks first, then the other
+    causal blocks by score (ties to the lower index), -1 in spare slots; no
+    repeats.
+  """
   num_sel = scores.shape[-1]
-  own = (positions // config.sel_block)[:, :, None, None]  # [B, Q, 1, 1]
+  own = (positions // block_size)[:, :, None, None]  # [B, Q, 1, 1]
   j = jnp.arange(num_sel)
   causal = j <= own
-  forced = causal & ((j < config.num_initial) | (j > own - config.num_local))
+  forced = causal & ((j < num_initial) | (j > own - num_local))
   ranked = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
-  n = config.num_selected
+  n = num_selected
   if num_sel < n:
     ranked = jnp.pad(ranked, [(0, 0)] * 3 + [(0, n - num_sel)],
                      constant_values=-jnp.inf)

@@ -1,5 +1,6 @@
-"""Pallas Triton kernels of Native Sparse Attention (jax only, no flax)."""
+"""Pallas Triton kernels of NSA and SeerAttention-R (jax only, no flax)."""
 
+from pallas_kernels.attention_block_max import attention_block_max
 from pallas_kernels.block_scores import block_scores
 from pallas_kernels.block_scores import ScoreLaunch
 from pallas_kernels.block_select import select_blocks
@@ -17,6 +18,7 @@ __all__ = [
     "LaunchConfig",
     "ScoreLaunch",
     "SelectedLaunchConfig",
+    "attention_block_max",
     "block_scores",
     "block_sparse_decode",
     "compressed_attention",

@@ -227,6 +227,39 @@ def _use_kernel(impl: str, num_queries: int, block_size: int) -> bool:
   return supported or impl == "pallas"  # explicit: the kernel's own error
 
 
+def block_sparse_attend(q, k, v, block_table, lengths, *, block_size: int,
+                        scale=None, impl: str = "auto"):
+  """``block_sparse_decode`` of a step, through the Pallas kernel or XLA.
+
+  One-token steps run ``pallas_kernels.block_sparse_decode`` when ``impl``
+  is "pallas" (interpret mode without a GPU) or "auto" on a GPU with a
+  power-of-two block >= 16; everything else runs the XLA
+  ``block_sparse_decode``. NSA's selected branch and SeerAttention-R's
+  gated blocks both read their caches through here.
+
+  Args:
+    q: [B, Q, Hq, Dk] queries at positions ``lengths - Q + j``.
+    k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; S a multiple of ``block_size``.
+    block_table: int [B, Q, Hkv, n], entries in [0, S / block_size) or -1,
+      no repeats.
+    lengths: int32 [B], tokens in the cache (queries included).
+    block_size: keys per block.
+    scale: default 1/sqrt(Dk).
+    impl: "auto", "pallas", "xla" or "reference" (the last two: XLA).
+
+  Returns:
+    [B, Q, Hq, Dv] in q.dtype; 0 for a query that sees no key.
+  """
+  if _use_kernel(impl, q.shape[1], block_size):
+    import pallas_kernels  # pylint: disable=g-import-not-at-top
+    out, _ = pallas_kernels.block_sparse_decode(
+        q[:, 0], k, v, block_table[:, 0], lengths, block_size=block_size,
+        scale=scale)
+    return out[:, None]
+  return block_sparse_decode(q, k, v, block_table, lengths,
+                             block_size=block_size, scale=scale)[0]
+
+
 def _window_xla(q, cache, config: NSAConfig, positions, scale):
   """Branch 3 in XLA: the ring (own K/V) or the newest raw keys (shared).
 
@@ -318,16 +351,12 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
       q, cache.k_cmp, cache.v_cmp, lengths, config, scale=scale)
   num_blocks = cache.k.shape[1] // config.sel_block
   table = select_decode_blocks(p_cmp, positions, config, num_blocks, hkv)
+  o_slc = block_sparse_attend(q, cache.k, cache.v, table, lengths,
+                              block_size=config.sel_block, scale=scale,
+                              impl=impl)
   if _use_kernel(impl, nq, config.sel_block):
-    import pallas_kernels  # pylint: disable=g-import-not-at-top
-    o_slc, _ = pallas_kernels.block_sparse_decode(
-        q[:, 0], cache.k, cache.v, table[:, 0], lengths,
-        block_size=config.sel_block, scale=scale)
-    o_slc = o_slc[:, None]
     o_win = _window_kernel(q[:, 0], cache, config, scale)[:, None]
   else:
-    o_slc, _ = block_sparse_decode(q, cache.k, cache.v, table, lengths,
-                                   block_size=config.sel_block, scale=scale)
     o_win = _window_xla(q, cache, config, positions, scale)
   out = ops.combine_branches(gates, o_cmp, o_slc, o_win)
   return poison_overflow(out, cache)

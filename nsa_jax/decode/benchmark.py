@@ -73,6 +73,17 @@ def decode_methods(shape: Shape, config: NSAConfig, *, impls=("pallas",),
     methods[f"nsa_{impl}"] = (
         lambda q, g, c, impl=impl: attn_lib.nsa_decode(
             q[:, None], g[:, None], c, config, impl=impl)[:, 0], "nsa")
+  return {**methods, **dense_decode_methods(dense)}
+
+
+def dense_decode_methods(dense=("pallas_decode", "cudnn", "xla")):
+  """name -> (fn(q, gates, cache), "dense") of dense decode baselines.
+
+  Each reads ``cache.k``, ``cache.v`` and ``cache.lengths`` of any cache
+  that has them (NSACache, FullCache, the SeerAttention-R cache); ``gates``
+  is ignored. Names: "pallas_decode" (jax's Pallas GQA decode kernel, GPU),
+  "cudnn" (GPU) and "xla".
+  """
 
   def pallas_decode(q, g, c):
     del g
@@ -93,9 +104,7 @@ def decode_methods(shape: Shape, config: NSAConfig, *, impls=("pallas",),
     return attn_lib.full_decode(q[:, None], full)[:, 0]
 
   table = {"pallas_decode": pallas_decode, "cudnn": cudnn, "xla": xla}
-  for name in dense:
-    methods[f"dense_{name}"] = (table[name], "dense")
-  return methods
+  return {f"dense_{name}": (table[name], "dense") for name in dense}
 
 
 def run_decode_sweep(shapes, contexts, batches, config: NSAConfig, dtype, *,

@@ -8,7 +8,7 @@ methods delegate here.
 
 ``prefill`` runs a (right-padded) prompt through the training path
 (``nsa_jax.ops.nsa_attention`` with the layer's ``impl``, or
-``jax.nn.dot_product_attention``) and fills the cache; ``decode_step`` takes
+``dense_attention.causal_attention``) and fills the cache; ``decode_step`` takes
 the next Q tokens of every row (Q = 1, or a few for speculative decoding),
 writes them to the cache, makes every compressed token they complete with
 the layer's own ``BlockCompressor``, and attends (``nsa_jax.decode.
@@ -25,6 +25,7 @@ from nsa_jax import ops
 from nsa_jax.data.token_ids import check_token_ids
 from nsa_jax.decode import attention as attn_lib
 from nsa_jax.decode import cache as cache_lib
+from nsa_jax.modules import dense_attention
 from nsa_jax.modules.rope import apply_rope
 
 
@@ -223,18 +224,35 @@ def full_init_cache(layer, batch: int, max_length: int, *, dtype=None):
       dtype=dtype or _dtype(layer.q_proj))
 
 
-def _full_projections(layer, x, positions):
+def full_qkv(layer, x):
+  """A FullAttention's projections before RoPE.
+
+  Args:
+    layer: the FullAttention.
+    x: [B, T, d_model].
+
+  Returns:
+    (q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D]).
+  """
   b, t, _ = x.shape
   shape = lambda h: (b, t, h, layer.head_dim)
-  q = layer.q_proj(x).reshape(shape(layer.num_heads))
-  k = layer.k_proj(x).reshape(shape(layer.num_kv_heads))
-  v = layer.v_proj(x).reshape(shape(layer.num_kv_heads))
+  return (layer.q_proj(x).reshape(shape(layer.num_heads)),
+          layer.k_proj(x).reshape(shape(layer.num_kv_heads)),
+          layer.v_proj(x).reshape(shape(layer.num_kv_heads)))
+
+
+def _full_projections(layer, x, positions):
+  q, k, v = full_qkv(layer, x)
   return (apply_rope(q, positions, layer.rope_base),
           apply_rope(k, positions, layer.rope_base), v)
 
 
 def full_prefill(layer, x, cache: cache_lib.FullCache, lengths=None):
-  """A prompt through ``jax.nn.dot_product_attention``, filling the cache.
+  """A prompt through the layer's dense attention, filling the cache.
+
+  The attention is the forward's (``dense_attention.causal_attention`` with
+  the layer's implementation): cuDNN's flash attention on a GPU where it
+  serves, never a ``T x T`` matrix there.
 
   Args, Returns, Raises: as ``nsa_prefill``.
   """
@@ -243,7 +261,8 @@ def full_prefill(layer, x, cache: cache_lib.FullCache, lengths=None):
   _check_prefill_fits(t, cache)
   lengths = _prompt_lengths(x, lengths)
   q, k, v = _full_projections(layer, x, jnp.arange(t))
-  out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  out = dense_attention.causal_attention(q, k, v,
+                                         implementation=layer.implementation)
   out = layer.out_proj(out.reshape(b, t, layer.num_heads * layer.head_dim))
   put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
       buf, new.astype(buf.dtype), 0, axis=1)
@@ -293,17 +312,31 @@ def _check_caches(model, caches):
                      f"({len(model.layers)}), from init_cache")
 
 
-def _run(model, tokens, caches, attend):
+def run_layers(model, tokens, states, attend):
+  """The model's blocks with each attention call replaced by ``attend``.
+
+  Args:
+    model: the TransformerLM.
+    tokens: int [B, T].
+    states: one entry per layer (a decode cache, or anything ``attend``
+      takes, None included).
+    attend: ``attend(index, attn, x, state) -> (out [B, T, d_model],
+      new state)`` for layer ``index``, its attention module and its
+      normalised input ``x``.
+
+  Returns:
+    (float32 logits [B, T, vocab], tuple of the layers' new states).
+  """
   _check_tokens(model, tokens)
-  _check_caches(model, caches)
+  _check_caches(model, states)
   x = model._embed(tokens)  # pylint: disable=protected-access
-  new_caches = []
-  for layer, cache in zip(model.layers, caches):
-    h, cache = attend(layer.attn, layer.attn_norm(x), cache)
+  new_states = []
+  for index, (layer, state) in enumerate(zip(model.layers, states)):
+    h, state = attend(index, layer.attn, layer.attn_norm(x), state)
     x = x + h
     x = x + layer.mlp(layer.mlp_norm(x))
-    new_caches.append(cache)
-  return model.head(x), tuple(new_caches)
+    new_states.append(state)
+  return model.head(x), tuple(new_states)
 
 
 def lm_prefill(model, tokens, caches, lengths=None):
@@ -320,8 +353,8 @@ def lm_prefill(model, tokens, caches, lengths=None):
     (float32 logits [B, T, vocab] (row b's next-token logits are at
     ``lengths[b] - 1``), caches).
   """
-  return _run(model, tokens, caches,
-              lambda attn, x, cache: attn.prefill(x, cache, lengths))
+  return run_layers(model, tokens, caches,
+                    lambda _, attn, x, cache: attn.prefill(x, cache, lengths))
 
 
 def lm_decode_step(model, tokens, caches):
@@ -335,5 +368,5 @@ def lm_decode_step(model, tokens, caches):
   Returns:
     (float32 logits [B, Q, vocab], caches).
   """
-  return _run(model, tokens, caches,
-              lambda attn, x, cache: attn.decode_step(x, cache))
+  return run_layers(model, tokens, caches,
+                    lambda _, attn, x, cache: attn.decode_step(x, cache))

@@ -49,8 +49,14 @@ def _gpu(seq_len: int, **overrides: Any) -> dict[str, Any]:
   }
 
 
+# The full-attention model ``experiments/seer_adapt.py`` adapts on a CPU:
+# cpu-demo's shape and T, 300 steps, one passkey row in every batch of 4.
+_SEER_CPU = {**_CPU_DEMO, "passkey_rows": 1, "steps": 300,
+             "warmup_steps": 30, "eval_every": 100, "ckpt_every": 150}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": _CPU_DEMO,
+    "seer-cpu": _SEER_CPU,
     "gpu-8k": _gpu(8192),
     "gpu-16k": _gpu(16384),
     "gpu-32k": _gpu(32768),
