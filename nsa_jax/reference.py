@@ -214,9 +214,9 @@ def select_blocks_reference(q, k_cmp, lse, config: NSAConfig, *, scale=None,
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  scores = np.asarray(block_scores_reference(q, k_cmp, lse, config,
-                                             scale=scale,
-                                             segment_ids=segment_ids))
+  scores = np.asarray(jax.jit(  # one compilation, not many eager ops
+      block_scores_reference, static_argnums=3, static_argnames="scale")(
+          q, k_cmp, lse, config, scale=scale, segment_ids=segment_ids))
   b, seq_len, hkv, _ = scores.shape
   n = config.num_selected
   starts = np.zeros((b, seq_len), np.int64)

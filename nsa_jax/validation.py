@@ -93,7 +93,8 @@ def check_compressed(q, k_cmp, block_size, stride):
 
 
 def check_segment_ids(segment_ids, q):
-  """segment_ids must be None or int [B, T] (q's batch and length)."""
+  """segment_ids must be None or int [B, T], q's first two dims (q may be
+  the queries [B, T, H, D] or a layer's input [B, T, d_model])."""
   if segment_ids is None:
     return
   if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
