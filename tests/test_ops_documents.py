@@ -94,13 +94,24 @@ def test_nsa_gradients_match_reference():
 
 
 def test_pallas_path_passes_the_documents():
-  """The Pallas adapters (interpret mode here) turn ids into starts."""
+  """The Pallas adapters (interpret mode here) turn ids into starts.
+
+  Non-finite keys poison only the queries that see them: a NaN raw key at
+  position 1 (row 0's first document, positions 0..2) and a NaN compressed
+  value at token 1 (keys 4..11, inside the document 3..15: seen by
+  t = 11..15).
+  """
   case = CASES[0]
   x, seg = make_inputs(case), _segment_ids(case)
+  k = x["k"].at[0, 1, 0, 0].set(jnp.nan)
+  v_cmp = x["v_cmp"].at[0, 1, 0, 0].set(jnp.nan)
   run = lambda impl: ops.nsa_attention(
-      x["q"], x["k"], x["v"], x["gates"], TINY, k_cmp=x["k_cmp"],
-      v_cmp=x["v_cmp"], segment_ids=seg, impl=impl)
-  _close(run("pallas"), run("reference"), jnp.float32)
+      x["q"], k, x["v"], x["gates"], TINY, k_cmp=x["k_cmp"], v_cmp=v_cmp,
+      segment_ids=seg, impl=impl)
+  got = run("pallas")
+  _close(got, run("reference"), jnp.float32)
+  nan_rows = np.isnan(np.asarray(got[0, :, :2])).any(axis=(1, 2))
+  assert np.flatnonzero(nan_rows).tolist() == [1, 2, 11, 12, 13, 14, 15]
 
 
 def test_forced_blocks_of_a_document_starting_mid_block():

@@ -2,7 +2,10 @@
 
 T off every block edge (4133), T < l, Dk 192 / Dv 128, G = 1, 4, 16, float32
 and bfloat16, batch 2: forward and gradients, by relative norm against the
-XLA path on float32 copies of the inputs (METHOD.md).
+XLA path on float32 copies of the inputs (METHOD.md). The ``documents``
+tests repeat this with packed documents (segment ids), and check
+FullAttention's document path (jax's Pallas flash attention) against XLA's
+masked attention.
 """
 
 import functools
