@@ -41,10 +41,11 @@ def _close(actual, expected, dtype):
       **TOLERANCE[dtype])
 
 
-def test_xla_matches_reference():
-  """Each op; G = 2, Dk != Dv, T = 37 off every block edge, float32 (the
-  kernels' tests take bfloat16 and other groups)."""
-  case, dtype = CASES[0], jnp.float32
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=str)
+def test_xla_matches_reference(case):
+  """Each op, float32 (the kernels' tests take bfloat16): G = 2, Dk != Dv,
+  T = 37 off every block edge; G = 1, T = 5 < l (documents 0..2, 3..4)."""
+  dtype = jnp.float32
   x, seg = make_inputs(case, dtype), _segment_ids(case)
   cmp = lambda impl: ops.compressed_attention(
       x["q"], x["k_cmp"], x["v_cmp"], block_size=TINY.cmp_block,

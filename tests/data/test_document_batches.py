@@ -9,6 +9,7 @@ import pytest
 from nsa_jax import data
 from nsa_jax.modules.transformer import LMConfig
 from nsa_jax.modules.transformer import TransformerLM
+from nsa_jax.train import cli
 from nsa_jax.train import steps
 
 from nsa_cases import TINY
@@ -84,3 +85,11 @@ def test_train_step_with_document_ids():
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   out = steps.train_step(model, optimizer, batch, grad_accum=2)
   assert np.isfinite(float(out["loss"]))
+
+
+def test_documents_flag():
+  plan = cli.resolve(*cli.parse(["--documents"]))
+  assert plan.data["documents"] is True
+  assert cli.resolve(*cli.parse([])).data["documents"] is False
+  with pytest.raises(SystemExit):
+    cli.resolve(*cli.parse(["--documents", "--data", "passkey"]))
