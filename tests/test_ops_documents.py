@@ -73,27 +73,6 @@ def test_xla_matches_reference(case):
     _close(run("xla"), run("reference"), dtype)
 
 
-def test_nsa_gradients_match_reference():
-  """The whole of NSA, G = 4 over four selection blocks, batch 2."""
-  case = CASES[4]
-  x, seg = make_inputs(case), _segment_ids(case)
-  names = ("q", "k", "v", "k_cmp", "v_cmp", "gates")
-
-  def loss(impl):
-    def value(*args):
-      a = dict(zip(names, args))
-      out = ops.nsa_attention(a["q"], a["k"], a["v"], a["gates"], TINY,
-                              k_cmp=a["k_cmp"], v_cmp=a["v_cmp"],
-                              segment_ids=seg, impl=impl)
-      return jnp.sum(out * jnp.cos(out))
-    return value
-
-  args = tuple(x[n] for n in names)
-  grads = jax.grad(loss("xla"), argnums=range(6))(*args)
-  want = jax.grad(loss("reference"), argnums=range(6))(*args)
-  chex.assert_trees_all_close(grads, want, atol=5e-5, rtol=5e-5)
-
-
 def test_pallas_path_passes_the_documents():
   """The Pallas adapters (interpret mode here) turn ids into starts.
 
