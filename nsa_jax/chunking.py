@@ -24,9 +24,12 @@ def map_query_chunks(body: Callable, per_query: Sequence[jax.Array],
 
   Args:
     body: ``body(*chunks, t0) -> [B, C, ...]`` where each chunk is the
-      ``[B, C, ...]`` slice of one ``per_query`` array and ``t0`` (int32
-      scalar) is the position of the chunk's first query.
-    per_query: arrays of shape [B, T, ...] sliced along axis 1.
+      ``[B, C, ...]`` slice of one ``per_query`` array (None for a None
+      entry) and ``t0`` (int32 scalar) is the position of the chunk's first
+      query.
+    per_query: arrays of shape [B, T, ...] sliced along axis 1, or None
+      (optional inputs, e.g. absent document starts); the first is an
+      array.
     chunk_size: C (clipped to T). T is padded up to a multiple of C; padded
       rows are computed and dropped, so the body must keep them finite.
     pad_values: value used to pad each array (default 0).
@@ -46,13 +49,16 @@ def map_query_chunks(body: Callable, per_query: Sequence[jax.Array],
     x = x.reshape(x.shape[0], count, chunk, *x.shape[2:])
     return jnp.moveaxis(x, 1, 0)  # [count, B, C, ...]
 
-  chunks = [split(x, v) for x, v in zip(per_query, pad_values)]
+  present = [x is not None for x in per_query]
+  chunks = [split(x, v) for x, v in zip(per_query, pad_values)
+            if x is not None]
   starts = jnp.arange(count, dtype=jnp.int32) * chunk
 
   @jax.checkpoint
   def step(args):
     *xs, t0 = args
-    return body(*xs, t0)
+    xs = iter(xs)
+    return body(*[next(xs) if p else None for p in present], t0)
 
   if count == 1:
     out = jax.tree.map(lambda y: y[None],

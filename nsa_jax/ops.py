@@ -25,6 +25,16 @@ outside [0, ceil(T / l')) is an empty slot like -1 and a repeated one counts
 once; a key a query cannot see contributes nothing whatever its k and v
 hold; a query that sees a non-finite key or value gets NaN; B = 0 or T = 0
 gives empty outputs.
+
+Packed sequences: every attention op takes ``segment_ids`` (int [B, T], a
+document is a run of equal ids; ``segments.from_cu_seqlens`` converts
+cumulative lengths). A query then reads only keys of its own document: raw
+keys per token, a compressed token only if its whole block lies in the
+document, and selection ranks and forces blocks from the document's first
+block on (docs/SEMANTICS.md, "Packed sequences"). ``segment_ids=None`` is
+the unsegmented computation, unchanged; an implementation that cannot
+express documents (cuDNN's window) refuses segmented calls, so "auto" and
+"pallas" route them elsewhere.
 """
 
 from __future__ import annotations
@@ -56,24 +66,22 @@ BLOCK_SCORES = registry.Registry("block_scores")
 BLOCK_SCORES.register("pallas", pallas.block_scores,
                       pallas.supports_select, auto_backends=GPU)
 BLOCK_SCORES.register(
-    "xla", lambda q, k_cmp, lse, *, config, scale: selection.block_scores(
-        q, k_cmp, lse, config, scale=scale), auto_backends=EVERYWHERE)
+    "xla", lambda q, k_cmp, lse, *, config, **kw: selection.block_scores(
+        q, k_cmp, lse, config, **kw), auto_backends=EVERYWHERE)
 BLOCK_SCORES.register(
     "reference",
-    lambda q, k_cmp, lse, *, config, scale: reference.block_scores_reference(
-        q, k_cmp, lse, config, scale=scale))
+    lambda q, k_cmp, lse, *, config, **kw: reference.block_scores_reference(
+        q, k_cmp, lse, config, **kw))
 
 SELECT = registry.Registry("select_blocks")
 SELECT.register("pallas", pallas.select_blocks, pallas.supports_select,
                 auto_backends=GPU)
+SELECT.register("xla", selection.select_blocks, auto_backends=EVERYWHERE)
 SELECT.register(
-    "xla", lambda q, k_cmp, lse, *, config, scale: selection.top_n_blocks(
-        selection.block_scores(q, k_cmp, lse, config, scale=scale), config),
-    auto_backends=EVERYWHERE)
-SELECT.register(
-    "reference", lambda q, k_cmp, lse, *, config, scale: (
+    "reference", lambda q, k_cmp, lse, *, config, scale, segment_ids=None: (
         selection.top_n_blocks(reference.block_scores_reference(
-            q, k_cmp, lse, config, scale=scale), config)))
+            q, k_cmp, lse, config, scale=scale, segment_ids=segment_ids),
+            config, segment_ids=segment_ids)))
 
 SELECTED = registry.Registry("selected_attention")
 SELECTED.register("pallas", pallas.selected_attention,
@@ -107,7 +115,8 @@ def implementations(op: str, *args, **kwargs):
     op: "compressed_attention", "block_scores", "select_blocks",
       "selected_attention" or "sliding_window_attention".
     *args, **kwargs: optionally, the arguments of a call (arrays or
-      ``jax.ShapeDtypeStruct``; ``scale`` may be left out).
+      ``jax.ShapeDtypeStruct``; ``scale`` and ``segment_ids`` may be left
+      out).
 
   Returns:
     Without arguments: the names, in the order "auto" tries them. With
@@ -154,8 +163,17 @@ def _check_static(op, **static):
                       "static argument)") from None
 
 
-def _call(fn, static, *arrays):
-  return fn(*arrays, **dict(static))
+def _segments(segment_ids):
+  """Keyword arguments passing segment ids to an implementation, if given.
+
+  Unsegmented calls pass nothing, so they are exactly the calls of a
+  library without documents.
+  """
+  return {} if segment_ids is None else dict(segment_ids=segment_ids)
+
+
+def _call(fn, static, segment_ids, *arrays):
+  return fn(*arrays, **_segments(segment_ids), **dict(static))
 
 
 _run = jax.jit(_call, static_argnums=(0, 1))
@@ -167,7 +185,7 @@ def _empty(q):
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
-                         impl="auto"):
+                         segment_ids=None, impl="auto"):
   """Branch 1: attention over compressed tokens whose block is in the past.
 
   Args:
@@ -177,12 +195,15 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
     block_size: l, raw tokens per compressed token, a multiple of d.
     stride: d, distance between compressed blocks.
     scale: softmax scale, default 1/sqrt(Dk).
+    segment_ids: optional int [B, T] (packed documents): query t also needs
+      every key of token i's block ``[i*d, i*d + l)`` in its document.
     impl: see ``implementations("compressed_attention")``.
 
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32; float64 for
     float64 inputs on the xla/reference paths). A query with no visible
-    compressed token (t < l - 1) gets out = 0 and lse = -inf.
+    compressed token (t < l - 1, or its document so far shorter than l)
+    gets out = 0 and lse = -inf.
 
   Raises:
     ValueError, TypeError: shapes, dtypes or impl that do not fit.
@@ -192,16 +213,19 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
   validation.check_attention(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp",
                              same_length=False)
   validation.check_compressed(q, k_cmp, block_size, stride)
+  validation.check_segment_ids(segment_ids, q)
   static = dict(block_size=block_size, stride=stride, scale=_scale(q, scale))
-  chosen = COMPRESSED.resolve(impl, q, k_cmp, v_cmp, **static)
+  chosen = COMPRESSED.resolve(impl, q, k_cmp, v_cmp, segment_ids=segment_ids,
+                              **static)
   if _empty(q):
     lse_dtype = jnp.promote_types(q.dtype, jnp.float32)
     return (jnp.zeros((*q.shape[:3], v_cmp.shape[3]), q.dtype),
             jnp.full(q.shape[:3], -jnp.inf, lse_dtype))
-  return _run(chosen.fn, tuple(static.items()), q, k_cmp, v_cmp)
+  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k_cmp, v_cmp)
 
 
-def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None, impl="auto"):
+def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
+                 segment_ids=None, impl="auto"):
   """Group-summed selection-block importance P (spec, branch 2).
 
   Args:
@@ -209,23 +233,28 @@ def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None, impl="auto"):
       log-sum-exp returned by ``compressed_attention``.
     config: block sizes.
     scale: the scale used for ``lse``.
+    segment_ids: optional int [B, T], as given to ``compressed_attention``:
+      only the tokens it let a query see score.
     impl: see ``implementations("block_scores")``.
 
   Returns:
-    float32 [B, T, Hkv, Ts], before forcing and causal masking. Not
-    differentiable (inputs are wrapped in stop_gradient).
+    float32 [B, T, Hkv, Ts], before forcing and causal masking (blocks
+    before the one holding a query's document start may hold anything on
+    the pallas path; selection never reads them). Not differentiable
+    (inputs are wrapped in stop_gradient).
   """
-  _check_block_scores(q, k_cmp, lse, config, scale, impl)
+  _check_block_scores(q, k_cmp, lse, config, scale, impl, segment_ids)
   static = dict(config=config, scale=_scale(q, scale))
-  chosen = BLOCK_SCORES.resolve(impl, q, k_cmp, lse, **static)
+  chosen = BLOCK_SCORES.resolve(impl, q, k_cmp, lse, segment_ids=segment_ids,
+                                **static)
   if _empty(q):
     return jnp.zeros((*q.shape[:2], k_cmp.shape[2],
                       config.num_selection_blocks(q.shape[1])), jnp.float32)
   q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
-  return _run(chosen.fn, tuple(static.items()), q, k_cmp, lse)
+  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k_cmp, lse)
 
 
-def _check_block_scores(q, k_cmp, lse, config, scale, impl):
+def _check_block_scores(q, k_cmp, lse, config, scale, impl, segment_ids):
   validation.check_config(config)
   _check_static("block_scores", scale=scale, impl=impl)
   validation.check_rank4(q=q, k_cmp=k_cmp)
@@ -236,16 +265,21 @@ def _check_block_scores(q, k_cmp, lse, config, scale, impl):
   validation.check_compressed(q, k_cmp, config.cmp_block, config.cmp_stride)
   if q.shape[0] != k_cmp.shape[0]:
     raise ValueError(f"{q.shape=} and {k_cmp.shape=} disagree on batch")
+  validation.check_segment_ids(segment_ids, q)
 
 
 def select_blocks(q, k_cmp, lse, config: NSAConfig, *, scale=None,
-                  impl="auto"):
+                  segment_ids=None, impl="auto"):
   """Top-n selection blocks per (query, kv head), shared by the GQA group.
 
   Args:
     q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; lse: float32 [B, T, Hq].
     config: selection settings (``num_selected``, forced blocks, sizes).
     scale: the scale used for ``lse``.
+    segment_ids: optional int [B, T], as given to ``compressed_attention``:
+      a query's candidates are the blocks from the one holding its
+      document's first position to its own; "the first ``num_initial``
+      blocks" are counted from that block.
     impl: see ``implementations("select_blocks")``: "pallas" scores and
       ranks on the GPU (``pallas_kernels.block_select``, no XLA top_k);
       "xla" and "reference" score in XLA and rank by ``jax.lax.top_k``.
@@ -255,18 +289,19 @@ def select_blocks(q, k_cmp, lse, config: NSAConfig, *, scale=None,
     Implementations that sum the same probabilities in another order may
     break near-ties (scores equal to float32 rounding) differently.
   """
-  _check_block_scores(q, k_cmp, lse, config, scale, impl)
+  _check_block_scores(q, k_cmp, lse, config, scale, impl, segment_ids)
   static = dict(config=config, scale=_scale(q, scale))
-  chosen = SELECT.resolve(impl, q, k_cmp, lse, **static)
+  chosen = SELECT.resolve(impl, q, k_cmp, lse, segment_ids=segment_ids,
+                          **static)
   if _empty(q):
     return jnp.zeros((*q.shape[:2], k_cmp.shape[2], config.num_selected),
                      jnp.int32)
   q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
-  return _run(chosen.fn, tuple(static.items()), q, k_cmp, lse)
+  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k_cmp, lse)
 
 
 def selected_attention(q, k, v, block_indices, *, block_size, scale=None,
-                       impl="auto"):
+                       segment_ids=None, impl="auto"):
   """Branch 2: attention over keys s <= t in the selected blocks of (t, h//G).
 
   Args:
@@ -276,30 +311,40 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale=None,
       twice in a row counts once.
     block_size: l', raw tokens per selection block.
     scale: softmax scale, default 1/sqrt(Dk).
+    segment_ids: optional int [B, T]: keys outside the query's document are
+      masked per token (a block straddling a boundary is read in part).
     impl: see ``implementations("selected_attention")``.
 
   Returns:
-    [B, T, Hq, Dv] in q.dtype; 0 for a query whose slots are all empty.
+    [B, T, Hq, Dv] in q.dtype; 0 for a query whose slots hold no key it may
+    read.
   """
   _check_static("selected_attention", block_size=block_size, scale=scale,
                 impl=impl)
   validation.check_attention(q, k, v)
   validation.check_block_indices(block_indices, q, k)
   validation.check_positive_int(block_size=block_size)
+  validation.check_segment_ids(segment_ids, q)
   static = dict(block_size=block_size, scale=_scale(q, scale))
-  chosen = SELECTED.resolve(impl, q, k, v, block_indices, **static)
+  chosen = SELECTED.resolve(impl, q, k, v, block_indices,
+                            segment_ids=segment_ids, **static)
   if _empty(q):
     return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
-  return _run(chosen.fn, tuple(static.items()), q, k, v, block_indices)
+  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k, v,
+              block_indices)
 
 
-def sliding_window_attention(q, k, v, *, window, scale=None, impl="auto"):
+def sliding_window_attention(q, k, v, *, window, scale=None, segment_ids=None,
+                             impl="auto"):
   """Branch 3: query t attends to keys t - w < s <= t.
 
   Args:
     q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
     window: w >= 1.
     scale: softmax scale, default 1/sqrt(Dk).
+    segment_ids: optional int [B, T]: keys also need to be in the query's
+      document (cuDNN cannot serve such a call; "auto" then runs Pallas on
+      a GPU).
     impl: see ``implementations("sliding_window_attention")``.
 
   Returns:
@@ -309,15 +354,16 @@ def sliding_window_attention(q, k, v, *, window, scale=None, impl="auto"):
                 impl=impl)
   validation.check_attention(q, k, v)
   validation.check_positive_int(window=window)
+  validation.check_segment_ids(segment_ids, q)
   static = dict(window=window, scale=_scale(q, scale))
-  chosen = WINDOW.resolve(impl, q, k, v, **static)
+  chosen = WINDOW.resolve(impl, q, k, v, segment_ids=segment_ids, **static)
   if _empty(q):
     return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
-  return _run(chosen.fn, tuple(static.items()), q, k, v)
+  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k, v)
 
 
 def resolve_nsa(impl, config: NSAConfig, q, k, v, k_cmp, v_cmp, *,
-                k_win=None, v_win=None, scale=None):
+                k_win=None, v_win=None, scale=None, segment_ids=None):
   """The implementation of each branch that ``nsa_attention`` would run.
 
   Args:
@@ -326,6 +372,8 @@ def resolve_nsa(impl, config: NSAConfig, q, k, v, k_cmp, v_cmp, *,
     q, k, v, k_cmp, v_cmp, k_win, v_win: arrays or ``jax.ShapeDtypeStruct``
       shaped as ``nsa_attention`` takes them.
     scale: softmax scale.
+    segment_ids: None or the call's int [B, T] segment ids (array or
+      ``jax.ShapeDtypeStruct``): implementations without documents refuse.
 
   Returns:
     dict op name -> ``registry.Implementation`` (empty for "reference",
@@ -345,17 +393,19 @@ def resolve_nsa(impl, config: NSAConfig, q, k, v, k_cmp, v_cmp, *,
   lse = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)
   idx = jax.ShapeDtypeStruct((*q.shape[:2], k.shape[2], config.num_selected),
                              jnp.int32)
+  seg = dict(segment_ids=segment_ids)
   return {
       "compressed_attention": COMPRESSED.resolve(
           impl, q, k_cmp, v_cmp, block_size=config.cmp_block,
-          stride=config.cmp_stride, scale=scale),
+          stride=config.cmp_stride, scale=scale, **seg),
       "select_blocks": SELECT.resolve(impl, q, k_cmp, lse, config=config,
-                                      scale=scale),
+                                      scale=scale, **seg),
       "selected_attention": SELECTED.resolve(
-          impl, q, k, v, idx, block_size=config.sel_block, scale=scale),
+          impl, q, k, v, idx, block_size=config.sel_block, scale=scale,
+          **seg),
       "sliding_window_attention": WINDOW.resolve(
           _NSA_WINDOW.get(impl, impl), q, k_win, v_win,
-          window=config.window, scale=scale),
+          window=config.window, scale=scale, **seg),
   }
 
 
@@ -380,7 +430,8 @@ def check_nsa_support(config: NSAConfig, impl: str, *, num_heads: int,
 
 
 def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
-                  k_win=None, v_win=None, scale=None, impl="auto"):
+                  k_win=None, v_win=None, scale=None, segment_ids=None,
+                  impl="auto"):
   """Native Sparse Attention: gated sum of compressed, selected and window.
 
   Args:
@@ -393,6 +444,8 @@ def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
       Tc = config.num_compressed(T).
     k_win, v_win: optional window-branch keys/values, shaped like k, v.
     scale: softmax scale of all branches, default 1/sqrt(Dk).
+    segment_ids: optional int [B, T]: packed documents; every branch reads
+      only the query's document (docs/SEMANTICS.md, "Packed sequences").
     impl: "auto", "pallas", "xla" or "reference": every branch's (with
       "pallas", the window takes cuDNN where it serves; "auto" picks per
       branch, see ``implementations``).
@@ -416,30 +469,34 @@ def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
   if v_cmp.shape[3] != v.shape[3]:
     raise ValueError(f"{v_cmp.shape=} and {v.shape=} disagree on Dv")
   validation.check_compressed(q, k_cmp, config.cmp_block, config.cmp_stride)
+  validation.check_segment_ids(segment_ids, q)
   branches = resolve_nsa(impl, config, q, k, v, k_cmp, v_cmp, k_win=k_win,
-                         v_win=v_win, scale=scale)
+                         v_win=v_win, scale=scale, segment_ids=segment_ids)
   if _empty(q):
     return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
   fns = tuple(branches[op].fn for op in (
       "compressed_attention", "select_blocks", "selected_attention",
       "sliding_window_attention")) if branches else None
   return _run_nsa(fns, config, _scale(q, scale), q, k, v, gates, k_cmp,
-                  v_cmp, k_win, v_win)
+                  v_cmp, k_win, v_win, segment_ids)
 
 
-def _nsa(fns, config, scale, q, k, v, gates, k_cmp, v_cmp, k_win, v_win):
+def _nsa(fns, config, scale, q, k, v, gates, k_cmp, v_cmp, k_win, v_win,
+         segment_ids):
   """The three branches on already validated, resolved inputs (traced)."""
   if fns is None:
     return reference.nsa_attention_reference(
         q, k, v, gates, config, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win,
-        v_win=v_win, scale=scale)
+        v_win=v_win, scale=scale, segment_ids=segment_ids)
   cmp_fn, select_fn, slc_fn, win_fn = fns
+  seg = _segments(segment_ids)
   o_cmp, lse = cmp_fn(q, k_cmp, v_cmp, block_size=config.cmp_block,
-                      stride=config.cmp_stride, scale=scale)
+                      stride=config.cmp_stride, scale=scale, **seg)
   indices = select_fn(*jax.lax.stop_gradient((q, k_cmp, lse)), config=config,
-                      scale=scale)
-  o_slc = slc_fn(q, k, v, indices, block_size=config.sel_block, scale=scale)
-  o_win = win_fn(q, k_win, v_win, window=config.window, scale=scale)
+                      scale=scale, **seg)
+  o_slc = slc_fn(q, k, v, indices, block_size=config.sel_block, scale=scale,
+                 **seg)
+  o_win = win_fn(q, k_win, v_win, window=config.window, scale=scale, **seg)
   return combine_branches(gates, o_cmp, o_slc, o_win)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import chunking
+from nsa_jax import segments
 from nsa_jax.config import NSAConfig
 
 
@@ -36,13 +37,14 @@ def compressed_to_selection_scores(p_cmp, config: NSAConfig, num_sel: int):
   return chunk_score.reshape(*p_cmp.shape[:-1], num_sel, a).sum(axis=-1)
 
 
-def _scores_chunk(q, k_cmp, lse, t0, config, scale, num_sel):
+def _scores_chunk(q, k_cmp, lse, starts, t0, config, scale, num_sel):
   """Group-summed block scores for one chunk of queries.
 
   Args:
     q: [B, C, Hq, Dk] queries at positions t0 .. t0 + C - 1.
     k_cmp: [B, Tc, Hkv, Dk].
     lse: [B, C, Hq] branch-1 log-sum-exp of those queries.
+    starts: int32 [B, C] document starts of those queries, or None.
 
   Returns:
     float32 [B, C, Hkv, Ts].
@@ -55,8 +57,10 @@ def _scores_chunk(q, k_cmp, lse, t0, config, scale, num_sel):
                  preferred_element_type=jnp.float32) * scale
   t = t0 + jnp.arange(c)[:, None]
   i = jnp.arange(tc)[None, :]
-  visible = (i * config.cmp_stride + config.cmp_block - 1 <= t)
-  visible = visible[None, :, None, None, :]
+  visible = (i * config.cmp_stride + config.cmp_block - 1 <= t)[None]
+  if starts is not None:  # the whole block in the query's document
+    visible &= i * config.cmp_stride >= starts[..., None]
+  visible = visible[:, :, None, None, :]
   lse = lse.reshape(b, c, hkv, group, 1)
   p = jnp.where(visible & jnp.isfinite(lse), jnp.exp(s - lse), 0.0)
   p_slc = compressed_to_selection_scores(p, config, num_sel)
@@ -64,7 +68,7 @@ def _scores_chunk(q, k_cmp, lse, t0, config, scale, num_sel):
 
 
 def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
-                 chunk_size: int = 128):
+                 segment_ids=None, chunk_size: int = 128):
   """Group-summed importance P of every selection block, chunked over queries.
 
   Never holds more than one chunk's ``[B, C, Hq, Tc]`` probabilities.
@@ -73,6 +77,8 @@ def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
     q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; lse: float32 [B, T, Hq].
     config: block sizes.
     scale: defaults to 1/sqrt(Dk).
+    segment_ids: optional int [B, T]: a compressed token scores for a query
+      only if its whole block lies in the query's document.
     chunk_size: queries per chunk.
 
   Returns:
@@ -84,43 +90,59 @@ def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
     return jnp.zeros((q.shape[0], q.shape[1], k_cmp.shape[2], num_sel),
                      jnp.float32)
 
-  def body(q_chunk, lse_chunk, t0):
-    return _scores_chunk(q_chunk, k_cmp, lse_chunk, t0, config, scale,
-                         num_sel)
+  def body(q_chunk, lse_chunk, starts_chunk, t0):
+    return _scores_chunk(q_chunk, k_cmp, lse_chunk, starts_chunk, t0, config,
+                         scale, num_sel)
 
-  return chunking.map_query_chunks(body, (q, lse), chunk_size)
+  return chunking.map_query_chunks(
+      body, (q, lse, segments.starts_or_none(segment_ids)), chunk_size)
 
 
-def top_n_blocks(scores, config: NSAConfig):
+def select_blocks(q, k_cmp, lse, *, config: NSAConfig, scale=None,
+                  segment_ids=None):
+  """XLA block selection: ``block_scores`` ranked by ``top_n_blocks``."""
+  scores = block_scores(q, k_cmp, lse, config, scale=scale,
+                        segment_ids=segment_ids)
+  return top_n_blocks(scores, config, segment_ids=segment_ids)
+
+
+def top_n_blocks(scores, config: NSAConfig, *, segment_ids=None):
   """Picks ``num_selected`` blocks per (query, kv head) by the spec's rules.
 
-  Forced blocks (the first ``num_initial`` and the ``num_local`` ending at the
-  query's own block) rank first, then the other causal blocks by score, ties to
-  the lower index; slots beyond the number of causal blocks hold -1.
+  Forced blocks (the first ``num_initial`` of the query's document and the
+  ``num_local`` ending at the query's own block) rank first, then the other
+  candidate blocks by score, ties to the lower index; slots beyond the number
+  of candidates hold -1. See ``top_n_at``.
 
   Args:
     scores: float32 [B, T, Hkv, Ts] group-summed importance.
     config: selection settings.
+    segment_ids: optional int [B, T].
 
   Returns:
     int32 [B, T, Hkv, num_selected], no repeats.
   """
   batch, seq_len = scores.shape[:2]
   positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
-  return top_n_at(scores, positions, config)
+  return top_n_at(scores, positions, config,
+                  starts=segments.starts_or_none(segment_ids))
 
 
-def top_n_at(scores, positions, config: NSAConfig):
+def top_n_at(scores, positions, config: NSAConfig, *, starts=None):
   """``top_n_blocks`` for queries at given positions (decoding uses this).
 
-  Forced blocks (the first ``num_initial`` and the ``num_local`` ending at
-  ``t // l'``) rank first, then the other causal blocks by score, ties to the
-  lower index; spare slots hold -1.
+  The candidates of a query at t are the blocks ``f .. t // l'``, where
+  ``f = starts // l'`` is the block holding its document's first position
+  (0 without ``starts``). Forced: ``f .. f + num_initial - 1`` and the
+  ``num_local`` blocks ending at ``t // l'``, as far as they are candidates.
+  They rank first, then the other candidates by score, ties to the lower
+  index; spare slots hold -1.
 
   Args:
     scores: float32 [B, Q, Hkv, Ts] group-summed importance.
     positions: int [B, Q] query positions.
     config: selection settings.
+    starts: optional int [B, Q]: first position of each query's document.
 
   Returns:
     int32 [B, Q, Hkv, num_selected], no repeats.
@@ -128,11 +150,11 @@ def top_n_at(scores, positions, config: NSAConfig):
   return forced_top_n(scores, positions, block_size=config.sel_block,
                       num_selected=config.num_selected,
                       num_initial=config.num_initial,
-                      num_local=config.num_local)
+                      num_local=config.num_local, starts=starts)
 
 
 def forced_top_n(scores, positions, *, block_size: int, num_selected: int,
-                 num_initial: int, num_local: int):
+                 num_initial: int, num_local: int, starts=None):
   """The top-n rule of NSA's selection, for any block scores.
 
   SeerAttention-R's budget selection is this rule with one initial and one
@@ -147,6 +169,9 @@ def forced_top_n(scores, positions, *, block_size: int, num_selected: int,
     num_initial: forced leading blocks.
     num_local: forced blocks ending at the query's own block ``t //
       block_size``.
+    starts: optional int [B, Q]: first position of each query's document;
+      its block ``f`` replaces block 0 as the first candidate (see
+      ``top_n_at``).
 
   Returns:
     int32 [B, Q, Hkv, num_selected]: forced blocks first, then the other
@@ -156,8 +181,9 @@ def forced_top_n(scores, positions, *, block_size: int, num_selected: int,
   num_sel = scores.shape[-1]
   own = (positions // block_size)[:, :, None, None]  # [B, Q, 1, 1]
   j = jnp.arange(num_sel)
-  causal = j <= own
-  forced = causal & ((j < num_initial) | (j > own - num_local))
+  first = 0 if starts is None else (starts // block_size)[:, :, None, None]
+  causal = (j <= own) & (j >= first)
+  forced = causal & ((j < first + num_initial) | (j > own - num_local))
   ranked = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
   n = num_selected
   if num_sel < n:

@@ -92,6 +92,19 @@ def check_compressed(q, k_cmp, block_size, stride):
         f"(T - l) // d + 1 = {expected}")
 
 
+def check_segment_ids(segment_ids, q):
+  """segment_ids must be None or int [B, T], q's first two dims (q may be
+  the queries [B, T, H, D] or a layer's input [B, T, d_model])."""
+  if segment_ids is None:
+    return
+  if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+    raise TypeError("segment_ids must be an integer array, got dtype "
+                    f"{jnp.result_type(segment_ids)}")
+  if jnp.shape(segment_ids) != tuple(q.shape[:2]):
+    raise ValueError(f"segment_ids.shape={jnp.shape(segment_ids)} must be "
+                     f"[B, T] = {list(q.shape[:2])}")
+
+
 def check_block_indices(block_indices, q, k, num_selected=None):
   """block_indices must be int [B, T, Hkv, n]."""
   shape = jnp.shape(block_indices)

@@ -10,7 +10,10 @@ differences can check gradients); matmuls take the input dtype and accumulate
 in that precision. A key that a query cannot see contributes nothing to it
 whatever its k and v (NaN and inf included: rows holding them are zeroed
 before any product, as 0 * inf is NaN); a query that sees such a key gets a
-NaN output, as on every path.
+NaN output, as on every path. With ``segment_ids`` every mask also needs the
+keys in the query's document: ``s >= starts[t]``, the document's first
+position (``nsa_jax.segments``), for a raw key and for every key of a
+compressed token's block.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import chunking
+from nsa_jax import segments
 
 
 def masked_softmax(s, mask):
@@ -100,12 +104,16 @@ def _ungroup(x):
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
-                         chunk_size=128):
+                         segment_ids=None, chunk_size=128):
   """Branch 1: query t sees compressed token i iff i*d + l - 1 <= t.
+
+  With segment ids also ``i*d >= starts[t]``: the token's whole block lies in
+  t's document.
 
   Args:
     q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; v_cmp: [B, Tc, Hkv, Dv].
     block_size: l. stride: d. scale: softmax scale.
+    segment_ids: optional int [B, T].
     chunk_size: queries per chunk.
 
   Returns:
@@ -121,23 +129,27 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
   k_cmp, v_cmp, bad = finite_keys(k_cmp, v_cmp)
   bad = bad.transpose(0, 2, 1)[:, None, :, None, :]  # [B, 1, Hkv, 1, Tc]
 
-  def body(q_chunk, t0):
+  def body(q_chunk, starts, t0):
     qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
     s = jnp.einsum("bcgrd,bigd->bcgri", qg, k_cmp,
                    preferred_element_type=acc) * scale
     t = t0 + jnp.arange(q_chunk.shape[1])
-    mask = (first_visible[None, :] <= t[:, None])[None, :, None, None, :]
+    mask = (first_visible[None, :] <= t[:, None])[None]  # [1, C, Tc]
+    if starts is not None:
+      mask = mask & (jnp.arange(tc) * stride >= starts[..., None])
+    mask = mask[:, :, None, None, :]
     p, lse = masked_softmax(s, mask)
     out = jnp.einsum("bcgri,bigd->bcgrd", p.astype(v_cmp.dtype), v_cmp,
                      preferred_element_type=acc)
     out = poison(out, (mask & bad).any(-1))
     return _ungroup(out).astype(q.dtype), _ungroup(lse)
 
-  return chunking.map_query_chunks(body, (q,), chunk_size)
+  return chunking.map_query_chunks(
+      body, (q, segments.starts_or_none(segment_ids)), chunk_size)
 
 
 def selected_attention(q, k, v, block_indices, *, block_size, scale,
-                       chunk_size=64):
+                       segment_ids=None, chunk_size=64):
   """Branch 2: each query attends to keys s <= t of its selected blocks.
 
   The n selected blocks of every (query, kv head) are gathered whole from a
@@ -149,6 +161,8 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
     block_indices: int [B, T, Hkv, n]; -1 and any entry outside
       [0, ceil(T / l')) is an empty slot, a repeated entry counts once.
     block_size: l'. scale: softmax scale.
+    segment_ids: optional int [B, T]: keys outside the query's document are
+      masked.
     chunk_size: queries per chunk.
 
   Returns:
@@ -171,7 +185,7 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
   offsets = jnp.arange(block_size)
   block_indices = valid_block_indices(block_indices, num_sel)
 
-  def body(q_chunk, idx_chunk, t0):
+  def body(q_chunk, idx_chunk, starts, t0):
     c, n = q_chunk.shape[1], idx_chunk.shape[-1]
     idx = idx_chunk.transpose(0, 2, 1, 3)  # [B, Hkv, C, n]
     flat = jnp.clip(idx, 0, num_sel - 1).reshape(b, hkv, c * n)
@@ -184,6 +198,8 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
     pos = idx[..., None] * block_size + offsets  # [B, Hkv, C, n, l']
     t = (t0 + jnp.arange(c))[None, None, :, None, None]
     mask = (idx[..., None] >= 0) & (pos <= t)
+    if starts is not None:
+      mask = mask & (pos >= starts[:, None, :, None, None])
     mask = mask.reshape(b, hkv, c, 1, n * block_size)
     qg = _group(q_chunk, hkv).transpose(0, 2, 1, 3, 4)  # [B, Hkv, C, G, Dk]
     s = jnp.einsum("bgcrd,bgcsd->bgcrs", qg, kk,
@@ -194,12 +210,14 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
     out = poison(out, (mask & bb).any(-1))
     return _ungroup(out.transpose(0, 2, 1, 3, 4)).astype(q.dtype)
 
-  return chunking.map_query_chunks(body, (q, block_indices), chunk_size,
-                                   pad_values=(0, -1))
+  return chunking.map_query_chunks(
+      body, (q, block_indices, segments.starts_or_none(segment_ids)),
+      chunk_size, pad_values=(0, -1, 0))
 
 
-def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
-  """Branch 3: query t sees keys s with t - w < s <= t.
+def sliding_window_attention(q, k, v, *, window, scale, segment_ids=None,
+                             chunk_size=128):
+  """Branch 3: query t sees keys s with t - w < s <= t (and s >= starts[t]).
 
   A chunk of C queries starting at t0 reads the ``C + W - 1`` keys from
   ``t0 - W + 1`` (W = min(w, T)), a dynamic slice of k padded in front.
@@ -207,6 +225,7 @@ def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
   Args:
     q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
     window: w. scale: softmax scale.
+    segment_ids: optional int [B, T].
     chunk_size: queries per chunk.
 
   Returns:
@@ -222,7 +241,7 @@ def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
   bad_pad = jnp.pad(bad, pads[:3])
   span = chunk + span_back
 
-  def body(q_chunk, t0):
+  def body(q_chunk, starts, t0):
     kk = jax.lax.dynamic_slice_in_dim(k_pad, t0, span, axis=1)
     vv = jax.lax.dynamic_slice_in_dim(v_pad, t0, span, axis=1)
     qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
@@ -230,8 +249,10 @@ def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
                    preferred_element_type=acc) * scale
     t = t0 + jnp.arange(q_chunk.shape[1])[:, None]
     pos = t0 - span_back + jnp.arange(span)[None, :]
-    mask = (pos <= t) & (pos > t - window) & (pos >= 0)
-    mask = mask[None, :, None, None, :]
+    mask = ((pos <= t) & (pos > t - window) & (pos >= 0))[None]  # [1, C, S]
+    if starts is not None:
+      mask = mask & (pos >= starts[..., None])
+    mask = mask[:, :, None, None, :]
     p, _ = masked_softmax(s, mask)
     out = jnp.einsum("bcgrs,bsgd->bcgrd", p.astype(vv.dtype), vv,
                      preferred_element_type=acc)
@@ -240,4 +261,5 @@ def sliding_window_attention(q, k, v, *, window, scale, chunk_size=128):
                        ).any(-1))
     return _ungroup(out).astype(q.dtype)
 
-  return chunking.map_query_chunks(body, (q,), chunk)
+  return chunking.map_query_chunks(
+      body, (q, segments.starts_or_none(segment_ids)), chunk)

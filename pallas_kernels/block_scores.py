@@ -81,6 +81,7 @@ class _Static:
   group: int  # G
   launch: ScoreLaunch
   interpret: bool
+  documents: bool  # document starts are an input (group_tiles.split_starts)
 
   @property
   def ratio(self) -> int:
@@ -131,7 +132,7 @@ def _split_dot(p, w):
   return tc.dot(lo, w) + tc.dot(mid, w) + tc.dot(hi, w)
 
 
-def _scores_kernel(q_ref, k_ref, lse_ref, out_ref, *, st: _Static):
+def _scores_kernel(q_ref, k_ref, lse_ref, *refs, st: _Static):
   """P[t, j] for one tile of positions, every causal selection block.
 
   Step c reads compressed tokens [c*bk, (c+1)*bk), bk = block_sel * a, and
@@ -143,9 +144,15 @@ def _scores_kernel(q_ref, k_ref, lse_ref, out_ref, *, st: _Static):
   summed and the [block_q, block_sel] tile is stored. Columns past the
   tile's last causal block are not written (the top-n kernel masks them).
 
-  Refs: q [block_q, Gp, Dk], k [Tk, Dk], lse [block_q, Gp]
-  -> out [block_q, Ts_p] float32.
+  With documents a token scores only if its block lies in the row's
+  document (``i*d >= starts[t]``), and the steps whose blocks all lie before
+  the tile's first document start are skipped; their columns are not
+  written either (no row has them as candidates).
+
+  Refs: q [block_q, Gp, Dk], k [Tk, Dk], lse [block_q, Gp],
+  (starts [block_q]) -> out [block_q, Ts_p] float32.
   """
+  starts_ref, (out_ref,) = group_tiles.split_starts(refs, st.documents)
   block_q, group_p, _ = q_ref.shape
   rows = block_q * group_p
   block_sel, block_k = st.launch.block_sel, st.block_k
@@ -163,6 +170,12 @@ def _scores_kernel(q_ref, k_ref, lse_ref, out_ref, *, st: _Static):
                        st.seq_len) - 1
   num_blocks = lax.div(t_last, st.sel_block) + 1
   num_steps = lax.div(num_blocks + block_sel - 1, block_sel)
+  first_step, lower = 0, None
+  if starts_ref is not None:
+    starts = starts_ref[...]  # [block_q], non-decreasing
+    lower = group_tiles.to_rows(starts, group_p)
+    first_step = jnp.minimum(
+        lax.div(jnp.min(starts), st.sel_block * block_sel), num_steps)
 
   def body(step, carry):
     start = pl.multiple_of(step * block_k, block_k)
@@ -171,6 +184,8 @@ def _scores_kernel(q_ref, k_ref, lse_ref, out_ref, *, st: _Static):
     i = start + token
     visible = ((i[None, :] * st.cmp_stride + (st.cmp_block - 1) <= t[:, None])
                & real_head[:, None])
+    if lower is not None:
+      visible &= i[None, :] * st.cmp_stride >= lower[:, None]
     p = jnp.where(visible, jnp.exp2(s - lse2[:, None]), 0.0)
     scores = _split_dot(p, weights)  # [rows, block_sel]
     scores += jnp.where(sel[None, :] == 0, carry[:, None], 0.0)
@@ -180,7 +195,7 @@ def _scores_kernel(q_ref, k_ref, lse_ref, out_ref, *, st: _Static):
                          scores.reshape(block_q, group_p, block_sel), axis=1)
     return jnp.sum(p * spill[None, :], axis=1)
 
-  lax.fori_loop(0, num_steps, body, jnp.zeros((rows,), jnp.float32))
+  lax.fori_loop(first_step, num_steps, body, jnp.zeros((rows,), jnp.float32))
 
 
 def check_block_sizes(cmp_block: int, cmp_stride: int, sel_block: int):
@@ -211,7 +226,7 @@ def check_inputs(q, k_cmp, lse, cmp_block: int, cmp_stride: int,
 
 def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
                   sel_block: int, scale: float, seq_len: int, q_offset: int,
-                  launch: ScoreLaunch, interpret: bool):
+                  launch: ScoreLaunch, interpret: bool, doc_starts=None):
   """Raw kernel output for queries at positions q_offset .. q_offset + Tq - 1.
 
   Args:
@@ -219,11 +234,13 @@ def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
       compressed keys; lse: float32 [B, Tq, Hq] for the same queries.
     seq_len: T of the whole sequence.
     q_offset: position of q's first row.
+    doc_starts: optional int32 [B, Tq] (or already padded to Tq_p with
+      ``group_tiles.pad_starts``): document starts of the same queries.
 
   Returns:
     float32 [B, Tq_p, Hkv, Ts_p]: Tq_p = Tq rounded up to block_q, Ts_p the
     power of two >= max(Ts, block_sel). Columns past a tile's last causal
-    block hold garbage.
+    block, or before the block of its first document start, hold garbage.
   """
   batch, num_q, num_heads, head_dim = q.shape
   hkv = k_cmp.shape[2]
@@ -231,7 +248,7 @@ def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   st = _Static(cmp_block=cmp_block, cmp_stride=cmp_stride,
                sel_block=sel_block, scale=scale, seq_len=seq_len,
                q_offset=q_offset, group=group, launch=launch,
-               interpret=interpret)
+               interpret=interpret, documents=doc_starts is not None)
   block_q, block_sel = launch.block_q, launch.block_sel
   seq_pad = tc.round_up(num_q, block_q)
   group_p = tc.next_pow2(group)
@@ -244,6 +261,11 @@ def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   def bg(x):  # Triton grids are 3-D at most: axis 0 is (batch, kv head).
     return lax.div(x, hkv), lax.rem(x, hkv)
 
+  starts_spec, starts_arg = [], []
+  if doc_starts is not None:
+    starts_spec = [pl.BlockSpec((None, block_q), lambda x, i: (bg(x)[0], i))]
+    starts_arg = [group_tiles.pad_starts(doc_starts, seq_pad, seq_len)]
+
   return pl.pallas_call(
       functools.partial(_scores_kernel, st=st),
       grid=(batch * hkv, seq_pad // block_q),
@@ -254,7 +276,7 @@ def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
                        lambda x, i: (bg(x)[0], 0, bg(x)[1], 0)),
           pl.BlockSpec((None, block_q, None, group_p),
                        lambda x, i: (bg(x)[0], i, bg(x)[1], 0)),
-      ],
+      ] + starts_spec,
       out_specs=pl.BlockSpec((None, block_q, None, sel_pad),
                              lambda x, i: (bg(x)[0], i, bg(x)[1], 0)),
       out_shape=jax.ShapeDtypeStruct((batch, seq_pad, hkv, sel_pad),
@@ -263,13 +285,14 @@ def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
                                          launch.num_stages),
       interpret=interpret,
       name="nsa_block_scores",
-  )(q5, k_p, lse4)
+  )(q5, k_p, lse4, *starts_arg)
 
 
 def block_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
                  sel_block: int, scale: float | None = None,
                  interpret: bool | None = None,
-                 launch: ScoreLaunch | None = None):
+                 launch: ScoreLaunch | None = None,
+                 doc_starts=None):
   """Selection-block importance P of NSA section 3.3.2 (Eq. 8-10), fused.
 
   ``P[t, g, j] = sum_{h in group g} sum_{m<a} sum_{n<b} p_cmp[t, h, j*a+m-n]``
@@ -288,6 +311,10 @@ def block_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
     scale: softmax scale, defaults to 1/sqrt(Dk); must be branch 1's.
     interpret: run in Pallas interpret mode; None means "when no GPU".
     launch: tile sizes; None: ``default_launch``.
+    doc_starts: optional int32 [B, T], non-decreasing, ``<= t``: the first
+      position of each query's document. A token scores only if its whole
+      block is in the query's document; blocks before the one holding the
+      document start are 0, as non-causal ones.
 
   Returns:
     float32 [B, T, Hkv, Ts], Ts = ceil(T / l').
@@ -310,7 +337,10 @@ def block_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
       sel_block=sel_block,
       scale=head_dim ** -0.5 if scale is None else float(scale),
       seq_len=seq_len, q_offset=0, launch=launch,
-      interpret=tc.resolve_interpret(interpret))[:, :seq_len, :, :num_sel]
-  causal = (jnp.arange(num_sel)[None, :]
-            <= (jnp.arange(seq_len) // sel_block)[:, None])
-  return jnp.where(causal[None, :, None, :], scores, 0.0)
+      interpret=tc.resolve_interpret(interpret),
+      doc_starts=doc_starts)[:, :seq_len, :, :num_sel]
+  j = jnp.arange(num_sel)[None, None, :]
+  causal = j <= (jnp.arange(seq_len) // sel_block)[None, :, None]
+  if doc_starts is not None:
+    causal &= j >= (doc_starts // sel_block)[..., None]
+  return jnp.where(causal[:, :, None, :], scores, 0.0)

@@ -16,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from pallas_kernels import group_tiles
 from pallas_kernels import triton_compat as tc
 from pallas_kernels.block_scores import check_block_sizes
 from pallas_kernels.block_scores import check_inputs
@@ -44,22 +45,31 @@ class _TopN:
   q_offset: int
   rows: int  # positions per program
   interpret: bool
+  documents: bool  # document starts are an input (group_tiles.split_starts)
 
 
-def _top_n_kernel(scores_ref, out_ref, *, st: _TopN):
+def _top_n_kernel(scores_ref, *refs, st: _TopN):
   """Ranks one tile of rows: forced blocks, then scores, ties to lower j.
 
-  Refs: scores [rows, Ts_p] float32 -> out [rows, n_p] int32 (-1: empty).
-  Each of the n rounds takes the row's argmax (the lowering breaks ties to
-  the lower index, as the spec does) and marks that block taken.
+  Refs: scores [rows, Ts_p] float32, (starts [rows]) -> out [rows, n_p]
+  int32 (-1: empty). The candidates of a row are the blocks f .. own, f the
+  block of its document's start (0 without documents); forced: f ..
+  f + num_initial - 1 and the num_local ending at own. Each of the n rounds
+  takes the row's argmax (the lowering breaks ties to the lower index, as
+  the spec does) and marks that block taken.
   """
+  starts_ref, (out_ref,) = group_tiles.split_starts(refs, st.documents)
   rows, sel_pad = scores_ref.shape
   n_p = out_ref.shape[-1]
   t = st.q_offset + pl.program_id(1) * rows + jnp.arange(rows)
   own = lax.div(t, st.sel_block)[:, None]  # [rows, 1]
   j = jnp.arange(sel_pad)[None, :]  # [1, Ts_p]
-  causal = (j <= own) & (j < st.num_blocks)
-  forced = causal & ((j < st.num_initial) | (j > own - st.num_local))
+  if starts_ref is None:
+    first, causal = 0, (j <= own) & (j < st.num_blocks)
+  else:
+    first = lax.div(starts_ref[...], st.sel_block)[:, None]  # [rows, 1]
+    causal = (j <= own) & (j >= first) & (j < st.num_blocks)
+  forced = causal & ((j < first + st.num_initial) | (j > own - st.num_local))
   ranked = jnp.where(forced, _FORCED,
                      jnp.where(causal, scores_ref[...], _NOT_CAUSAL))
   slot = jnp.arange(n_p)[None, :]
@@ -78,26 +88,34 @@ def _top_n_kernel(scores_ref, out_ref, *, st: _TopN):
   out_ref[...] = out
 
 
-def _top_n(scores, st: _TopN, num_warps: int):
-  """[B, Tq_p, Hkv, Ts_p] float32 -> int32 [B, Tq_p, Hkv, n_p]."""
+def _top_n(scores, starts, st: _TopN, num_warps: int):
+  """[B, Tq_p, Hkv, Ts_p] float32 -> int32 [B, Tq_p, Hkv, n_p].
+
+  ``starts``: None, or int32 [B, Tq_p] padded document starts.
+  """
   batch, seq_pad, hkv, sel_pad = scores.shape
   n_p = tc.next_pow2(st.num_selected)
 
   def bg(x):
     return lax.div(x, hkv), lax.rem(x, hkv)
 
+  starts_spec, starts_arg = [], []
+  if starts is not None:
+    starts_spec = [pl.BlockSpec((None, st.rows), lambda x, i: (bg(x)[0], i))]
+    starts_arg = [starts]
   return pl.pallas_call(
       functools.partial(_top_n_kernel, st=st),
       grid=(batch * hkv, seq_pad // st.rows),
       in_specs=[pl.BlockSpec((None, st.rows, None, sel_pad),
-                             lambda x, i: (bg(x)[0], i, bg(x)[1], 0))],
+                             lambda x, i: (bg(x)[0], i, bg(x)[1], 0))]
+      + starts_spec,
       out_specs=pl.BlockSpec((None, st.rows, None, n_p),
                              lambda x, i: (bg(x)[0], i, bg(x)[1], 0)),
       out_shape=jax.ShapeDtypeStruct((batch, seq_pad, hkv, n_p), jnp.int32),
       compiler_params=tc.compiler_params(num_warps, 1),
       interpret=st.interpret,
       name="nsa_block_top_n",
-  )(scores)
+  )(scores, *starts_arg)
 
 
 def _rows_per_program(block_q: int, sel_pad: int) -> int:
@@ -123,13 +141,16 @@ def select_blocks(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
                   num_local: int, scale: float | None = None,
                   interpret: bool | None = None,
                   launch: ScoreLaunch | None = None,
-                  score_bytes: int = _SCORE_BYTES):
+                  score_bytes: int = _SCORE_BYTES,
+                  doc_starts=None):
   """Top-n selection blocks per (query, kv head), on the GPU (NSA Eq. 10-11).
 
   Forced blocks (the first ``num_initial`` and the ``num_local`` ending at
   the query's own block) first, then the other causal blocks by group-summed
   score, ties to the lower block index; slots beyond the number of causal
-  blocks hold -1. The same rule as ``nsa_jax.selection.top_n_blocks``.
+  blocks hold -1. With ``doc_starts`` the candidates start at the block of
+  the query's document start, and "the first blocks" are counted from it.
+  The same rule as ``nsa_jax.selection.top_n_at``.
 
   Args:
     q: [B, T, Hq, Dk] queries.
@@ -142,6 +163,8 @@ def select_blocks(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
     launch: score-kernel tiles; None: ``block_scores.default_launch``.
     score_bytes: float32 score bytes held at once; longer inputs are done
       in slices of query positions.
+    doc_starts: optional int32 [B, T], non-decreasing, ``<= t``: the first
+      position of each query's document (packed sequences).
 
   Returns:
     int32 [B, T, Hkv, num_selected], entries in [0, Ts) or -1, no repeats.
@@ -177,14 +200,20 @@ def select_blocks(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   tables = []
   for start in range(0, seq_len, slice_len):
     stop = min(seq_len, start + slice_len)
+    starts = None
+    if doc_starts is not None:
+      starts = group_tiles.pad_starts(
+          doc_starts[:, start:stop], tc.round_up(stop - start, launch.block_q),
+          seq_len)
     scores = padded_scores(
         q[:, start:stop], k_cmp, lse[:, start:stop], cmp_block=cmp_block,
         cmp_stride=cmp_stride, sel_block=sel_block, scale=scale,
-        seq_len=seq_len, q_offset=start, launch=launch, interpret=interpret)
+        seq_len=seq_len, q_offset=start, launch=launch, interpret=interpret,
+        doc_starts=starts)
     st = _TopN(sel_block=sel_block, num_selected=num_selected,
                num_initial=num_initial, num_local=num_local,
                num_blocks=num_blocks, q_offset=start, rows=rows,
-               interpret=interpret)
-    tables.append(_top_n(scores, st, num_warps=4)[:, :stop - start, :,
-                                                  :num_selected])
+               interpret=interpret, documents=doc_starts is not None)
+    tables.append(_top_n(scores, starts, st, num_warps=4)[
+        :, :stop - start, :, :num_selected])
   return tables[0] if len(tables) == 1 else jnp.concatenate(tables, axis=1)

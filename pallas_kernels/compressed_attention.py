@@ -30,6 +30,7 @@ class _Static:
   launch: launch_config.LaunchConfig
   segment: int  # query positions per dK/dV program
   interpret: bool
+  documents: bool  # document starts are an input (group_tiles.split_starts)
 
   @property
   def num_chunks(self) -> int:
@@ -44,18 +45,40 @@ def _first_invisible(t, block_size, stride, num_cmp):
   return jnp.minimum(count, num_cmp)
 
 
-def _tile_setup(q_ref, st: _Static):
-  """The [rows, Dk] query tile, each row's position, visible token count."""
-  block_q = q_ref.shape[0]
+def _tile_setup(q_ref, starts_ref, st: _Static):
+  """The query tile and the chunks of compressed tokens it may see.
+
+  Returns:
+    (q [rows, Dk], t [rows] positions, lower [rows] document starts or None,
+    first, end): chunks ``first .. end - 1`` hold every token a row of the
+    tile can see.
+  """
+  block_q, group_p = q_ref.shape[:2]
   q, t = group_tiles.query_tile(q_ref)
   # Compressed tokens the last query of the tile can see; earlier queries of
   # the tile see a prefix of them (mask below).
   num_visible = _first_invisible(pl.program_id(1) * block_q + block_q - 1,
                                  st.block_size, st.stride, st.num_cmp)
-  return q, t, num_visible
+  end = lax.div(num_visible + st.launch.block_k - 1, st.launch.block_k)
+  if starts_ref is None:
+    return q, t, None, 0, end
+  starts = starts_ref[...]  # [block_q], non-decreasing
+  # Tokens with i*d below the tile's first document start are hidden from
+  # every row of the tile: skip their chunks.
+  first_token = lax.div(jnp.min(starts) + st.stride - 1, st.stride)
+  first = jnp.minimum(lax.div(first_token, st.launch.block_k), end)
+  return q, t, group_tiles.to_rows(starts, group_p), first, end
 
 
-def _scores(q, k_ref, t, chunk, st: _Static):
+def _visible(i, t, lower, st: _Static):
+  """[rows, keys]: token i's block is in t's past (and t's document)."""
+  visible = i[None, :] * st.stride + (st.block_size - 1) <= t[:, None]
+  if lower is not None:
+    visible &= i[None, :] * st.stride >= lower[:, None]
+  return visible
+
+
+def _scores(q, k_ref, t, lower, chunk, st: _Static):
   """Raw dots q.k of one [rows, block_k] tile and its visibility mask.
 
   Unscaled: ``online_softmax`` subtracts the row max from the raw dots
@@ -67,30 +90,29 @@ def _scores(q, k_ref, t, chunk, st: _Static):
   k = k_ref[pl.ds(start, block_k), :]  # [block_k, Dk]
   s = tc.dot(q, k, trans_b=True)  # [rows, block_k]
   i = start + jnp.arange(block_k)
-  visible = i[None, :] * st.stride + (st.block_size - 1) <= t[:, None]
-  return s, visible, start
+  return s, _visible(i, t, lower, st), start
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, log2l_ref, *,
-                st: _Static):
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static):
   """FlashAttention-2 forward for one (batch, query tile, kv head).
 
-  Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv] -> o [block_q, Gp, Dv],
-  lse [block_q, Gp] (natural log), m / log2l [block_q, Gp] (the backward's
-  residuals: row max of the raw dots, log2 of the row sum). The online
-  softmax (``online_softmax``) runs in base 2, exp2 being the native
-  instruction.
+  Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv], (starts [block_q])
+  -> o [block_q, Gp, Dv], lse [block_q, Gp] (natural log), m / log2l
+  [block_q, Gp] (the backward's residuals: row max of the raw dots, log2 of
+  the row sum). The online softmax (``online_softmax``) runs in base 2,
+  exp2 being the native instruction.
   """
-  q, t, num_visible = _tile_setup(q_ref, st)
+  starts_ref, (o_ref, lse_ref, m_ref, log2l_ref) = group_tiles.split_starts(
+      refs, st.documents)
+  q, t, lower, first, end = _tile_setup(q_ref, starts_ref, st)
 
   def body(chunk, carry):
-    s, visible, start = _scores(q, k_ref, t, chunk, st)
+    s, visible, start = _scores(q, k_ref, t, lower, chunk, st)
     v = v_ref[pl.ds(start, st.launch.block_k), :]  # [block_k, Dv]
     return online_softmax.step(carry, s, visible, v, None,
                                st.scale * tc.LOG2E)
 
-  num_chunks = lax.div(num_visible + st.launch.block_k - 1, st.launch.block_k)
-  carry = lax.fori_loop(0, num_chunks, body,
+  carry = lax.fori_loop(first, end, body,
                         online_softmax.init(q.shape[0], v_ref.shape[-1]))
   out, m, log2l, lse = online_softmax.finalize(carry, st.scale)
   o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
@@ -99,21 +121,23 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, log2l_ref, *,
   log2l_ref[...] = log2l.reshape(log2l_ref.shape)
 
 
-def _probs(q, k_ref, t, m, log2l, chunk, st: _Static):
+def _probs(q, k_ref, t, lower, m, log2l, chunk, st: _Static):
   """Recomputed softmax probabilities of one tile (0 where not visible)."""
-  s, visible, start = _scores(q, k_ref, t, chunk, st)
+  s, visible, start = _scores(q, k_ref, t, lower, chunk, st)
   return online_softmax.probabilities(s, visible, m, log2l,
                                       st.scale * tc.LOG2E), start
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
-               dq_ref, *, st: _Static):
+               *refs, st: _Static):
   """dQ = scale * sum_i dS_i k_i, dS = P * (dO.V^T - delta) (FA-2, Alg. 2).
 
   Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv], do [block_q, Gp, Dv],
-  m / log2l / delta [block_q, Gp] -> dq [block_q, Gp, Dk].
+  m / log2l / delta [block_q, Gp], (starts [block_q])
+  -> dq [block_q, Gp, Dk].
   """
-  q, t, num_visible = _tile_setup(q_ref, st)
+  starts_ref, (dq_ref,) = group_tiles.split_starts(refs, st.documents)
+  q, t, lower, first, end = _tile_setup(q_ref, starts_ref, st)
   rows, dk = q.shape
   do = do_ref[...].reshape(rows, do_ref.shape[-1])
   m = m_ref[...].reshape(rows)
@@ -121,19 +145,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   delta = delta_ref[...].reshape(rows)
 
   def body(chunk, dq):
-    p, start = _probs(q, k_ref, t, m, log2l, chunk, st)
+    p, start = _probs(q, k_ref, t, lower, m, log2l, chunk, st)
     v = v_ref[pl.ds(start, st.launch.block_k), :]
     k = k_ref[pl.ds(start, st.launch.block_k), :]
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
     return dq + tc.dot(ds.astype(k.dtype), k)
 
-  num_chunks = lax.div(num_visible + st.launch.block_k - 1, st.launch.block_k)
-  dq = lax.fori_loop(0, num_chunks, body, jnp.zeros((rows, dk), jnp.float32))
+  dq = lax.fori_loop(first, end, body, jnp.zeros((rows, dk), jnp.float32))
   dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
-                dk_ref, dv_ref, *, st: _Static):
+                *refs, st: _Static):
   """Partial dK, dV of one chunk of compressed tokens from one query segment.
 
   Program (b, seg * num_chunks + c, g) takes chunk c of ``block_k``
@@ -146,8 +169,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   result is deterministic.
 
   Refs: q [Tp, Gp, Dk], k [block_k, Dk], v [block_k, Dv], do [Tp, Gp, Dv],
-  m / log2l / delta [Tp, Gp] -> float32 dk [block_k, Dk], dv [block_k, Dv].
+  m / log2l / delta [Tp, Gp], (starts [Tp]) -> float32 dk [block_k, Dk],
+  dv [block_k, Dv].
   """
+  starts_ref, (dk_ref, dv_ref) = group_tiles.split_starts(refs, st.documents)
   seq_pad, group_p, dk = q_ref.shape
   block_q, block_k = st.launch.block_q, st.launch.block_k
   rows = block_q * group_p
@@ -168,8 +193,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
     log2l = log2l_ref[pl.ds(start, block_q), :].reshape(rows)
     delta = delta_ref[pl.ds(start, block_q), :].reshape(rows)
     t = start + lax.div(jnp.arange(rows), group_p)
+    lower = None if starts_ref is None else group_tiles.to_rows(
+        starts_ref[pl.ds(start, block_q)], group_p)
     s = tc.dot(q, k, trans_b=True)  # [rows, block_k] raw dots
-    visible = i[None, :] * st.stride + (st.block_size - 1) <= t[:, None]
+    visible = _visible(i, t, lower, st)
     p = online_softmax.probabilities(s, visible, m, log2l,
                                      st.scale * tc.LOG2E)
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
@@ -203,17 +230,19 @@ def _pad_inputs(q, k_cmp, v_cmp, st: _Static):
   return q5, k_p, v_p
 
 
-def _fwd(q, k_cmp, v_cmp, st: _Static):
+def _fwd(q, k_cmp, v_cmp, starts, st: _Static):
   q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q = st.launch.block_q
+  starts_spec, starts_arg = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.starts_spec(block_q))
   out, lse, m, log2l = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
       in_specs=[group_tiles.group_spec(block_q, group_p, dk_p),
                 group_tiles.kv_spec(tc_pad, dk_p),
-                group_tiles.kv_spec(tc_pad, dv_p)],
+                group_tiles.kv_spec(tc_pad, dv_p)] + starts_spec,
       out_specs=[group_tiles.group_spec(block_q, group_p, dv_p)]
       + [group_tiles.group_spec(block_q, group_p)] * 3,
       out_shape=[
@@ -224,13 +253,14 @@ def _fwd(q, k_cmp, v_cmp, st: _Static):
                                          st.launch.num_stages),
       interpret=st.interpret,
       name="nsa_compressed_attention_fwd",
-  )(q5, k_p, v_p)
+  )(q5, k_p, v_p, *starts_arg)
   out = tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v)
   lse = tc.ungroup_heads(lse, st.seq_len, st.group)
   return out, lse, m, log2l
 
 
-def _bwd(q, k_cmp, v_cmp, out, lse, m, log2l, d_out, d_lse, st: _Static):
+def _bwd(q, k_cmp, v_cmp, starts, out, lse, m, log2l, d_out, d_lse,
+         st: _Static):
   """dQ, dK, dV; m and log2l are the forward's grouped residuals."""
   q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
@@ -239,6 +269,8 @@ def _bwd(q, k_cmp, v_cmp, out, lse, m, log2l, d_out, d_lse, st: _Static):
   do5, delta4 = group_tiles.delta_rows(out, d_out, q5, dv_p, d_lse=d_lse,
                                        lse=lse)
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
+  starts_spec, starts_arg = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.starts_spec(block_q))
 
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
@@ -247,13 +279,13 @@ def _bwd(q, k_cmp, v_cmp, out, lse, m, log2l, d_out, d_lse, st: _Static):
                 group_tiles.kv_spec(tc_pad, dk_p),
                 group_tiles.kv_spec(tc_pad, dv_p),
                 group_tiles.group_spec(block_q, group_p, dv_p)]
-      + [group_tiles.group_spec(block_q, group_p)] * 3,
+      + [group_tiles.group_spec(block_q, group_p)] * 3 + starts_spec,
       out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
       out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_compressed_attention_dq",
-  )(q5, k_p, v_p, do5, m, log2l, delta4)
+  )(q5, k_p, v_p, do5, m, log2l, delta4, *starts_arg)
 
   num_chunks = st.num_chunks
   num_segments = -(-seq_pad // st.segment)
@@ -270,12 +302,14 @@ def _bwd(q, k_cmp, v_cmp, out, lse, m, log2l, d_out, d_lse, st: _Static):
     return pl.BlockSpec((None, block_k, None, dim),
                         lambda b, j, g: (b, j, g, 0))
 
+  starts_spec, _ = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.whole_starts_spec(seq_pad))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
       grid=(batch, num_segments * num_chunks, hkv),
       in_specs=[whole(group_p, dk_p), chunk(dk_p), chunk(dv_p),
                 whole(group_p, dv_p), whole(group_p), whole(group_p),
-                whole(group_p)],
+                whole(group_p)] + starts_spec,
       out_specs=[partial(dk_p), partial(dv_p)],
       out_shape=[
           jax.ShapeDtypeStruct((batch, num_segments * tc_pad, hkv, dk_p),
@@ -285,7 +319,7 @@ def _bwd(q, k_cmp, v_cmp, out, lse, m, log2l, d_out, d_lse, st: _Static):
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_compressed_attention_dkv",
-  )(q5, k_p, v_p, do5, m, log2l, delta4)
+  )(q5, k_p, v_p, do5, m, log2l, delta4, *starts_arg)
 
   def sum_segments(x, like):  # fixed-order sum over segments: deterministic
     x = x.reshape(batch, num_segments, tc_pad, hkv, -1).sum(axis=1)
@@ -306,20 +340,20 @@ def dkv_segment(seq_len: int, block_q: int) -> int:
                      block_q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _compressed_attention(q, k_cmp, v_cmp, st: _Static):
-  return _fwd(q, k_cmp, v_cmp, st)[:2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _compressed_attention(q, k_cmp, v_cmp, starts, st: _Static):
+  return _fwd(q, k_cmp, v_cmp, starts, st)[:2]
 
 
-def _vjp_fwd(q, k_cmp, v_cmp, st: _Static):
-  out, lse, m, log2l = _fwd(q, k_cmp, v_cmp, st)
-  return (out, lse), (q, k_cmp, v_cmp, out, lse, m, log2l)
+def _vjp_fwd(q, k_cmp, v_cmp, starts, st: _Static):
+  out, lse, m, log2l = _fwd(q, k_cmp, v_cmp, starts, st)
+  return (out, lse), (q, k_cmp, v_cmp, starts, out, lse, m, log2l)
 
 
 def _vjp_bwd(st: _Static, residuals, cotangents):
-  q, k_cmp, v_cmp, out, lse, m, log2l = residuals
   d_out, d_lse = cotangents
-  return _bwd(q, k_cmp, v_cmp, out, lse, m, log2l, d_out, d_lse, st)
+  # The integer document starts have no cotangent.
+  return (*_bwd(*residuals, d_out, d_lse, st), None)
 
 
 _compressed_attention.defvjp(_vjp_fwd, _vjp_bwd)
@@ -332,11 +366,13 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
                          block_k: int | None = None,
                          num_warps: int | None = None,
                          num_stages: int | None = None,
-                         segment: int | None = None):
+                         segment: int | None = None,
+                         doc_starts=None):
   """NSA branch 1 (section 3.3.1) as a fused Pallas Triton kernel.
 
   Query t sees compressed token i iff its whole block is in the past,
-  ``i*d + l - 1 <= t``. One program per (batch, tile of ``block_q`` query
+  ``i*d + l - 1 <= t``, and, with ``doc_starts``, in t's document,
+  ``i*d >= doc_starts[t]``. One program per (batch, tile of ``block_q`` query
   positions, kv head) holds the queries of all G heads of the group
   (``block_q * next_pow2(G)`` rows) and runs a FlashAttention-2 online softmax
   over the visible compressed tokens, ``block_k`` at a time. The backward is
@@ -360,6 +396,9 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
     num_stages: Triton pipelining stages; None: from the launch table.
     segment: query positions per dK/dV program (a multiple of block_q);
       None: ``dkv_segment``.
+    doc_starts: optional int32 [B, T], non-decreasing, ``<= t``: the first
+      position of each query's document (packed sequences). A program skips
+      the chunks of tokens before its first row's document.
 
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32 natural log).
@@ -402,21 +441,40 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
   if segment is not None and (segment < 1 or segment % launch.block_q):
     raise ValueError(f"{segment=} must be a positive multiple of "
                      f"block_q={launch.block_q}")
+  if doc_starts is not None and doc_starts.shape != (batch, seq_len):
+    raise ValueError(f"{doc_starts.shape=} must be [B, T] = "
+                     f"{(batch, seq_len)}")
   st = _Static(block_size=block_size, stride=stride, scale=scale,
                seq_len=seq_len, num_cmp=num_cmp, group=group,
                head_dim_v=v_cmp.shape[-1], launch=launch,
                segment=(dkv_segment(seq_len, launch.block_q)
                         if segment is None else segment),
-               interpret=tc.resolve_interpret(interpret))
+               interpret=tc.resolve_interpret(interpret),
+               documents=doc_starts is not None)
   bad = ~(jnp.isfinite(k_cmp).all(-1) & jnp.isfinite(v_cmp).all(-1))
   k_cmp = jnp.where(bad[..., None], jnp.zeros((), k_cmp.dtype), k_cmp)
   v_cmp = jnp.where(bad[..., None], jnp.zeros((), v_cmp.dtype), v_cmp)
-  out, lse = _compressed_attention(q, k_cmp, v_cmp, st)
-  # A query sees token i from t = i*d + l - 1 on: it sees a bad one from the
-  # first bad token's t on, and gets NaN there (as every path does).
-  first_t = jnp.arange(num_cmp, dtype=jnp.int32) * stride + block_size - 1
-  first_bad = jnp.min(jnp.where(bad, first_t[None, :, None], seq_len), 1)
-  sees_bad = (jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]
-              >= first_bad[:, None, :])  # [B, T, Hkv]
+  out, lse = _compressed_attention(q, k_cmp, v_cmp, doc_starts, st)
+  sees_bad = _sees_bad(bad, doc_starts, st)  # [B, T, Hkv]
   sees_bad = jnp.repeat(sees_bad, group, axis=2)[..., None]
   return jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out), lse
+
+
+def _sees_bad(bad, doc_starts, st: _Static):
+  """bool [B, T, Hkv]: the query sees a token whose k or v is not finite.
+
+  Query t sees the tokens ``lo(t) <= i < hi(t)``: ``hi`` counts the blocks
+  ending by t, ``lo = ceil(doc_starts[t] / d)`` (0 without documents). A
+  difference of running counts of bad tokens finds them; such a query gets
+  NaN, as on every path.
+  """
+  batch, num_cmp, _ = bad.shape
+  count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
+  count = jnp.pad(count, ((0, 0), (1, 0), (0, 0)))  # [B, Tc + 1, Hkv]
+  t = jnp.arange(st.seq_len, dtype=jnp.int32)
+  hi = jnp.broadcast_to(_first_invisible(t, st.block_size, st.stride,
+                                         num_cmp), (batch, st.seq_len))
+  lo = (jnp.zeros_like(hi) if doc_starts is None else jnp.minimum(
+      lax.div(doc_starts.astype(jnp.int32) + st.stride - 1, st.stride), hi))
+  at = lambda i: jnp.take_along_axis(count, i[..., None], axis=1)
+  return at(hi) - at(lo) > 0

@@ -5,6 +5,12 @@ positions, kv head) and sees the queries of all G heads of that kv head's
 group at once: a ``[block_q, Gp, D]`` block of a ``[B, Tp, Hkv, Gp, D]``
 array (``triton_compat.group_heads``), flattened in the kernel to
 ``rows = block_q * Gp`` rows for the tensor cores.
+
+Packed sequences (documents) reach a kernel as one optional extra input,
+``starts`` int32 [B, Tp]: the first position of each query's document. As a
+document is contiguous, a key s <= t is in t's document iff
+``s >= starts[t]``; so the masks need no key-side ids. Kernels take it only
+when given (a static flag), after their other inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,49 @@ def group_spec(block_q: int, *block: int) -> pl.BlockSpec:
 def kv_spec(num_keys: int, dim: int) -> pl.BlockSpec:
   """BlockSpec of all keys [B, num_keys, Hkv, dim] of one (batch, kv head)."""
   return pl.BlockSpec((None, num_keys, None, dim), lambda b, i, g: (b, 0, g, 0))
+
+
+def starts_spec(block_q: int) -> pl.BlockSpec:
+  """BlockSpec of document starts [B, Tp] on grid (b, q tile, kv head)."""
+  return pl.BlockSpec((None, block_q), lambda b, i, g: (b, i))
+
+
+def pad_starts(starts, seq_pad: int, seq_len: int | None = None):
+  """int32 [B, Tq] document starts -> [B, seq_pad].
+
+  Padded query positions (computed and dropped) start a document of their
+  own at ``seq_len`` (default Tq), the sequence's end: they see no real key,
+  and tiles' minima stay those of their real rows.
+  """
+  fill = starts.shape[1] if seq_len is None else seq_len
+  return tc.pad_axis(starts.astype(jnp.int32), 1, seq_pad, fill)
+
+
+def starts_input(starts, seq_pad: int, spec: pl.BlockSpec):
+  """([spec], [padded starts]) with documents, else two empty lists.
+
+  What a launch appends to its ``in_specs`` and inputs.
+  """
+  if starts is None:
+    return [], []
+  return [spec], [pad_starts(starts, seq_pad)]
+
+
+def whole_starts_spec(seq_pad: int) -> pl.BlockSpec:
+  """BlockSpec of all document starts [B, Tp] of one batch row."""
+  return pl.BlockSpec((None, seq_pad), lambda b, j, g: (b, 0))
+
+
+def split_starts(refs, documents: bool):
+  """(starts_ref or None, the other refs): the optional input comes first."""
+  return (refs[0], refs[1:]) if documents else (None, refs)
+
+
+def to_rows(x, group_p: int):
+  """[positions] -> [positions * Gp]: a per-position value on every row."""
+  positions = x.shape[0]
+  return jnp.broadcast_to(x[:, None], (positions, group_p)).reshape(
+      positions * group_p)
 
 
 def query_tile(q_ref):

@@ -32,6 +32,7 @@ class _Static:
   launch: launch_config.SelectedLaunchConfig
   segment: int  # S, query positions per dK/dV program
   interpret: bool
+  documents: bool  # document starts are an input (group_tiles.split_starts)
 
   @property
   def num_segments(self) -> int:
@@ -39,11 +40,16 @@ class _Static:
     return -(-self.seq_len // self.segment)
 
 
-def _key_mask(t, key_pos, st: _Static):
-  """Causal (and window) visibility, [rows, block_size]."""
+def _key_mask(t, lower, key_pos, st: _Static):
+  """Causal (window, document) visibility, [rows, block_size].
+
+  ``lower`` [rows] holds each row's document start (None: no documents).
+  """
   mask = key_pos[None, :] <= t[:, None]
   if st.window is not None:
     mask &= key_pos[None, :] > t[:, None] - st.window
+  if lower is not None:
+    mask &= key_pos[None, :] >= lower[:, None]
   return mask
 
 
@@ -79,7 +85,8 @@ def tile_unions(block_indices, block_q: int):
   return jnp.where(x == empty, -1, x).astype(_I32)
 
 
-def _union_loop(union_ref, idx_ref, t, st: _Static, update, carry):
+def _union_loop(union_ref, idx_ref, t, lower, st: _Static, update,
+                carry):
   """Runs ``update`` once per distinct block selected by the tile's positions.
 
   Each K/V block is fetched once for all positions and heads of the tile
@@ -91,6 +98,7 @@ def _union_loop(union_ref, idx_ref, t, st: _Static, update, carry):
     union_ref: [U] the tile's row of ``tile_unions``.
     idx_ref: [block_q, n] int32 block table of the tile.
     t: [rows] query position of each row, rows = block_q * Gp.
+    lower: [rows] document start of each row, or None.
     st: static settings.
     update: (carry, blk, mask [rows, block_size]) -> carry.
     carry: initial loop carry.
@@ -106,7 +114,7 @@ def _union_loop(union_ref, idx_ref, t, st: _Static, update, carry):
 
   def body(i, carry):
     blk = union_ref[i]
-    mask = _key_mask(t, blk * st.block_size + key_offsets, st)
+    mask = _key_mask(t, lower, blk * st.block_size + key_offsets, st)
     if block_q > 1:
       # Triton has no reduce_or: any() as a max over int32.
       selected = jnp.max((table == blk).astype(_I32), axis=1) > 0
@@ -122,16 +130,27 @@ def _load_block(ref, blk, block_size):
              :]
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, o_ref, m_ref,
-                log2l_ref, *, st: _Static):
+def _tile_lower(starts_ref, group_p):
+  """[rows] document starts of the tile's rows, or None without documents."""
+  if starts_ref is None:
+    return None
+  return group_tiles.to_rows(starts_ref[...], group_p)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, *refs,
+                st: _Static):
   """Online softmax (FlashAttention-2) over the tile's selected blocks.
 
   Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n],
-  union [U] -> o [block_q, Gp, Dv], m / log2l [block_q, Gp]
+  union [U], (starts [block_q]) -> o [block_q, Gp, Dv], m / log2l
+  [block_q, Gp]
   (``online_softmax`` residuals: row max of the raw dots and log2 of the
   row sum).
   """
+  starts_ref, (o_ref, m_ref, log2l_ref) = group_tiles.split_starts(
+      refs, st.documents)
   q, t = group_tiles.query_tile(q_ref)
+  lower = _tile_lower(starts_ref, q_ref.shape[1])
 
   def update(carry, blk, mask):
     k = _load_block(k_ref, blk, st.block_size)  # [l', Dk]
@@ -141,21 +160,25 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, o_ref, m_ref,
 
   carry = online_softmax.init(q.shape[0], v_ref.shape[-1])
   out, m, log2l, _ = online_softmax.finalize(
-      _union_loop(union_ref, idx_ref, t, st, update, carry), st.scale)
+      _union_loop(union_ref, idx_ref, t, lower, st, update, carry),
+      st.scale)
   o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
   m_ref[...] = m.reshape(m_ref.shape)
   log2l_ref[...] = log2l.reshape(log2l_ref.shape)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, do_ref, m_ref,
-               log2l_ref, delta_ref, dq_ref, *, st: _Static):
+               log2l_ref, delta_ref, *refs, st: _Static):
   """dQ over the selected blocks, same grid and union loop as the forward.
 
   Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n],
-  union [U], do [block_q, Gp, Dv], m / log2l / delta [block_q, Gp]
+  union [U], do [block_q, Gp, Dv], m / log2l / delta [block_q, Gp],
+  (starts [block_q])
   -> dq [block_q, Gp, Dk].
   """
+  starts_ref, (dq_ref,) = group_tiles.split_starts(refs, st.documents)
   q, t = group_tiles.query_tile(q_ref)
+  lower = _tile_lower(starts_ref, q_ref.shape[1])
   rows, dk = q.shape
   do = do_ref[...].reshape(rows, do_ref.shape[-1])
   m = m_ref[...].reshape(rows)
@@ -170,13 +193,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, do_ref, m_ref,
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
     return dq + tc.dot(ds.astype(k.dtype), k)
 
-  dq = _union_loop(union_ref, idx_ref, t, st, update,
+  dq = _union_loop(union_ref, idx_ref, t, lower, st, update,
                    jnp.zeros((rows, dk), jnp.float32))
   dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
-                offsets_ref, positions_ref, dk_ref, dv_ref, *, st: _Static):
+                offsets_ref, positions_ref, *refs, st: _Static):
   """Partial dK, dV of one selection block from one segment of its queries.
 
   The block table is inverted in XLA (``_invert_block_table``): the queries
@@ -188,9 +211,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   runs no step and writes zeros; XLA sums the segments.
 
   Refs: q [Tp, Gp, Dk], k [l', Dk], v [l', Dv], do [Tp, Gp, Dv],
-  m / log2l / delta [Tp, Gp], offsets [Ts + 1], positions [T * n + pad]
-  -> float32 dk [l', Dk], dv [l', Dv] (this segment's share).
+  m / log2l / delta [Tp, Gp], offsets [Ts + 1], positions [T * n + pad],
+  (starts [Tp]) -> float32 dk [l', Dk], dv [l', Dv] (this segment's share).
   """
+  starts_ref, (dk_ref, dv_ref) = group_tiles.split_starts(refs, st.documents)
   _, group_p, dk = q_ref.shape
   block_pos = st.launch.block_q_dkv
   rows = block_pos * group_p
@@ -203,9 +227,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   lo = offsets_ref[blk] + seg * st.segment
   hi = jnp.minimum(offsets_ref[blk + 1], lo + st.segment)
 
-  def to_rows(x):  # [block_pos] -> [rows]
-    return jnp.broadcast_to(x[:, None], (block_pos, group_p)).reshape(rows)
-
   def body(step, carry):
     dk_acc, dv_acc = carry
     start = lo + step * block_pos
@@ -216,7 +237,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
     m = m_ref[pos].reshape(rows)
     log2l = log2l_ref[pos].reshape(rows)
     delta = delta_ref[pos].reshape(rows)
-    mask = to_rows(valid)[:, None] & _key_mask(to_rows(pos), key_pos, st)
+    lower = None if starts_ref is None else group_tiles.to_rows(
+        starts_ref[pos], group_p)
+    mask = group_tiles.to_rows(valid, group_p)[:, None] & _key_mask(
+        group_tiles.to_rows(pos, group_p), lower, key_pos, st)
     s = tc.dot(q, k, trans_b=True)  # [rows, l'] raw dots
     p = online_softmax.probabilities(s, mask, m, log2l, st.scale * tc.LOG2E)
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
@@ -287,7 +311,7 @@ def _union_spec(size: int) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, None, size), lambda b, i, g: (b, i, g, 0))
 
 
-def _fwd(q, k, v, block_indices, st: _Static):
+def _fwd(q, k, v, block_indices, starts, st: _Static):
   """Forward launch.
 
   Returns:
@@ -301,6 +325,8 @@ def _fwd(q, k, v, block_indices, st: _Static):
   union = tile_unions(idx, block_q)
   rows_shape = jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p),
                                     jnp.float32)
+  starts_spec, starts_arg = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.starts_spec(block_q))
   out, m, log2l = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
@@ -308,7 +334,7 @@ def _fwd(q, k, v, block_indices, st: _Static):
                 group_tiles.kv_spec(keys_pad, dk_p),
                 group_tiles.kv_spec(keys_pad, dv_p),
                 group_tiles.group_spec(block_q, idx.shape[-1]),
-                _union_spec(union.shape[-1])],
+                _union_spec(union.shape[-1])] + starts_spec,
       out_specs=[group_tiles.group_spec(block_q, group_p, dv_p),
                  group_tiles.group_spec(block_q, group_p),
                  group_tiles.group_spec(block_q, group_p)],
@@ -320,11 +346,11 @@ def _fwd(q, k, v, block_indices, st: _Static):
                                          st.launch.num_stages),
       interpret=st.interpret,
       name="nsa_selected_attention_fwd",
-  )(q5, k_p, v_p, idx, union)
+  )(q5, k_p, v_p, idx, union, *starts_arg)
   return tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v), m, log2l
 
 
-def _bwd(q, k, v, block_indices, out, m, log2l, d_out, st: _Static):
+def _bwd(q, k, v, block_indices, starts, out, m, log2l, d_out, st: _Static):
   q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
@@ -332,6 +358,8 @@ def _bwd(q, k, v, block_indices, out, m, log2l, d_out, st: _Static):
   do5, delta4 = group_tiles.delta_rows(out, d_out, q5, dv_p)
   union = tile_unions(idx, block_q)
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
+  starts_spec, starts_arg = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.starts_spec(block_q))
 
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
@@ -344,13 +372,13 @@ def _bwd(q, k, v, block_indices, out, m, log2l, d_out, st: _Static):
                 group_tiles.group_spec(block_q, group_p, dv_p),
                 group_tiles.group_spec(block_q, group_p),
                 group_tiles.group_spec(block_q, group_p),
-                group_tiles.group_spec(block_q, group_p)],
+                group_tiles.group_spec(block_q, group_p)] + starts_spec,
       out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
       out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_selected_attention_dq",
-  )(q5, k_p, v_p, idx, union, do5, m, log2l, delta4)
+  )(q5, k_p, v_p, idx, union, do5, m, log2l, delta4, *starts_arg)
 
   num_blocks = keys_pad // st.block_size
   num_segments = st.num_segments
@@ -374,13 +402,16 @@ def _bwd(q, k, v, block_indices, out, m, log2l, d_out, st: _Static):
     return pl.BlockSpec((None, None, size), lambda b, j, g: (b, g, 0))
 
   partial_keys = keys_pad * num_segments
+  starts_spec, _ = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.whole_starts_spec(seq_pad))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
       grid=(batch, num_blocks * num_segments, hkv),
       in_specs=[whole(group_p, dk_p), key_block(dk_p), key_block(dv_p),
                 whole(group_p, dv_p), whole(group_p), whole(group_p),
                 whole(group_p),
-                table(offsets.shape[-1]), table(positions.shape[-1])],
+                table(offsets.shape[-1]), table(positions.shape[-1])]
+      + starts_spec,
       out_specs=[partial_block(dk_p), partial_block(dv_p)],
       out_shape=[
           jax.ShapeDtypeStruct((batch, partial_keys, hkv, dk_p), jnp.float32),
@@ -389,7 +420,7 @@ def _bwd(q, k, v, block_indices, out, m, log2l, d_out, st: _Static):
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_selected_attention_dkv",
-  )(q5, k_p, v_p, do5, m, log2l, delta4, offsets, positions)
+  )(q5, k_p, v_p, do5, m, log2l, delta4, offsets, positions, *starts_arg)
 
   def sum_segments(x, like):
     # [B, Ts * segs * l', Hkv, D] -> [B, Ts, segs, l', Hkv, D]: a fixed-order
@@ -402,19 +433,20 @@ def _bwd(q, k, v, block_indices, out, m, log2l, d_out, st: _Static):
   return dq, sum_segments(dk, k), sum_segments(dv, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _selected_attention(q, k, v, block_indices, st: _Static):
-  return _fwd(q, k, v, block_indices, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _selected_attention(q, k, v, block_indices, starts, st: _Static):
+  return _fwd(q, k, v, block_indices, starts, st)[0]
 
 
-def _vjp_fwd(q, k, v, block_indices, st: _Static):
-  out, m, log2l = _fwd(q, k, v, block_indices, st)
-  return out, (q, k, v, block_indices, out, m, log2l)
+def _vjp_fwd(q, k, v, block_indices, starts, st: _Static):
+  out, m, log2l = _fwd(q, k, v, block_indices, starts, st)
+  return out, (q, k, v, block_indices, starts, out, m, log2l)
 
 
 def _vjp_bwd(st: _Static, residuals, d_out):
   dq, dk, dv = _bwd(*residuals, d_out, st)
-  return dq, dk, dv, None  # the integer block table has no cotangent
+  # The integer block table and document starts have no cotangent.
+  return dq, dk, dv, None, None
 
 
 _selected_attention.defvjp(_vjp_fwd, _vjp_bwd)
@@ -437,7 +469,7 @@ def valid_block_indices(block_indices, num_blocks: int):
   return jnp.where(keep, idx, -1).astype(jnp.int32)
 
 
-def _non_finite_keys(k, v, block_indices, st: _Static):
+def _non_finite_keys(k, v, block_indices, doc_starts, st: _Static):
   """Masked keys contribute nothing, whatever they hold (issue 10, item 4).
 
   Rows of K or V with a non-finite entry are zeroed before the kernel (so
@@ -452,6 +484,7 @@ def _non_finite_keys(k, v, block_indices, st: _Static):
   Args:
     k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
     block_indices: int32 [B, T, Hkv, n], entries in [0, Ts) or -1.
+    doc_starts: int32 [B, T] document starts, or None.
     st: static settings (with ``window``, the table must cover the window,
       as ``sliding_window`` builds it).
 
@@ -462,6 +495,8 @@ def _non_finite_keys(k, v, block_indices, st: _Static):
   bad = ~(jnp.isfinite(k).all(-1) & jnp.isfinite(v).all(-1))  # [B, T, Hkv]
   k = jnp.where(bad[..., None], jnp.zeros((), k.dtype), k)
   v = jnp.where(bad[..., None], jnp.zeros((), v.dtype), v)
+  if doc_starts is not None:
+    return k, v, _sees_bad_in_document(bad, block_indices, doc_starts, st)
   t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]
   if st.window is not None:
     # Keys t - w < s <= t: a count of bad keys over that range.
@@ -482,6 +517,34 @@ def _non_finite_keys(k, v, block_indices, st: _Static):
   return k, v, sees.any(-1)
 
 
+def _sees_bad_in_document(bad, block_indices, doc_starts, st: _Static):
+  """``_non_finite_keys``' answer with documents: bool [B, T, Hkv].
+
+  Query t reads the keys ``starts[t] <= s <= t`` of its window or of each
+  selected block; a difference of running counts of bad keys over each such
+  range finds the queries that see one.
+  """
+  batch, seq_len, hkv = bad.shape
+  count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
+  count = jnp.pad(count, ((0, 0), (1, 0), (0, 0)))  # [B, T + 1, Hkv]
+  t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None, None]
+  starts = doc_starts.astype(jnp.int32)[:, :, None, None]  # [B, T, 1, 1]
+  if st.window is not None:  # one range per query: [B, T, 1, Hkv]
+    lo = jnp.maximum(t - st.window + 1, starts)
+    hi, use = t, True
+    lo, hi = (jnp.broadcast_to(x, (batch, seq_len, 1, hkv)) for x in (lo, hi))
+  else:  # one range per slot: [B, T, n, Hkv]
+    blk = block_indices.transpose(0, 1, 3, 2)
+    lo = jnp.maximum(blk * st.block_size, starts)
+    hi = jnp.minimum(blk * st.block_size + st.block_size - 1, t)
+    use = (blk >= 0) & (hi >= lo)
+  slots = lo.shape[2]
+  at = lambda p: jnp.take_along_axis(
+      count, jnp.clip(p, 0, seq_len).reshape(batch, seq_len * slots, hkv),
+      axis=1).reshape(batch, seq_len, slots, hkv)
+  return (use & (at(hi + 1) - at(lo) > 0)).any(2)
+
+
 def supports_block_size(block_size: int) -> bool:
   """Whether the kernel takes this l': a power of two >= tc.MIN_DOT_DIM."""
   return block_size >= tc.MIN_DOT_DIM and not block_size & (block_size - 1)
@@ -496,7 +559,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                        dkv_segment: int | None = None,
                        num_warps: int | None = None,
                        num_stages: int | None = None,
-                       block_k: int | None = None):
+                       block_k: int | None = None,
+                       doc_starts=None):
   """NSA branch 2 (section 3.3.2) with the kernel design of section 3.4.
 
   One program per (batch, tile of ``block_q`` query positions, kv head) loads
@@ -547,12 +611,15 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
     num_stages: Triton pipelining stages; None: from the launch table.
     block_k: deprecated name of ``block_q_dkv`` (it counts query positions,
       not keys).
+    doc_starts: optional int32 [B, T], non-decreasing, ``<= t``: the first
+      position of each query's document (packed sequences); keys before it
+      are masked per token, in the forward and both gradients.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
-    s <= t gets 0, with zero (never NaN) gradients. Slots outside
-    [0, ceil(T / l')) are empty, like -1. Keys a query cannot see
-    contribute nothing whatever their values; a query that sees a
+    s <= t (in its document) gets 0, with zero (never NaN) gradients.
+    Slots outside [0, ceil(T / l')) are empty, like -1. Keys a query cannot
+    see contribute nothing whatever their values; a query that sees a
     non-finite key or value gets NaN. Precision: see ``online_softmax``;
     the backward's probabilities are as exact as the logits at any scale.
 
@@ -599,16 +666,20 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   if dkv_segment < launch.block_q_dkv or dkv_segment & (dkv_segment - 1):
     raise ValueError(f"{dkv_segment=} must be a power of two >= "
                      f"block_q_dkv={launch.block_q_dkv}")
+  if doc_starts is not None and doc_starts.shape != (batch, seq_len):
+    raise ValueError(f"{doc_starts.shape=} must be [B, T] = "
+                     f"{(batch, seq_len)}")
   st = _Static(block_size=block_size, window=window,
                scale=head_dim ** -0.5 if scale is None else float(scale),
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],
                launch=launch, segment=dkv_segment,
-               interpret=tc.resolve_interpret(interpret))
+               interpret=tc.resolve_interpret(interpret),
+               documents=doc_starts is not None)
   if 0 in q.shape or 0 in v.shape:  # nothing to attend: no empty launch
     return jnp.zeros((batch, seq_len, num_heads, v.shape[-1]), q.dtype)
   block_indices = valid_block_indices(block_indices,
                                       -(-seq_len // block_size))
-  k, v, sees_bad = _non_finite_keys(k, v, block_indices, st)
-  out = _selected_attention(q, k, v, block_indices, st)
+  k, v, sees_bad = _non_finite_keys(k, v, block_indices, doc_starts, st)
+  out = _selected_attention(q, k, v, block_indices, doc_starts, st)
   sees_bad = jnp.repeat(sees_bad, group, axis=2)[..., None]  # [B, T, Hq, 1]
   return jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out)

@@ -17,5 +17,6 @@ from nsa_jax.data.synthetic import stack_examples
 from nsa_jax.data.token_ids import check_token_ids
 from nsa_jax.data.tokenizer import decode
 from nsa_jax.data.tokenizer import DOC_SEP
+from nsa_jax.data.tokenizer import document_ids
 from nsa_jax.data.tokenizer import encode
 from nsa_jax.data.tokenizer import VOCAB_SIZE

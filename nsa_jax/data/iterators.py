@@ -3,7 +3,10 @@
 Batch ``s`` is a pure function of ``(seed, s)``, so the whole position of an
 iterator is ``state() == {"step": s, ...}``: it is saved as JSON next to a
 checkpoint and ``restore``d on resume. A batch is a dict of numpy arrays:
-``inputs`` int32 [B, T], ``targets`` int32 [B, T], ``mask`` float32 [B, T].
+``inputs`` int32 [B, T], ``targets`` int32 [B, T], ``mask`` float32 [B, T],
+and, from a packed stream with ``documents=True``, ``segment_ids`` int32
+[B, T] (``tokenizer.document_ids`` of the inputs), which the train step
+hands to the model so attention stays inside each document.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from nsa_jax.data import synthetic
+from nsa_jax.data import tokenizer
 
 Batch = dict[str, np.ndarray]
 
@@ -73,14 +77,17 @@ class PackedIterator(StepIterator):
 
   The stream is cut into ``C = (len - 1) // T`` windows of ``T + 1`` tokens
   (overlapping by one); every epoch visits all of them in a fresh order
-  drawn from ``(seed, epoch)``.
+  drawn from ``(seed, epoch)``. With ``documents=True`` batches carry
+  ``segment_ids``: the stream's ``DOC_SEP`` tokens split a window into its
+  documents (losses are scored as before, on every target).
   """
 
   kind = "packed"
 
   def __init__(self, stream: np.ndarray, batch_size: int, seq_len: int,
-               seed: int = 0):
+               seed: int = 0, documents: bool = False):
     super().__init__(batch_size, seq_len, seed)
+    self.documents = bool(documents)
     self.stream = np.asarray(stream)
     self.num_windows = (self.stream.size - 1) // seq_len
     if self.num_windows < 1:
@@ -104,21 +111,33 @@ class PackedIterator(StepIterator):
       epoch, j = divmod(i, self.num_windows)
       start = int(self._order(epoch)[j]) * self.seq_len
       rows.append(self.stream[start:start + self.seq_len + 1])
-    return _lm_batch(np.stack(rows))
+    return _lm_batch(np.stack(rows), self.documents)
 
   def state(self) -> dict[str, Any]:
-    return {**super().state(), "stream_size": int(self.stream.size)}
+    state = {**super().state(), "stream_size": int(self.stream.size)}
+    if self.documents:  # absent when off: states saved before it still fit
+      state["documents"] = True
+    return state
 
 
-def _lm_batch(windows: np.ndarray) -> Batch:
+def _lm_batch(windows: np.ndarray, documents: bool = False) -> Batch:
   windows = windows.astype(np.int32)
-  return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
-          "mask": np.ones(windows[:, 1:].shape, np.float32)}
+  batch = {"inputs": windows[:, :-1], "targets": windows[:, 1:],
+           "mask": np.ones(windows[:, 1:].shape, np.float32)}
+  if documents:
+    batch["segment_ids"] = tokenizer.document_ids(batch["inputs"])
+  return batch
 
 
 def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int,
-                 num_batches: int) -> list[Batch]:
+                 num_batches: int, documents: bool = False) -> list[Batch]:
   """A fixed validation set: windows spread evenly over ``stream``.
+
+  Args:
+    stream: the packed token stream.
+    batch_size, seq_len: B, T.
+    num_batches: batches in the set.
+    documents: add ``segment_ids``, as ``PackedIterator`` does.
 
   Raises:
     ValueError: the stream is shorter than one window.
@@ -132,7 +151,7 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int,
   count = num_batches * batch_size
   starts = np.linspace(0, num_windows - 1, count).round().astype(int) * seq_len
   windows = np.stack([stream[s:s + seq_len + 1] for s in starts])
-  return [_lm_batch(windows[i:i + batch_size])
+  return [_lm_batch(windows[i:i + batch_size], documents)
           for i in range(0, count, batch_size)]
 
 
@@ -182,7 +201,9 @@ class MixedIterator(StepIterator):
   """Batches of ``base`` whose first rows are replaced by ``extra``'s rows.
 
   Used to mix, e.g., passkey examples into code so that one model can be
-  scored on retrieval. Both iterators advance together.
+  scored on retrieval. Both iterators advance together. When ``base``
+  yields ``segment_ids``, the mixed rows' ids are recomputed from their
+  inputs (a synthetic example is one document).
 
   Args:
     base: the main iterator (sets batch size and sequence length).
@@ -207,8 +228,10 @@ class MixedIterator(StepIterator):
     batch = {k: v.copy() for k, v in self.base.batch_at(step).items()}
     if self.extra_rows:
       extra = self.extra.batch_at(step)
-      for k in batch:
+      for k in ("inputs", "targets", "mask"):
         batch[k][:self.extra_rows] = extra[k][:self.extra_rows]
+      if "segment_ids" in batch:
+        batch["segment_ids"] = tokenizer.document_ids(batch["inputs"])
     return batch
 
   def state(self) -> dict[str, Any]:

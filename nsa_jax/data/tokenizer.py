@@ -25,6 +25,19 @@ def decode(tokens: Sequence[int] | np.ndarray) -> str:
   return data.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
+def document_ids(tokens: np.ndarray) -> np.ndarray:
+  """Per-token document index of packed model inputs: int32, same shape.
+
+  A ``DOC_SEP`` token starts the next document (it plays that document's
+  beginning-of-sequence): ids count the separators up to and including each
+  position along the last axis. So the last byte of a document (whose
+  target is the separator) still reads its own document, and the separator
+  (whose target is the next document's first byte) reads only itself.
+  """
+  tokens = np.asarray(tokens)
+  return np.cumsum(tokens == DOC_SEP, axis=-1, dtype=np.int32)
+
+
 def encode_documents(docs: Sequence[bytes]) -> np.ndarray:
   """Documents joined as ``doc0 SEP doc1 SEP ...``: uint8 [total + len(docs)].
 

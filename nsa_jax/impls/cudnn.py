@@ -24,6 +24,10 @@ one gets NaN (a running count over T finds them), as on every path.
 It runs on GPUs only; ``sliding_window_attention`` takes the attention call
 as an argument so the padding logic is tested on a CPU with the xla window
 in its place.
+
+Packed documents: jax's public ``dot_product_attention`` takes no segment
+ids (only per-row padding lengths), so a call with ``segment_ids`` is not
+served here; the registry sends it to the Pallas window.
 """
 
 from __future__ import annotations
@@ -46,9 +50,12 @@ def padded_sizes(seq_len: int, dk: int, dv: int) -> tuple[int, int]:
   return seq, dim
 
 
-def supports_window(q, k, v, **static):
+def supports_window(q, k, v, *, segment_ids=None, **static):
   """None when cuDNN serves this window call, else why not."""
   del static
+  if segment_ids is not None:
+    return ("jax's cuDNN attention takes no segment ids (packed documents); "
+            "the Pallas window does")
   backend = jax.default_backend()
   if backend != "gpu":
     return f"cuDNN needs a GPU backend, this one is {backend!r}"

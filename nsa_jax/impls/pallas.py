@@ -2,12 +2,16 @@
 
 On a GPU they compile to Triton; elsewhere they run in interpret mode, which
 is how the CPU tests exercise them ("auto" offers them on GPUs only).
+Segment ids reach the kernels as document starts (``nsa_jax.segments``), an
+extra kernel input only when given.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from nsa_jax import segments
 
 # Dtypes the kernels are written and tested for (float32 dots at full
 # precision); float64 goes to the xla path.
@@ -45,10 +49,11 @@ def supports_compressed(q, k_cmp, v_cmp, **static):
   return _dtype_reason(q, k_cmp, v_cmp) or _x64_reason()
 
 
-def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale):
-  return _kernels().compressed_attention(q, k_cmp, v_cmp,
-                                         block_size=block_size,
-                                         stride=stride, scale=scale)
+def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
+                         segment_ids=None):
+  return _kernels().compressed_attention(
+      q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale,
+      doc_starts=segments.starts_or_none(segment_ids))
 
 
 def supports_select(q, k_cmp, lse, *, config, **static):
@@ -60,18 +65,19 @@ def supports_select(q, k_cmp, lse, *, config, **static):
   return _dtype_reason(q, k_cmp) or _x64_reason()
 
 
-def block_scores(q, k_cmp, lse, *, config, scale):
+def block_scores(q, k_cmp, lse, *, config, scale, segment_ids=None):
   return _kernels().block_scores(
       q, k_cmp, lse, cmp_block=config.cmp_block,
-      cmp_stride=config.cmp_stride, sel_block=config.sel_block, scale=scale)
+      cmp_stride=config.cmp_stride, sel_block=config.sel_block, scale=scale,
+      doc_starts=segments.starts_or_none(segment_ids))
 
 
-def select_blocks(q, k_cmp, lse, *, config, scale):
+def select_blocks(q, k_cmp, lse, *, config, scale, segment_ids=None):
   return _kernels().select_blocks(
       q, k_cmp, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
       sel_block=config.sel_block, num_selected=config.num_selected,
       num_initial=config.num_initial, num_local=config.num_local,
-      scale=scale)
+      scale=scale, doc_starts=segments.starts_or_none(segment_ids))
 
 
 def block_size_reason(block_size: int):
@@ -95,9 +101,11 @@ def supports_selected(q, k, v, block_indices, *, block_size, scale=None,
           or _scale_reason(scale))
 
 
-def selected_attention(q, k, v, block_indices, *, block_size, scale):
-  return _kernels().selected_attention(q, k, v, block_indices,
-                                       block_size=block_size, scale=scale)
+def selected_attention(q, k, v, block_indices, *, block_size, scale,
+                       segment_ids=None):
+  return _kernels().selected_attention(
+      q, k, v, block_indices, block_size=block_size, scale=scale,
+      doc_starts=segments.starts_or_none(segment_ids))
 
 
 def supports_window(q, k, v, *, scale=None, **static):
@@ -105,6 +113,7 @@ def supports_window(q, k, v, *, scale=None, **static):
   return _dtype_reason(q, k, v) or _scale_reason(scale)
 
 
-def sliding_window_attention(q, k, v, *, window, scale):
-  return _kernels().sliding_window_attention(q, k, v, window=window,
-                                             scale=scale)
+def sliding_window_attention(q, k, v, *, window, scale, segment_ids=None):
+  return _kernels().sliding_window_attention(
+      q, k, v, window=window, scale=scale,
+      doc_starts=segments.starts_or_none(segment_ids))

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import ops
+from nsa_jax import segments
+from nsa_jax import validation
 from nsa_jax.config import NSAConfig
 from nsa_jax.modules import dense_attention
 from nsa_jax.modules.compression import BlockCompressor
@@ -51,8 +53,13 @@ def _check_gate(gate, gate_hidden):
                      f"{gate_hidden!r}")
 
 
-def _positions(x, positions):
-  return jnp.arange(x.shape[1]) if positions is None else positions
+def _positions(x, positions, segment_ids=None):
+  """RoPE positions: as given, else 0.. within each document (or T)."""
+  if positions is not None:
+    return positions
+  if segment_ids is not None:
+    return segments.document_positions(segment_ids)
+  return jnp.arange(x.shape[1])
 
 
 class NSAAttention(nnx.Module):
@@ -69,6 +76,12 @@ class NSAAttention(nnx.Module):
   x)))) (``gate="mlp"``); ``nsa_jax.ops.nsa_attention``
   mixes the branches; the output projection maps [B, T, Hq * Dv] back to
   [B, T, d_model].
+
+  Packed sequences: ``segment_ids`` [B, T] restrict every branch to the
+  query's document (docs/SEMANTICS.md), and RoPE positions then count from
+  each document's start unless ``positions`` are given. A document that
+  starts on a selection-block edge (a multiple of l', hence of d) then gives
+  the outputs it gives alone.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
@@ -144,12 +157,14 @@ class NSAAttention(nnx.Module):
     v = self.v_proj[name](x).reshape(b, t, self.num_kv_heads, self.v_head_dim)
     return apply_rope(k, positions, self.rope_base), v
 
-  def branch_inputs(self, x, positions=None):
+  def branch_inputs(self, x, positions=None, segment_ids=None):
     """Projections that feed ``nsa_jax.ops.nsa_attention``.
 
     Args:
       x: [B, T, d_model].
-      positions: int [T] or [B, T], default 0 .. T-1.
+      positions: int [T] or [B, T], default 0 .. T-1, or the position in
+        each document with ``segment_ids``.
+      segment_ids: optional int [B, T] (only sets the default positions).
 
     Returns:
       dict with q [B,T,Hq,Dk], k/v [B,T,Hkv,Dk/Dv] (selection), k_win/v_win
@@ -157,7 +172,7 @@ class NSAAttention(nnx.Module):
     """
     _check_x(x)
     b, t, _ = x.shape
-    positions = _positions(x, positions)
+    positions = _positions(x, positions, segment_ids)
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     q = apply_rope(q, positions, self.rope_base)
     k_cmp_raw, v_cmp_raw = self._kv(x, "cmp", positions)
@@ -171,13 +186,21 @@ class NSAAttention(nnx.Module):
                 k_cmp=self.compress_k(k_cmp_raw),
                 v_cmp=self.compress_v(v_cmp_raw), gates=gates)
 
-  def __call__(self, x, positions=None):
-    """Args: x [B, T, d_model]. Returns: [B, T, d_model]."""
-    inputs = self.branch_inputs(x, positions)
+  def __call__(self, x, positions=None, segment_ids=None):
+    """x [B, T, d_model] -> [B, T, d_model].
+
+    Args:
+      x: [B, T, d_model].
+      positions: int [T] or [B, T] RoPE positions (see ``branch_inputs``).
+      segment_ids: optional int [B, T]: packed documents.
+    """
+    _check_x(x)
+    validation.check_segment_ids(segment_ids, x)
+    inputs = self.branch_inputs(x, positions, segment_ids)
     out = ops.nsa_attention(
         inputs["q"], inputs["k"], inputs["v"], inputs["gates"], self.config,
         k_cmp=inputs["k_cmp"], v_cmp=inputs["v_cmp"], k_win=inputs["k_win"],
-        v_win=inputs["v_win"], impl=self.impl)
+        v_win=inputs["v_win"], segment_ids=segment_ids, impl=self.impl)
     b, t = x.shape[:2]
     return self.out_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
 
@@ -207,7 +230,10 @@ class FullAttention(nnx.Module):
   on Hopper, <= 128 before), cuDNN's flash attention, any T (padded to a
   multiple of 64 inside); elsewhere (CPU, float32, other head dims) XLA's
   attention, which materialises ``T x T`` scores. Same projections and
-  shapes as NSAAttention with one K/V set.
+  shapes as NSAAttention with one K/V set. With ``segment_ids`` a query
+  attends within its document (RoPE positions count from its start), on a
+  GPU through jax's Pallas flash attention (cuDNN in jax takes no segment
+  ids).
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
@@ -220,7 +246,8 @@ class FullAttention(nnx.Module):
       head_dim: Dk = Dv.
       rope_base: RoPE wavelength base.
       implementation: "auto", "cudnn" (raises at call time where cuDNN does
-        not serve) or "xla"; see ``dense_attention.causal_attention``.
+        not serve), "pallas" or "xla"; see
+        ``dense_attention.causal_attention``.
       dtype: compute dtype; param_dtype: parameter dtype.
       rngs: parameter initialisation.
     """
@@ -240,18 +267,26 @@ class FullAttention(nnx.Module):
     self.v_proj = linear(d_model, num_kv_heads * head_dim)
     self.out_proj = linear(num_heads * head_dim, d_model)
 
-  def __call__(self, x, positions=None):
-    """Args: x [B, T, d_model]. Returns: [B, T, d_model]."""
+  def __call__(self, x, positions=None, segment_ids=None):
+    """x [B, T, d_model] -> [B, T, d_model].
+
+    Args:
+      x: [B, T, d_model].
+      positions: int [T] or [B, T] RoPE positions; default 0 .. T-1, or the
+        position in each document with ``segment_ids``.
+      segment_ids: optional int [B, T]: packed documents.
+    """
     _check_x(x)
+    validation.check_segment_ids(segment_ids, x)
     b, t, _ = x.shape
-    positions = _positions(x, positions)
+    positions = _positions(x, positions, segment_ids)
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = apply_rope(q, positions, self.rope_base)
     k = apply_rope(k, positions, self.rope_base)
     out = dense_attention.causal_attention(
-        q, k, v, implementation=self.implementation)
+        q, k, v, segment_ids=segment_ids, implementation=self.implementation)
     return self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
   def init_cache(self, batch: int, max_length: int, *,

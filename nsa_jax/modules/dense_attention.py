@@ -15,6 +15,14 @@ What runs where (``choose_implementation`` decides, from static facts only):
   per head (fine for short T; at 8k+ in training it runs out of memory on
   an 80 GB GPU).
 
+Packed documents (``segment_ids``, int [B, T]; a document is a run of equal
+ids, ``nsa_jax.segments``): a query attends to the keys s <= t of its own
+document. jax's public cuDNN call takes no segment ids, so on an NVIDIA GPU
+such a call runs jax's Pallas Triton flash attention (``"pallas"``,
+``jax.experimental.pallas.ops.gpu.attention.mha``, which masks segments per
+tile, O(T) memory; its backward is slower than cuDNN's, PALLAS_TRITON.md);
+elsewhere XLA's attention with a ``[B, 1, T, T]`` document mask.
+
 The dtype and head-dim limits are those jax checks before it calls cuDNN
 (``check_is_flash_attention``, read in jax 0.10.2); the backward's T rule was
 measured on an H100 with jax 0.11.2.
@@ -29,9 +37,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "cudnn", "xla")
+from nsa_jax import segments
+
+IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla")
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_SEQ_MULTIPLE = 64  # cuDNN's backward refuses other sequence lengths
+PALLAS_BLOCK = 128  # sequence tile of jax's Pallas flash attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +50,7 @@ class Choice:
   """Which dense attention runs, and why.
 
   Attributes:
-    implementation: "cudnn" or "xla".
+    implementation: "cudnn", "pallas" or "xla".
     reason: one line naming the fact that decided it.
   """
 
@@ -82,13 +93,15 @@ def cudnn_max_head_dim(compute_capability: tuple[int, int] | None) -> int:
 
 
 def choose_implementation(backend: Backend, dtype, head_dim: int,
-                          v_head_dim: int) -> Choice:
+                          v_head_dim: int, documents: bool = False) -> Choice:
   """cuDNN flash attention where it serves these inputs, else XLA.
 
   Args:
     backend: the device (``current_backend()``).
     dtype: dtype of q, k and v.
     head_dim: Dk. v_head_dim: Dv.
+    documents: the call has segment ids (packed documents): cuDNN cannot
+      take them, jax's Pallas flash attention serves on an NVIDIA GPU.
 
   Returns:
     A ``Choice`` with the implementation and the reason.
@@ -97,6 +110,12 @@ def choose_implementation(backend: Backend, dtype, head_dim: int,
   if backend.platform != "cuda":
     return Choice("xla", f"cuDNN needs an NVIDIA GPU, the backend is "
                   f"{backend.platform}")
+  if documents:
+    if head_dim != v_head_dim:
+      return Choice("xla", f"jax's Pallas flash attention needs Dk == Dv, "
+                    f"got {head_dim} and {v_head_dim}")
+    return Choice("pallas", "segment ids: jax's cuDNN call takes none, its "
+                  "Pallas flash attention masks documents")
   if name not in CUDNN_DTYPES:
     return Choice("xla", f"cuDNN serves {'/'.join(CUDNN_DTYPES)}, not {name}")
   if head_dim != v_head_dim:
@@ -135,14 +154,67 @@ def padded_causal_attention(q, k, v, *, attention_fn: Callable[..., jax.Array],
   return out[:, :t]
 
 
-def causal_attention(q, k, v, *, implementation: str = "auto",
+def pallas_causal_attention(q, k, v, segment_ids=None, *,
+                            block: int = PALLAS_BLOCK,
+                            interpret: bool | None = None) -> jax.Array:
+  """jax's Pallas Triton flash attention, causal, with optional documents.
+
+  GQA by repeating the K/V heads (the kernel takes one head count); T is
+  padded up to a multiple of ``block`` with zero rows at the end, in the
+  future of every real query (and a document of their own); their outputs
+  are sliced off.
+
+  Args:
+    q: [B, T, Hq, D]. k, v: [B, T, Hkv, D].
+    segment_ids: optional int [B, T].
+    block: the kernel's sequence tile, forward and backward.
+    interpret: Pallas interpret mode; None: when no GPU is present.
+
+  Returns:
+    [B, T, Hq, D] in q.dtype.
+  """
+  # Imported here: a deprecated module (PALLAS_TRITON.md) that only this
+  # path needs.
+  from jax.experimental.pallas.ops.gpu import attention  # pylint: disable=g-import-not-at-top
+  b, t, hq, d = q.shape
+  group = hq // k.shape[2]
+  k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+  pad = -t % block
+  ids = None
+  if segment_ids is not None:
+    ids = jnp.pad(segments.document_index(segment_ids), ((0, 0), (0, pad)),
+                  constant_values=t)
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  out = attention.mha(
+      q, k, v, ids, sm_scale=d ** -0.5, causal=True, interpret=interpret,
+      block_sizes=attention.BlockSizes(
+          block_q=block, block_k=block, block_q_dkv=min(block, 32),
+          block_kv_dkv=min(block, 32), block_q_dq=min(block, 32),
+          block_kv_dq=min(block, 32)))
+  return out[:, :t]
+
+
+def _document_mask(segment_ids):
+  """bool [B, 1, T, T]: key s is in query t's document."""
+  doc = segments.document_index(segment_ids)
+  return (doc[:, :, None] == doc[:, None, :])[:, None]
+
+
+def causal_attention(q, k, v, *, segment_ids=None,
+                     implementation: str = "auto",
                      backend: Backend | None = None) -> jax.Array:
   """Dense causal GQA attention, softmax scale 1 / sqrt(D).
 
   Args:
     q: [B, T, Hq, D]. k, v: [B, T, Hkv, D], Hq a multiple of Hkv.
+    segment_ids: optional int [B, T] (packed documents): query t attends to
+      the keys s <= t of its own document only.
     implementation: "auto" (``choose_implementation``), "cudnn" (raises
-      where cuDNN does not serve these inputs) or "xla".
+      where cuDNN does not serve these inputs, segment ids included),
+      "pallas" (``pallas_causal_attention``; interpret mode off a GPU) or
+      "xla".
     backend: the device, default ``current_backend()``.
 
   Returns:
@@ -155,9 +227,10 @@ def causal_attention(q, k, v, *, implementation: str = "auto",
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r} is not one of "
                      f"{IMPLEMENTATIONS}")
-  if implementation != "xla":
+  documents = segment_ids is not None
+  if implementation in ("auto", "cudnn"):
     choice = choose_implementation(backend or current_backend(), q.dtype,
-                                   q.shape[-1], v.shape[-1])
+                                   q.shape[-1], v.shape[-1], documents)
     if implementation == "cudnn" and choice.implementation != "cudnn":
       raise ValueError(f"implementation='cudnn' does not serve these inputs: "
                        f"{choice.reason}")
@@ -165,5 +238,8 @@ def causal_attention(q, k, v, *, implementation: str = "auto",
   if implementation == "cudnn":
     return padded_causal_attention(q, k, v, attention_fn=functools.partial(
         jax.nn.dot_product_attention, implementation="cudnn"))
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+  if implementation == "pallas":
+    return pallas_causal_attention(q, k, v, segment_ids)
+  mask = _document_mask(segment_ids) if documents else None
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                       implementation="xla")

@@ -15,6 +15,7 @@ from nsa_jax.modules.attention import FullAttention
 from nsa_jax.modules.attention import GATES
 from nsa_jax.modules.attention import NSAAttention
 from nsa_jax.modules.compression import COMPRESSIONS
+from nsa_jax.validation import check_segment_ids
 from nsa_jax.validation import IMPLS
 
 ATTENTIONS = ("nsa", "full")
@@ -173,13 +174,13 @@ class DecoderBlock(nnx.Module):
           config.head_dim, rope_base=config.rope_base, dtype=dtype, rngs=rngs)
     self.mlp = SwiGLU(config.d_model, config.hidden, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, positions=None):
-    x = x + self.attn(self.attn_norm(x), positions)
+  def __call__(self, x, positions=None, segment_ids=None):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
 
-def _call_block(block: DecoderBlock, x, positions):
-  return block(x, positions)
+def _call_block(block: DecoderBlock, x, positions, segment_ids):
+  return block(x, positions, segment_ids)
 
 
 class TransformerLM(nnx.Module):
@@ -195,6 +196,11 @@ class TransformerLM(nnx.Module):
   its row stays finite and the other positions are computed as usual (the
   logits at and after it do see the zero input). ``nsa_jax.data.
   check_token_ids`` checks ids before a jitted call, e.g. in generation.
+
+  Packed rows: ``segment_ids`` (int [B, T], a document is a run of equal
+  ids) keep every attention layer inside each token's document, and RoPE
+  positions count from the document's start; the MLPs and norms are per
+  token anyway.
   """
 
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
@@ -213,11 +219,22 @@ class TransformerLM(nnx.Module):
       self.lm_head = nnx.Linear(config.d_model, config.vocab_size,
                                 use_bias=False, dtype=dtype, rngs=rngs)
 
-  def __call__(self, tokens, positions=None):
-    """Args: tokens int [B, T]. Returns: float32 logits [B, T, vocab_size]."""
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    """Logits of every position.
+
+    Args:
+      tokens: int [B, T].
+      positions: optional int [T] or [B, T] RoPE positions (default 0..T-1,
+        or the position in each document with ``segment_ids``).
+      segment_ids: optional int [B, T]: packed documents.
+
+    Returns:
+      float32 logits [B, T, vocab_size].
+    """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be int [B, T], got {tokens.shape} "
                        f"{tokens.dtype}")
+    check_segment_ids(segment_ids, tokens)
     try:
       concrete = np.asarray(tokens)
     except jax.errors.TracerArrayConversionError:
@@ -229,7 +246,7 @@ class TransformerLM(nnx.Module):
     call = _call_block if self.config.remat == "none" else nnx.remat(
         _call_block, policy=policy)
     for layer in self.layers:
-      x = call(layer, x, positions)
+      x = call(layer, x, positions, segment_ids)
     return self.head(x)
 
   def attention_input(self, tokens, layer: int, positions=None):

@@ -31,6 +31,7 @@ _DATA_HELP = {
     "corpus_dir": "directory of .py files ('' reads the stdlib)",
     "max_corpus_bytes": "read at most about this many bytes (0: all)",
     "val_fraction": "share of the corpus files held out for validation",
+    "documents": "code data: attend only within each file (segment ids)",
 }
 
 DESCRIPTION = """\
@@ -209,6 +210,9 @@ def resolve(args: argparse.Namespace,
   if values["data"] not in ("code", "passkey", "mqar"):
     parser.error(f"--data={values['data']!r} is not one of code, passkey, "
                  "mqar")
+  if values["documents"] and values["data"] != "code":
+    parser.error("--documents splits the packed code corpus into its files; "
+                 f"--data={values['data']} has one document per row")
   if not 0 <= values["passkey_rows"] < train_cfg.batch_size:
     parser.error(f"--passkey-rows={values['passkey_rows']} must be in "
                  f"[0, batch_size={train_cfg.batch_size})")

@@ -11,7 +11,7 @@ from typing import Any
 
 DATA_DEFAULTS: dict[str, Any] = {
     "data": "code", "passkey_rows": 0, "corpus_dir": "",
-    "max_corpus_bytes": 0, "val_fraction": 0.05,
+    "max_corpus_bytes": 0, "val_fraction": 0.05, "documents": False,
 }
 
 _CPU_DEMO = {

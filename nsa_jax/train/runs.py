@@ -55,9 +55,9 @@ def make_data(plan: Plan, log: Callable[[str], None] = print):
         max_bytes=d["max_corpus_bytes"] or None)
     log(corpus.summary())
     train_it = data.PackedIterator(corpus.train, cfg.batch_size, cfg.seq_len,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, documents=d["documents"])
     evals = data.eval_batches(corpus.val, cfg.micro_batch_size, cfg.seq_len,
-                              cfg.eval_batches)
+                              cfg.eval_batches, documents=d["documents"])
   else:
     train_it = data.SyntheticIterator(d["data"], cfg.batch_size, cfg.seq_len,
                                       seed=cfg.seed)

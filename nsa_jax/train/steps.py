@@ -1,4 +1,8 @@
-"""Jit-compiled train and eval steps: masked next-token cross-entropy."""
+"""Jit-compiled train and eval steps: masked next-token cross-entropy.
+
+A batch may carry ``segment_ids`` (int32 [B, T], packed documents; see
+``nsa_jax.data.PackedIterator``): the model then attends within documents.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,14 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
+
+
+def batch_logits(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+  """``model(inputs)``, with the batch's segment ids when it has them."""
+  segment_ids = batch.get("segment_ids")
+  if segment_ids is None:
+    return model(batch["inputs"])
+  return model(batch["inputs"], segment_ids=segment_ids)
 
 
 def masked_loss_sum(logits: jax.Array, targets: jax.Array,
@@ -40,7 +52,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   Args:
     model: an NNX module, ``model(inputs [b, T]) -> logits [b, T, V]``.
     optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, updated in place.
-    batch: ``inputs``/``targets`` int32 [B, T], ``mask`` float32 [B, T].
+    batch: ``inputs``/``targets`` int32 [B, T], ``mask`` float32 [B, T],
+      optionally ``segment_ids`` int32 [B, T].
     grad_accum: micro-batches; B must divide by it.
 
   Returns:
@@ -53,7 +66,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   count = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
 
   def micro_loss(params, mb):
-    logits = nnx.merge(graphdef, params, rest)(mb["inputs"])
+    logits = batch_logits(nnx.merge(graphdef, params, rest), mb)
     loss_sum, _ = masked_loss_sum(logits, mb["targets"], mb["mask"])
     return loss_sum / count
 
@@ -79,7 +92,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
 def eval_step(model: nnx.Module, batch: dict[str, jax.Array]
               ) -> tuple[jax.Array, jax.Array]:
   """Summed masked loss and scored-token count of ``batch`` (float32)."""
-  logits = model(batch["inputs"])
+  logits = batch_logits(model, batch)
   return masked_loss_sum(logits, batch["targets"], batch["mask"])
 
 

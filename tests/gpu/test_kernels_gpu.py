@@ -2,7 +2,10 @@
 
 T off every block edge (4133), T < l, Dk 192 / Dv 128, G = 1, 4, 16, float32
 and bfloat16, batch 2: forward and gradients, by relative norm against the
-XLA path on float32 copies of the inputs (METHOD.md).
+XLA path on float32 copies of the inputs (METHOD.md). The ``documents``
+tests repeat this with packed documents (segment ids), and check
+FullAttention's document path (jax's Pallas flash attention) against XLA's
+masked attention.
 """
 
 import functools
@@ -143,3 +146,67 @@ def test_deterministic():
   first, second = fn(*args), fn(*args)
   for a, b in zip(first, second):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _segment_ids(b, t, seed=0):
+  """int32 [B, T]: random packed documents, starts on and off block edges.
+
+  Row 0 starts documents at multiples of l' (64) and, between them, at
+  random positions; other rows at random positions only; some documents
+  are shorter than l (no compressed token).
+  """
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((b, t), np.int32)
+  for row in range(b):
+    starts = set(rng.integers(1, max(t, 2), size=max(t // 300, 1)).tolist())
+    starts |= {s + 3 for s in list(starts)[:2]}  # 3-token documents
+    if row == 0:
+      starts |= set(range(CONFIG.sel_block, t, 7 * CONFIG.sel_block))
+    for s in sorted(starts):
+      if s < t:
+        ids[row, s:] += 1
+  return jnp.asarray(ids)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[i] for i in (0, 1, 4)],
+                         ids=[IDS[i] for i in (0, 1, 4)])
+def test_nsa_attention_documents(shape):
+  x = _inputs(*shape)
+  seg = _segment_ids(shape[0], shape[1])
+  fn = lambda q, k, v, kc, vc, g, impl: ops.nsa_attention(
+      q, k, v, g, CONFIG, k_cmp=kc, v_cmp=vc, segment_ids=seg, impl=impl)
+  args = tuple(x[n] for n in ("q", "k", "v", "k_cmp", "v_cmp", "gates"))
+  _check(fn, args, x["d_out"], shape[-1])
+
+
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=OP_IDS)
+def test_select_blocks_documents(shape):
+  x = _inputs(*shape)
+  q, k_cmp = x["q"], x["k_cmp"]
+  seg = _segment_ids(shape[0], shape[1], seed=1)
+  with jax.default_matmul_precision("highest"):
+    _, lse = ops.compressed_attention(
+        q, k_cmp, x["v_cmp"], block_size=CONFIG.cmp_block,
+        stride=CONFIG.cmp_stride, segment_ids=seg, impl="xla")
+    got = ops.select_blocks(q, k_cmp, lse, CONFIG, segment_ids=seg,
+                            impl="pallas")
+    want = ops.select_blocks(q, k_cmp, lse, CONFIG, segment_ids=seg,
+                             impl="xla")
+    scores = ops.block_scores(q, k_cmp, lse, CONFIG, segment_ids=seg,
+                              impl="xla")
+  assert_same_sets_up_to_ties(got, want, scores, rtol=1e-4)
+
+
+def test_dense_attention_documents():
+  """FullAttention's GPU path with documents (jax's Pallas flash attention)
+  against XLA's masked attention."""
+  from nsa_jax.modules import dense_attention  # pylint: disable=g-import-not-at-top
+  b, t, hkv, g, d = 2, 4133, 2, 4, 64
+  x = _inputs(b, t, hkv, g, d, d, jnp.bfloat16)
+  seg = _segment_ids(b, t, seed=2)
+  assert dense_attention.choose_implementation(
+      dense_attention.current_backend(), jnp.bfloat16, d, d,
+      documents=True).implementation == "pallas"
+  fn = lambda q, k, v, impl: dense_attention.causal_attention(
+      q, k, v, segment_ids=seg, implementation=impl)
+  _check(fn, (x["q"], x["k"], x["v"]), x["d_out"], jnp.bfloat16)
