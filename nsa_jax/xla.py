@@ -100,13 +100,17 @@ def _ungroup(x):
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
-                         chunk_size=128):
+                         chunk_size=128, q_offset=0):
   """Branch 1: query t sees compressed token i iff i*d + l - 1 <= t.
 
   Args:
     q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; v_cmp: [B, Tc, Hkv, Dv].
     block_size: l. stride: d. scale: softmax scale.
     chunk_size: queries per chunk.
+    q_offset: position of q's first row (an int or a traced int32 scalar):
+      row r is query t = q_offset + r, and k_cmp may hold the compressed
+      tokens of a longer sequence (context parallelism: one shard's queries
+      against every compressed token).
 
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32).
@@ -125,7 +129,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
     qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
     s = jnp.einsum("bcgrd,bigd->bcgri", qg, k_cmp,
                    preferred_element_type=acc) * scale
-    t = t0 + jnp.arange(q_chunk.shape[1])
+    t = q_offset + t0 + jnp.arange(q_chunk.shape[1])
     mask = (first_visible[None, :] <= t[:, None])[None, :, None, None, :]
     p, lse = masked_softmax(s, mask)
     out = jnp.einsum("bcgri,bigd->bcgrd", p.astype(v_cmp.dtype), v_cmp,
@@ -137,7 +141,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
 
 
 def selected_attention(q, k, v, block_indices, *, block_size, scale,
-                       chunk_size=64):
+                       chunk_size=64, q_offset=0):
   """Branch 2: each query attends to keys s <= t of its selected blocks.
 
   The n selected blocks of every (query, kv head) are gathered whole from a
@@ -145,11 +149,14 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
   scatter-add) gives dK and dV.
 
   Args:
-    q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
+    q: [B, T, Hq, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv], S = T unless
+      ``q_offset`` places the queries inside a longer key sequence.
     block_indices: int [B, T, Hkv, n]; -1 and any entry outside
-      [0, ceil(T / l')) is an empty slot, a repeated entry counts once.
+      [0, ceil(S / l')) is an empty slot, a repeated entry counts once.
     block_size: l'. scale: softmax scale.
     chunk_size: queries per chunk.
+    q_offset: position of q's first row among the keys (an int or a traced
+      int32 scalar): row r is query t = q_offset + r (context parallelism).
 
   Returns:
     [B, T, Hq, Dv] in q.dtype.
@@ -182,7 +189,7 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
     bb = jnp.take_along_axis(bad_blocks, flat[:, :, :, None], axis=2,
                              mode="clip").reshape(b, hkv, c, 1, n * block_size)
     pos = idx[..., None] * block_size + offsets  # [B, Hkv, C, n, l']
-    t = (t0 + jnp.arange(c))[None, None, :, None, None]
+    t = (q_offset + t0 + jnp.arange(c))[None, None, :, None, None]
     mask = (idx[..., None] >= 0) & (pos <= t)
     mask = mask.reshape(b, hkv, c, 1, n * block_size)
     qg = _group(q_chunk, hkv).transpose(0, 2, 1, 3, 4)  # [B, Hkv, C, G, Dk]

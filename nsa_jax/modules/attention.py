@@ -11,6 +11,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.modules import dense_attention
 from nsa_jax.modules.compression import BlockCompressor
 from nsa_jax.modules.rope import apply_rope
+from nsa_jax.parallel import attention as parallel_attention
 
 BRANCHES = ("cmp", "slc", "win")
 GATES = ("linear", "mlp")
@@ -174,7 +175,8 @@ class NSAAttention(nnx.Module):
   def __call__(self, x, positions=None):
     """Args: x [B, T, d_model]. Returns: [B, T, d_model]."""
     inputs = self.branch_inputs(x, positions)
-    out = ops.nsa_attention(
+    # ops.nsa_attention, or its sharded form on an active mesh.
+    out = parallel_attention.nsa_attention(
         inputs["q"], inputs["k"], inputs["v"], inputs["gates"], self.config,
         k_cmp=inputs["k_cmp"], v_cmp=inputs["v_cmp"], k_win=inputs["k_win"],
         v_win=inputs["v_win"], impl=self.impl)
