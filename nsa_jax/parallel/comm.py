@@ -28,7 +28,7 @@ KINDS = ("all-gather", "all-to-all", "reduce-scatter", "collective-permute",
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
              "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
              "f64": 8}
-_OP = re.compile(r"=\s*(?P<type>\([^=]*?\)|\S+)\s+(?P<op>all-gather|"
+_OP = re.compile(r"=\s*(?P<type>\([^)]*\)|\S+)\s+(?P<op>all-gather|"
                  r"all-to-all|reduce-scatter|collective-permute|all-reduce)"
                  r"(?P<start>-start)?\(")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")

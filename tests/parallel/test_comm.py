@@ -13,7 +13,8 @@ _LINES = {
         "replica_groups={{0,1,2,3}}, dimensions={1}, metadata={op_name="
         "\"jit(f)/shard_map/all_gather\"}", 16384 * 3 // 4),
     "all-to-all": (
-        "%a2a = (bf16[1,2,8]{2,1,0}, bf16[1,2,8]{2,1,0}) all-to-all(%a, %b), "
+        "%a2a = (bf16[1,2,8]{2,1,0}, /*index=1*/bf16[1,2,8]{2,1,0}) "
+        "all-to-all(%a, %b), "
         "replica_groups=[2,2]<=[4], metadata={op_name=\"shard_map/x\"}",
         64 // 2),
     "collective-permute": (
