@@ -70,6 +70,7 @@ def _array_bytes(text: str) -> list[int]:
 
 
 def _group_size(line: str) -> int:
+  """Devices per group; a permute counts as a pair (1 without pairs)."""
   if "source_target_pairs=" in line:
     return 2 if re.search(r"source_target_pairs=\{\{", line) else 1
   groups = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
