@@ -100,3 +100,16 @@ def from_cu_seqlens(cu_seqlens, seq_len: int):
 def starts_or_none(segment_ids):
   """``document_starts(segment_ids)``, or None for None (no documents)."""
   return None if segment_ids is None else document_starts(segment_ids)
+
+
+def check_whole_sequence(segment_ids, q_offset) -> None:
+  """Documents are defined on the whole sequence, not on a query slice.
+
+  Raises:
+    ValueError: ``segment_ids`` given with ``q_offset`` other than the int 0
+      (a context-parallel shard's queries).
+  """
+  if segment_ids is not None and not (isinstance(q_offset, int)
+                                      and q_offset == 0):
+    raise ValueError("segment_ids need the whole sequence: q_offset must be "
+                     f"0, got {q_offset!r}")

@@ -68,7 +68,8 @@ def _scores_chunk(q, k_cmp, lse, starts, t0, config, scale, num_sel):
 
 
 def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
-                 segment_ids=None, chunk_size: int = 128):
+                 segment_ids=None, chunk_size: int = 128, q_offset=0,
+                 seq_len: int | None = None):
   """Group-summed importance P of every selection block, chunked over queries.
 
   Never holds more than one chunk's ``[B, C, Hq, Tc]`` probabilities.
@@ -80,18 +81,29 @@ def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
     segment_ids: optional int [B, T]: a compressed token scores for a query
       only if its whole block lies in the query's document.
     chunk_size: queries per chunk.
+    q_offset: position of q's first row (an int or a traced int32 scalar),
+      for queries that are a slice of a longer sequence (context
+      parallelism); k_cmp then holds that sequence's compressed tokens.
+    seq_len: length of that sequence, which sets Ts; default T.
 
   Returns:
     float32 [B, T, Hkv, Ts], before forcing and causal masking.
+
+  Raises:
+    ValueError: ``segment_ids`` with a query slice (``q_offset`` other than
+      the int 0): documents are defined on the whole sequence.
   """
+  segments.check_whole_sequence(segment_ids, q_offset)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  num_sel = config.num_selection_blocks(q.shape[1])
+  num_sel = config.num_selection_blocks(
+      q.shape[1] if seq_len is None else seq_len)
   if k_cmp.shape[1] == 0:
     return jnp.zeros((q.shape[0], q.shape[1], k_cmp.shape[2], num_sel),
                      jnp.float32)
 
   def body(q_chunk, lse_chunk, starts_chunk, t0):
-    return _scores_chunk(q_chunk, k_cmp, lse_chunk, starts_chunk, t0, config,
+    return _scores_chunk(q_chunk, k_cmp, lse_chunk, starts_chunk,
+                         q_offset + t0, config,
                          scale, num_sel)
 
   return chunking.map_query_chunks(

@@ -104,7 +104,7 @@ def _ungroup(x):
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
-                         segment_ids=None, chunk_size=128):
+                         segment_ids=None, chunk_size=128, q_offset=0):
   """Branch 1: query t sees compressed token i iff i*d + l - 1 <= t.
 
   With segment ids also ``i*d >= starts[t]``: the token's whole block lies in
@@ -115,10 +115,15 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
     block_size: l. stride: d. scale: softmax scale.
     segment_ids: optional int [B, T].
     chunk_size: queries per chunk.
+    q_offset: position of q's first row (an int or a traced int32 scalar):
+      row r is query t = q_offset + r, and k_cmp may hold the compressed
+      tokens of a longer sequence (context parallelism: one shard's queries
+      against every compressed token).
 
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32).
   """
+  segments.check_whole_sequence(segment_ids, q_offset)
   b, seq_len, hq, _ = q.shape
   tc, hkv, dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
   acc = accum_dtype(q)
@@ -133,7 +138,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
     qg = _group(q_chunk, hkv)  # [B, C, Hkv, G, Dk]
     s = jnp.einsum("bcgrd,bigd->bcgri", qg, k_cmp,
                    preferred_element_type=acc) * scale
-    t = t0 + jnp.arange(q_chunk.shape[1])
+    t = q_offset + t0 + jnp.arange(q_chunk.shape[1])
     mask = (first_visible[None, :] <= t[:, None])[None]  # [1, C, Tc]
     if starts is not None:
       mask = mask & (jnp.arange(tc) * stride >= starts[..., None])
@@ -149,7 +154,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
 
 
 def selected_attention(q, k, v, block_indices, *, block_size, scale,
-                       segment_ids=None, chunk_size=64):
+                       segment_ids=None, chunk_size=64, q_offset=0):
   """Branch 2: each query attends to keys s <= t of its selected blocks.
 
   The n selected blocks of every (query, kv head) are gathered whole from a
@@ -157,18 +162,22 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
   scatter-add) gives dK and dV.
 
   Args:
-    q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
+    q: [B, T, Hq, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv], S = T unless
+      ``q_offset`` places the queries inside a longer key sequence.
     block_indices: int [B, T, Hkv, n]; -1 and any entry outside
-      [0, ceil(T / l')) is an empty slot, a repeated entry counts once.
+      [0, ceil(S / l')) is an empty slot, a repeated entry counts once.
     block_size: l'. scale: softmax scale.
     segment_ids: optional int [B, T]: keys outside the query's document are
       masked.
     chunk_size: queries per chunk.
+    q_offset: position of q's first row among the keys (an int or a traced
+      int32 scalar): row r is query t = q_offset + r (context parallelism).
 
   Returns:
     [B, T, Hq, Dv] in q.dtype.
   """
   b, seq_len, hkv, dk = k.shape
+  segments.check_whole_sequence(segment_ids, q_offset)
   dv = v.shape[3]
   acc = accum_dtype(q)
   num_sel = -(-seq_len // block_size)
@@ -196,7 +205,7 @@ def selected_attention(q, k, v, block_indices, *, block_size, scale,
     bb = jnp.take_along_axis(bad_blocks, flat[:, :, :, None], axis=2,
                              mode="clip").reshape(b, hkv, c, 1, n * block_size)
     pos = idx[..., None] * block_size + offsets  # [B, Hkv, C, n, l']
-    t = (t0 + jnp.arange(c))[None, None, :, None, None]
+    t = (q_offset + t0 + jnp.arange(c))[None, None, :, None, None]
     mask = (idx[..., None] >= 0) & (pos <= t)
     if starts is not None:
       mask = mask & (pos >= starts[:, None, :, None, None])

@@ -13,6 +13,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.modules import dense_attention
 from nsa_jax.modules.compression import BlockCompressor
 from nsa_jax.modules.rope import apply_rope
+from nsa_jax.parallel import attention as parallel_attention
 
 BRANCHES = ("cmp", "slc", "win")
 GATES = ("linear", "mlp")
@@ -197,7 +198,8 @@ class NSAAttention(nnx.Module):
     _check_x(x)
     validation.check_segment_ids(segment_ids, x)
     inputs = self.branch_inputs(x, positions, segment_ids)
-    out = ops.nsa_attention(
+    # ops.nsa_attention, or its sharded form on an active mesh.
+    out = parallel_attention.nsa_attention(
         inputs["q"], inputs["k"], inputs["v"], inputs["gates"], self.config,
         k_cmp=inputs["k_cmp"], v_cmp=inputs["v_cmp"], k_win=inputs["k_win"],
         v_win=inputs["v_win"], segment_ids=segment_ids, impl=self.impl)

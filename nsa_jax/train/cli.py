@@ -19,6 +19,7 @@ from nsa_jax.data import tokenizer
 from nsa_jax.modules.transformer import count_params
 from nsa_jax.modules.transformer import LMConfig
 from nsa_jax.modules.transformer import match_mlp_hidden
+from nsa_jax.parallel import flags as device_flags
 from nsa_jax.train.config import TrainConfig
 from nsa_jax.train.presets import DATA_DEFAULTS
 from nsa_jax.train.presets import DEFAULT_PRESET
@@ -67,6 +68,8 @@ class Plan:
     resume_step: the checkpoint step to continue from, or None (newest).
     plot: write the loss-curve PNG.
     debug_step_delay: seconds slept after every step (tests).
+    devices: the mesh, context parallelism and hosts
+      (``nsa_jax.parallel.flags``); the default is one device.
   """
 
   preset: str
@@ -78,6 +81,7 @@ class Plan:
   resume_step: int | None = None
   plot: bool = True
   debug_step_delay: float = 0.0
+  devices: device_flags.ScaleOut = device_flags.ScaleOut()
 
 
 def preset_values(name: str) -> dict[str, Any]:
@@ -154,6 +158,7 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
               values, preset, prefix="nsa_")
   _add_fields(parser.add_argument_group("training (TrainConfig)"),
               TrainConfig, values, preset)
+  device_flags.add_flags(parser)
   return parser
 
 
@@ -229,4 +234,5 @@ def resolve(args: argparse.Namespace,
       data={k: values[k] for k in DATA_DEFAULTS},
       workdir=pathlib.Path(args.workdir or f"runs/{args.preset}"), mode=mode,
       resume_step=args.resume_step, plot=args.plot,
-      debug_step_delay=args.debug_step_delay)
+      debug_step_delay=args.debug_step_delay,
+      devices=device_flags.resolve(args, parser))

@@ -55,29 +55,37 @@ class RunResult:
   peak_shared: bool = False
 
 
-def evaluate(model: nnx.Module, batches: Sequence[Batch]) -> float:
+def evaluate(model: nnx.Module, batches: Sequence[Batch],
+             parallel=None) -> float:
   """Mean masked cross-entropy (nats/token) over ``batches``.
+
+  ``parallel``: a ``nsa_jax.parallel.Parallelism`` whose mesh holds the
+  model, or None (one device).
 
   Raises:
     ValueError: token ids outside ``model.config.vocab_size``, if it has one.
   """
   vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
   total, count = 0.0, 0.0
+  eval_step = steps_lib.eval_step if parallel is None else parallel.eval_step
   for batch in batches:
-    loss_sum, n = steps_lib.eval_step(model, _to_device(batch, vocab_size))
+    loss_sum, n = eval_step(model, _to_device(batch, vocab_size, parallel))
     total += float(loss_sum)
     count += float(n)
   return total / max(count, 1.0)
 
 
-def _to_device(batch: Batch,
-               vocab_size: int | None = None) -> dict[str, jax.Array]:
-  """The batch on device, its token ids checked while still on the host."""
+def _to_device(batch: Batch, vocab_size: int | None = None,
+               parallel=None) -> dict[str, jax.Array]:
+  """The batch on device (split over ``parallel``'s mesh if given), its
+  token ids checked while still on the host."""
   if vocab_size is not None:
     for key in ("inputs", "targets"):
       if key in batch:
         token_ids.check_token_ids(batch[key], vocab_size,
                                    what=f"batch {key!r}")
+  if parallel is not None:
+    return parallel.put_batch(batch)
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
@@ -128,7 +136,8 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
           on_accept: Callable[[], None] | None = None,
           name: str = "train",
           log: Callable[[str], None] = print,
-          debug_step_delay: float = 0.0) -> RunResult:
+          debug_step_delay: float = 0.0,
+          parallel=None) -> RunResult:
   """Trains ``model`` in place for ``cfg.steps`` optimizer steps.
 
   Writes ``<workdir>/metrics.jsonl`` (rows ``kind="train"``: step, loss,
@@ -161,6 +170,9 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
     log: where text lines go.
     debug_step_delay: seconds to sleep after every step (tests that kill a
       run mid-training use it).
+    parallel: a ``nsa_jax.parallel.Parallelism``: model, optimizer state
+      and batches are split over its mesh (a checkpoint restores onto it,
+      whatever mesh saved it). None: one device, as before.
 
   Returns:
     A ``RunResult``.
@@ -177,7 +189,13 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
         f"train data yields [{train_data.batch_size}, {train_data.seq_len}] "
         f"batches, TrainConfig wants [{cfg.batch_size}, {cfg.seq_len}]")
   workdir = pathlib.Path(workdir)
+  if parallel is not None:
+    parallel.shard(model)
   optimizer = nnx.Optimizer(model, optim.make_optimizer(cfg), wrt=nnx.Param)
+  if parallel is not None:
+    parallel.shard(optimizer)
+  train_step = (steps_lib.train_step if parallel is None
+                else parallel.train_step)
   schedule = optim.make_schedule(cfg)
   ckpt = checkpoint_lib.Checkpointer(
       workdir / "checkpoints", config=run_config, keep=cfg.keep_checkpoints,
@@ -212,8 +230,12 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
     return _saved_result(workdir / "metrics.jsonl", start, cfg.steps, train_s,
                          elapsed_before, name, log)
   vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+  # Several hosts (jax.distributed): process 0 writes metrics.jsonl, the
+  # others a file of their own, never the same one.
+  metrics_name = ("metrics.jsonl" if jax.process_index() == 0
+                  else f"metrics.process{jax.process_index()}.jsonl")
   writer = metrics_lib.MetricsWriter(
-      workdir / "metrics.jsonl", resume_step=start if resume else None)
+      workdir / metrics_name, resume_step=start if resume else None)
   show_bar = cfg.progress and sys.stderr.isatty()
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=name, unit="step",
                   disable=not show_bar, dynamic_ncols=True)
@@ -244,10 +266,9 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
 
   try:
     for step in range(start, cfg.steps):
-      batch = _to_device(next(train_data), vocab_size)
+      batch = _to_device(next(train_data), vocab_size, parallel)
       t0 = time.perf_counter()
-      out = steps_lib.train_step(model, optimizer, batch,
-                                 grad_accum=cfg.grad_accum)
+      out = train_step(model, optimizer, batch, grad_accum=cfg.grad_accum)
       done = step + 1
       is_last = done == cfg.steps
       if not compiled:
@@ -285,7 +306,7 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
               f"{rate} tok/s eta {_format_eta(eta)} peak memory "
               f"{metrics_lib.format_bytes(peak, peak_shared())}")
       if do_eval:
-        val_loss = evaluate(model, eval_data)
+        val_loss = evaluate(model, eval_data, parallel)
         writer.write({"kind": "eval", "step": done, "val_loss": val_loss,
                       "train_s": train_s, "elapsed_s": elapsed()})
         if not show_bar:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import functools
 import json
 import pathlib
 import shutil
@@ -206,13 +207,16 @@ def summarize(results: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def run_plan(plan: Plan, log: Callable[[str], None] = print
-             ) -> dict[str, dict[str, Any]]:
+def run_plan(plan: Plan, log: Callable[[str], None] = print,
+             parallel=None) -> dict[str, dict[str, Any]]:
   """Trains (or continues, or reports) every model of ``plan``.
 
   Every run directory is checked before anything is written: a directory
   holding a run of another config is refused (unless ``plan.mode`` is
   "fresh"); ``run_config.json`` is written once its run is accepted.
+
+  ``parallel``: a ``nsa_jax.parallel.Parallelism`` to train on (models are
+  created on its mesh), or None for one device.
 
   Returns:
     Per attention type: params, steps, loss, val_loss, train_s,
@@ -231,7 +235,10 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
     run_dir = plan.workdir / name
     if plan.mode == "fresh":
       _discard(run_dir, log)
-    model = TransformerLM(model_cfg, rngs=nnx.Rngs(plan.train.seed))
+    make = functools.partial(  # the Rngs are made where the model is
+        lambda cfg: TransformerLM(cfg, rngs=nnx.Rngs(plan.train.seed)),
+        model_cfg)
+    model = make() if parallel is None else parallel.create(make)
     log(f"[{name}] {model_cfg}")
     log(f"[{name}] {_param_count(model):,} parameters")
     train_it.restore({**train_it.state(), "step": 0})
@@ -247,7 +254,7 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print
         model, plan.train, train_it, run_dir, eval_data=evals,
         resume=resume[name], resume_step=plan.resume_step,
         run_config=configs[name], on_accept=write_config, name=name, log=log,
-        debug_step_delay=plan.debug_step_delay)
+        debug_step_delay=plan.debug_step_delay, parallel=parallel)
     results[name] = {"params": _param_count(model),
                      "steps": result.final_step, "loss": result.final_loss,
                      "val_loss": result.final_val_loss,

@@ -38,10 +38,9 @@ def masked_loss_sum(logits: jax.Array, targets: jax.Array,
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-@nnx.jit(static_argnames=("grad_accum",))
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
-               batch: dict[str, jax.Array], grad_accum: int = 1
-               ) -> dict[str, jax.Array]:
+def train_step_fn(model: nnx.Module, optimizer: nnx.Optimizer,
+                  batch: dict[str, jax.Array], grad_accum: int = 1
+                  ) -> dict[str, jax.Array]:
   """One optimizer step on ``batch``, split into ``grad_accum`` micro-batches.
 
   Gradients of the micro-batches are summed in float32 inside a
@@ -88,12 +87,19 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   return {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
-@nnx.jit
-def eval_step(model: nnx.Module, batch: dict[str, jax.Array]
-              ) -> tuple[jax.Array, jax.Array]:
+# ``train_step_fn`` compiled; ``nsa_jax.parallel.Parallelism`` compiles it
+# again for a mesh.
+train_step = nnx.jit(train_step_fn, static_argnames=("grad_accum",))
+
+
+def eval_step_fn(model: nnx.Module, batch: dict[str, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
   """Summed masked loss and scored-token count of ``batch`` (float32)."""
   logits = batch_logits(model, batch)
   return masked_loss_sum(logits, batch["targets"], batch["mask"])
+
+
+eval_step = nnx.jit(eval_step_fn)
 
 
 @nnx.jit
