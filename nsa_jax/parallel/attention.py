@@ -273,15 +273,25 @@ def activate(mesh: jax.sharding.Mesh,
 
 
 def nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
-                  k_win=None, v_win=None, scale=None, impl="auto"):
+                  k_win=None, v_win=None, scale=None, segment_ids=None,
+                  impl="auto"):
   """``ops.nsa_attention``, sharded over the active mesh if there is one.
 
   Same arguments and result as ``ops.nsa_attention``; see ``activate``.
+
+  Raises:
+    NotImplementedError: ``segment_ids`` (packed documents) on an active
+      mesh: the sharded path does not carry them yet.
   """
   active = _ACTIVE.get()
   kwargs = dict(k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win, v_win=v_win,
                 scale=scale, impl=impl)
   if active is None:
-    return ops.nsa_attention(q, k, v, gates, config, **kwargs)
+    return ops.nsa_attention(q, k, v, gates, config, segment_ids=segment_ids,
+                             **kwargs)
+  if segment_ids is not None:
+    raise NotImplementedError(
+        "packed documents (segment_ids, train_lm.py --documents) are not "
+        "supported with a device mesh yet; train them on one device")
   return sharded_nsa_attention(q, k, v, gates, config, mesh=active.mesh,
                                context=active.context, **kwargs)

@@ -229,10 +229,14 @@ def resolve(args: argparse.Namespace,
     parser.error("--fresh and --resume-step exclude each other")
   mode = ("fresh" if args.fresh else "resume"
           if args.resume or args.resume_step is not None else "auto")
+  devices = device_flags.resolve(args, parser)
+  if values["documents"] and devices.mesh is not None:
+    parser.error("--documents is not supported with a device mesh (--mesh-*) "
+                 "yet: the sharded attention does not carry segment ids")
   return Plan(
       preset=args.preset, models=models, train=train_cfg,
       data={k: values[k] for k in DATA_DEFAULTS},
       workdir=pathlib.Path(args.workdir or f"runs/{args.preset}"), mode=mode,
       resume_step=args.resume_step, plot=args.plot,
       debug_step_delay=args.debug_step_delay,
-      devices=device_flags.resolve(args, parser))
+      devices=devices)

@@ -194,6 +194,8 @@ def test_device_flags_choose_the_mesh():
     (["--context-parallel", "heads"], "needs a mesh with a sequence axis"),
     (["--process-id", "1"], "--process-id needs --distributed"),
     (["--mesh-data", "0"], "data=0 must be a positive int"),
+    (["--mesh-data", "2", "--documents"], "--documents is not supported "
+     "with a device mesh"),
 ])
 def test_bad_device_flags(capsys, argv, message):
   with pytest.raises(SystemExit) as info:
