@@ -109,7 +109,7 @@ def _union_loop(union_ref, idx_ref, t, lower, st: _Static, update,
   block_q = idx_ref.shape[0]
   group_p = t.shape[0] // block_q
   table = idx_ref[...]  # [block_q, n]
-  count = jnp.sum((union_ref[...] >= 0).astype(_I32))
+  count = jnp.sum((union_ref[...] >= 0).astype(_I32), dtype=_I32)
   key_offsets = jnp.arange(st.block_size, dtype=_I32)
 
   def body(i, carry):

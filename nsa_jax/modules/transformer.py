@@ -249,7 +249,8 @@ class TransformerLM(nnx.Module):
       x = call(layer, x, positions, segment_ids)
     return self.head(x)
 
-  def attention_input(self, tokens, layer: int, positions=None):
+  def attention_input(self, tokens, layer: int, positions=None,
+                      segment_ids=None):
     """The input of layer ``layer``'s attention: tokens int [B, T] ->
     [B, T, d_model], after the layers below it and that block's attn_norm
     (what ``layers[layer].attn`` sees in ``__call__``)."""
@@ -257,7 +258,7 @@ class TransformerLM(nnx.Module):
       raise ValueError(f"layer={layer} is not in [0, {len(self.layers)})")
     x = self._embed(tokens)
     for block in self.layers[:layer]:
-      x = block(x, positions)
+      x = block(x, positions, segment_ids)
     return self.layers[layer].attn_norm(x)
 
   def head(self, x):

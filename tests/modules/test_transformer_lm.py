@@ -258,9 +258,9 @@ class _Recorder(nnx.Module):
     self.attn = attn
     self.seen = nnx.data(None)
 
-  def __call__(self, x, positions=None):
+  def __call__(self, x, *args, **kwargs):
     self.seen = x
-    return self.attn(x, positions)
+    return self.attn(x, *args, **kwargs)
 
 
 def test_attention_input_is_what_the_layer_sees_in_the_forward():
