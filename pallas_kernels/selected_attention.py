@@ -565,9 +565,10 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
 
   One program per (batch, tile of ``block_q`` query positions, kv head) loads
   the queries of all G heads of the group (``block_q * next_pow2(G)`` rows,
-  >= 16 for the tensor cores), reads the tile's rows of the block table and
-  fetches each distinct selected K/V block once (a data-dependent load), then
-  runs a FlashAttention-2 online softmax over them with keys s > t masked. With
+  >= 16 for the tensor cores), walks the tile's distinct selected blocks
+  (``tile_unions``, sorted in XLA) fetching each K/V block once (a
+  data-dependent load), and runs a FlashAttention-2 online softmax over them
+  with keys s > t masked. With
   G >= 16 the table picks ``block_q = 1``: the paper's design exactly. Smaller
   groups tile neighbouring positions, whose block sets overlap heavily (the
   forced initial and local blocks at least); rows whose position did not

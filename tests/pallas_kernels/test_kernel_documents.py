@@ -122,7 +122,7 @@ class DocumentsCases:
     _check(kernel, ref, (q, k, v), d_out, jnp.float32)
 
   def test_sliding_window(self):
-    """G = 16: one position per tile (the selected kernel's slot loop)."""
+    """G = 16: one position per tile."""
     seg = _segment_ids()
     q, k, v, d_out = _qkv(T, 1, 16, 16, 8, jnp.bfloat16)
     kernel = lambda q, k, v: pk.sliding_window_attention(
