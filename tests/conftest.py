@@ -10,6 +10,8 @@ device 0 alone, as before.
 """
 
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -24,6 +26,26 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 # References compute float32 matmuls at full precision on every backend (a
 # GPU's default is TF32, about 1e-3 off), so kernels are held to float32.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One compilation cache for the whole run, shared by the xdist workers (whose
+# parent is the controlling pytest process): tests compile many identical
+# programs from different Python functions, which jax's in-memory cache,
+# keyed by function, cannot share. Measured on 2 CPU cores: the kernel test
+# files in 136 s instead of 154 s. Removed when the run ends; a cache the
+# user configured is left alone.
+_RUN_PID = os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()
+_JIT_CACHE = os.path.join(tempfile.gettempdir(),
+                          f"nsa-jax-test-jit-cache-{_RUN_PID}")
+if not (os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or jax.config.jax_compilation_cache_dir):
+  jax.config.update("jax_compilation_cache_dir", _JIT_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session):
+  if not hasattr(session.config, "workerinput"):  # the controlling process
+    shutil.rmtree(_JIT_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
