@@ -108,7 +108,8 @@ def _union_loop(union_ref, idx_ref, t, lower, st: _Static, update,
   """
   block_q = idx_ref.shape[0]
   group_p = t.shape[0] // block_q
-  table = idx_ref[...]  # [block_q, n]
+  # One position per tile: every row selected every block of the list.
+  table = idx_ref[...] if block_q > 1 else None  # [block_q, n]
   count = jnp.sum((union_ref[...] >= 0).astype(_I32), dtype=_I32)
   key_offsets = jnp.arange(st.block_size, dtype=_I32)
 
