@@ -329,7 +329,7 @@ TUNE_CANDIDATES = {
                    for rows in (64, 128) for block_k in (32, 64)
                    for warps in (4, 8) for stages in (2, 3)],
     "selected": [(rows, 64, warps, stages) for rows in (16, 32, 64)
-                 for warps in (2, 4) for stages in (2, 3)],
+                 for warps in (4, 8) for stages in (2, 3)],
     "block_scores": [(rows, 16, warps, stages) for rows in (64, 128)
                      for warps in (4, 8) for stages in (1, 2)],
 }

@@ -166,52 +166,37 @@ def _scores_kernel(q_ref, k_ref, lse_ref, *refs, st: _Static):
                      st.cmp_stride, st.sel_block)  # [bk, block_sel]
   spill = coverage(token, block_sel, st.cmp_block, st.cmp_stride,
                    st.sel_block)  # [bk]: into the next step's first block
-  t_first = st.q_offset + pl.program_id(1) * block_q
-  t_last = jnp.minimum(t_first + block_q, st.seq_len) - 1
+  t_last = jnp.minimum(st.q_offset + (pl.program_id(1) + 1) * block_q,
+                       st.seq_len) - 1
   num_blocks = lax.div(t_last, st.sel_block) + 1
   num_steps = lax.div(num_blocks + block_sel - 1, block_sel)
-  # Steps whose tokens every row of the tile sees (no document starts): no
-  # mask. Token i is visible to t iff i*d + l - 1 <= t.
-  seen_by_all = jnp.maximum(t_first - st.cmp_block + 1 + st.cmp_stride, 0)
-  open_steps = jnp.minimum(lax.div(lax.div(seen_by_all, st.cmp_stride),
-                                   block_k), num_steps)
   first_step, lower = 0, None
   if starts_ref is not None:
     starts = starts_ref[...]  # [block_q], non-decreasing
     lower = group_tiles.to_rows(starts, group_p)
     first_step = jnp.minimum(
         lax.div(jnp.min(starts), st.sel_block * block_sel), num_steps)
-    open_steps = first_step  # every step is masked
 
-  def step_fn(masked):
-    def body(step, carry):
-      start = pl.multiple_of(step * block_k, block_k)
-      k = k_ref[pl.ds(start, block_k), :]  # [bk, Dk]
-      s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, bk]
-      p = jnp.exp2(s - lse2[:, None])
-      if masked:
-        i = start + token
-        visible = i[None, :] * st.cmp_stride + (st.cmp_block - 1) <= t[:, None]
-        if lower is not None:
-          visible &= i[None, :] * st.cmp_stride >= lower[:, None]
-        if st.group < group_p:
-          visible &= real_head[:, None]
-        p = jnp.where(visible, p, 0.0)
-      elif st.group < group_p:
-        p = jnp.where(real_head[:, None], p, 0.0)
-      scores = _split_dot(p, weights)  # [rows, block_sel]
-      scores += jnp.where(sel[None, :] == 0, carry[:, None], 0.0)
-      # GQA sharing: one score per (position, kv head), summed over the group.
-      out_ref[:, pl.ds(pl.multiple_of(step * block_sel, block_sel),
-                       block_sel)] = jnp.sum(
-                           scores.reshape(block_q, group_p, block_sel), axis=1)
-      return jnp.sum(p * spill[None, :], axis=1)
-    return body
+  def body(step, carry):
+    start = pl.multiple_of(step * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]  # [bk, Dk]
+    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, bk]
+    i = start + token
+    visible = i[None, :] * st.cmp_stride + (st.cmp_block - 1) <= t[:, None]
+    if st.group < group_p:  # padded heads
+      visible &= real_head[:, None]
+    if lower is not None:
+      visible &= i[None, :] * st.cmp_stride >= lower[:, None]
+    p = jnp.where(visible, jnp.exp2(s - lse2[:, None]), 0.0)
+    scores = _split_dot(p, weights)  # [rows, block_sel]
+    scores += jnp.where(sel[None, :] == 0, carry[:, None], 0.0)
+    # GQA sharing: one score per (position, kv head), summed over the group.
+    out_ref[:, pl.ds(pl.multiple_of(step * block_sel, block_sel),
+                     block_sel)] = jnp.sum(
+                         scores.reshape(block_q, group_p, block_sel), axis=1)
+    return jnp.sum(p * spill[None, :], axis=1)
 
-  carry = jnp.zeros((rows,), jnp.float32)
-  carry = lax.fori_loop(first_step, open_steps, step_fn(False), carry)
-  lax.fori_loop(jnp.maximum(open_steps, first_step), num_steps, step_fn(True),
-                carry)
+  lax.fori_loop(first_step, num_steps, body, jnp.zeros((rows,), jnp.float32))
 
 
 def check_block_sizes(cmp_block: int, cmp_stride: int, sel_block: int):

@@ -4,11 +4,14 @@ What was measured (one H100, bf16, T = 64k, Hq 64 / Hkv 4 / D 128): for the
 compressed kernel's 128 bucket, (64, 64, 4, 2) gave the best forward+backward
 (51.7 ms) of rows {64, 128} x keys {32, 64} x warps {4, 8}; (128, 64, 4, 2)
 had a faster forward (11.4 against 12.8 ms) but a slower backward, which
-shares the launch. The other entries (the 64 and 256 buckets, the selected
-kernel) are still the usual FlashAttention-2 Triton choices, not measured:
-``python experiments/bench_kernels.py --tune`` times the candidates of
-``nsa_jax.benchmark.TUNE_CANDIDATES`` on a GPU. The block-score kernel has
-its own measured default (``block_scores.default_launch``).
+shares the launch. The selected kernel's 128 bucket, forward+backward
+(``python experiments/bench_kernels.py --tune --tune-kernels selected``):
+at Hq 64 / Hkv 4, 16 rows with 4 warps 56.1-56.5 ms (2 or 3 stages), 32 or
+64 rows 62-68 ms, 8 warps 70-116 ms; at Hq 32 / Hkv 8 (16 rows = 4
+positions), 4 warps 69.3-70.7 ms, 32 rows 88 ms, 64 rows 92 ms, 2 warps
+427-585 ms. The 64 and 256 buckets are the usual FlashAttention-2 Triton
+choices, not measured. The block-score kernel has its own measured default
+(``block_scores.default_launch``).
 
 Each kernel has one frozen config class whose fields say what they count, and
 ``resolve`` is the one place that turns the table plus a caller's overrides

@@ -12,7 +12,6 @@ from nsa_jax.config import NSAConfig
 from pallas_kernels import block_scores
 from pallas_kernels import select_blocks
 from pallas_kernels.block_scores import ScoreLaunch
-from pallas_kernels.triton_compat import next_pow2 as tc_next_pow2
 
 import kernel_test_utils as u
 
@@ -98,24 +97,6 @@ class BlockSelectCases:
                     launch=ScoreLaunch(block_q=32, block_sel=32))
     np.testing.assert_array_equal(whole, sliced)
     np.testing.assert_array_equal(whole, other)
-
-  @pytest.mark.parametrize("group,block_q,dtype", [
-      (2, 8, jnp.float32), (3, 4, jnp.bfloat16)])
-  def test_tiles_past_the_first_step_skip_the_mask(self, group, block_q,
-                                                   dtype):
-    """Small tiles late in the sequence see whole steps of tokens, which the
-    kernel walks without the causal mask (G = 3: its padded heads still
-    masked); the scores and tables must not change."""
-    config = _SMALL  # 32 compressed tokens (64 positions) per step
-    q, k, lse = _inputs(config, 150, 1, group, 16, dtype, seed=3)
-    launch = ScoreLaunch(block_q=block_q)
-    u.assert_close(_scores(q, k, lse, config, self.INTERPRET, launch=launch),
-                   reference.block_scores_reference(q, k, lse, config),
-                   jnp.float32)
-    np.testing.assert_array_equal(
-        _select(q, k, lse, config, self.INTERPRET, launch=launch),
-        _select(q, k, lse, config, self.INTERPRET,
-                launch=ScoreLaunch(block_q=64 // tc_next_pow2(group))))
 
   def test_forced_blocks_ties_and_empty_slots(self):
     """Equal logits: forced blocks, then the lowest indices, then -1.
