@@ -18,6 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nsa_jax import ops
 from nsa_jax import selection
@@ -171,6 +172,37 @@ def run_sweep(shapes, seq_lens, config: NSAConfig, dtype, *, iters=5, reps=3,
           log(f"{shape} T={seq_len:>6} {name:>11} {mode:>7} {ms:10.3f} ms "
               f"{note}")
   return rows
+
+
+def table_overlap(block_indices, positions_per_tile: int) -> dict[str, float]:
+  """How much neighbouring queries share blocks.
+
+  Args:
+    block_indices: int32 [B, T, Hkv, n] (-1 empty).
+    positions_per_tile: positions a query tile of the kernel holds.
+
+  Returns:
+    dict: ``blocks_per_query`` (mean non-empty slots), ``shared_with_prev``
+    (mean fraction of a query's blocks its predecessor also picked),
+    ``distinct_per_tile`` (mean distinct blocks per tile of
+    ``positions_per_tile`` positions).
+  """
+  idx = np.asarray(block_indices)
+  b, t, h, n = idx.shape
+  used = idx >= 0
+  prev = idx[:, :-1]
+  same = (idx[:, 1:, :, :, None] == prev[:, :, :, None, :]).any(-1)
+  shared = (same & used[:, 1:]).sum(-1) / np.maximum(used[:, 1:].sum(-1), 1)
+  tiles = t // positions_per_tile
+  grouped = idx[:, :tiles * positions_per_tile].reshape(
+      b, tiles, positions_per_tile, h, n).transpose(0, 1, 3, 2, 4).reshape(
+          b, tiles, h, positions_per_tile * n)
+  grouped = np.sort(grouped, axis=-1)
+  distinct = ((grouped[..., 1:] != grouped[..., :-1]) & (grouped[..., 1:] >= 0)
+              ).sum(-1) + (grouped[..., 0] >= 0)
+  return dict(blocks_per_query=float(used.sum(-1).mean()),
+              shared_with_prev=float(shared.mean()),
+              distinct_per_tile=float(distinct.mean()))
 
 
 def speedup_table(rows) -> str:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from nsa_jax import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -37,3 +39,15 @@ def test_saved_rows_merge(tmp_path):
   by_t = {r["seq_len"]: r["ms"] for r in loaded}
   assert by_t[64] == 1.0 and by_t[128] == 3.0 and math.isnan(by_t[256])
   assert loaded[0]["shape"] == shape
+
+
+def test_table_overlap_counts_shared_and_distinct_blocks():
+  # One batch row, one kv head, 4 positions of 3 slots (-1: empty).
+  idx = np.array([[0, -1, -1], [0, 1, -1], [0, 1, 2], [3, 1, 2]])
+  overlap = benchmark.table_overlap(idx[None, :, None, :], 2)
+  assert overlap["blocks_per_query"] == (1 + 2 + 3 + 3) / 4
+  # Shared with the previous query: 1/2 (t=1), 2/3 (t=2), 2/3 (t=3).
+  np.testing.assert_allclose(overlap["shared_with_prev"],
+                             (1 / 2 + 2 / 3 + 2 / 3) / 3)
+  # Tiles {t0, t1} and {t2, t3}: distinct blocks {0, 1} and {0, 1, 2, 3}.
+  assert overlap["distinct_per_tile"] == (2 + 4) / 2
