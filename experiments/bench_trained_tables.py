@@ -6,13 +6,16 @@ neighbouring queries rarely share; a trained layer's picks overlap. This
 script takes the tables layer ``--layer`` of the NSA model of a
 ``train_lm.py`` run picks on validation text (Python's standard library),
 compares their overlap with the tables of random inputs, and times
-``ops.selected_attention`` (Pallas) forward and forward+backward with each,
+``pallas_kernels.selected_attention`` forward and forward+backward with each,
 on the same q/k/v, at two shapes:
 
 - the model's own heads (its q, k, v);
 - the paper's Hq 64 / Hkv 4 / D 128, random q/k/v, the table of kv head h
   taken from the trained table of (batch row h // Hkv_model, kv head
-  h % Hkv_model) — the kernel's work does not depend on the values.
+  h % Hkv_model): the kernel's work does not depend on the values.
+  ``--paper-tiles 1,2,4`` also times query tiles of several positions
+  there (trained tables overlap, so a wider tile reads fewer distinct
+  blocks per query).
 
   python experiments/bench_trained_tables.py --workdir runs/gpu-64k \
       --layer 3 --seq-len 65536 --out outputs/trained_tables
@@ -23,6 +26,7 @@ GPU only (the timings mean nothing in interpret mode).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -35,13 +39,19 @@ from nsa_jax import ops
 from nsa_jax import train
 from nsa_jax.data import corpus as corpus_lib
 from nsa_jax.data import iterators
+import pallas_kernels
 
 
 def time_selected(q, k, v, block_indices, sel_block: int, iters: int,
-                  reps: int) -> tuple[float, float]:
-  """(forward ms, forward+backward ms) of the Pallas selected attention."""
-  fn = lambda q, k, v, idx: ops.selected_attention(
-      q, k, v, idx, block_size=sel_block, impl="pallas")
+                  reps: int, block_q: int | None = None
+                  ) -> tuple[float, float]:
+  """(forward ms, forward+backward ms) of the Pallas selected attention.
+
+  ``block_q``: query positions per forward / dQ tile; None: the launch
+  table's.
+  """
+  fn = lambda q, k, v, idx: pallas_kernels.selected_attention(
+      q, k, v, idx, block_size=sel_block, block_q=block_q)
   fwd = benchmark.time_ms(fn, q, k, v, block_indices, iters=iters, reps=reps)
   both = benchmark.time_ms(benchmark.fwd_bwd(fn, (0, 1, 2)), q, k, v,
                            block_indices, iters=iters, reps=reps)
@@ -74,6 +84,9 @@ def main(argv=None):
                       help="a train_lm.py run directory holding nsa/")
   parser.add_argument("--layer", type=int, default=0)
   parser.add_argument("--seq-len", type=int, default=65536)
+  parser.add_argument("--paper-tiles", default="1",
+                      help="query positions per tile to time at the paper "
+                      "shape, comma-separated (1: the launch table's)")
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--out", default="outputs/trained_tables")
@@ -105,22 +118,27 @@ def main(argv=None):
       ("model", model_shape, inputs, trained, random_model),
       ("paper", paper, paper_inputs, trained_paper, random_paper),
   ]
+  paper_tiles = [int(p) for p in args.paper_tiles.split(",")]
   for name, shape, x, trained_idx, random_idx in cases:
     group = shape.hq // shape.hkv
-    tile = max(1, 16 // group)  # positions of the launch table's 16 rows
-    for source, idx in (("trained", trained_idx), ("random", random_idx)):
+    default_tile = max(1, 16 // group)  # the launch table's 16 rows
+    tiles = paper_tiles if name == "paper" else [default_tile]
+    for tile, source in itertools.product(tiles, ("trained", "random")):
+      idx = trained_idx if source == "trained" else random_idx
       overlap = benchmark.table_overlap(idx, tile)
       fwd, both = time_selected(x["q"], x["k"], x["v"], idx,
-                                config.sel_block, args.iters, args.reps)
+                                config.sel_block, args.iters, args.reps,
+                                block_q=tile)
       row = dict(shape=str(shape), which=name, tables=source,
                  seq_len=args.seq_len, positions_per_tile=tile,
                  fwd_ms=fwd, fwd_bwd_ms=both, **overlap)
       rows.append(row)
       print(json.dumps(row), flush=True)
-  print("\n| shape | tables | shared with previous query | distinct blocks "
-        "per tile | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|---|")
+  print("\n| shape (query positions a tile) | tables | shared with previous "
+        "query | distinct blocks per tile | fwd ms | fwd+bwd ms |\n"
+        "|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['shape']} ({r['positions_per_tile']} positions a tile) | "
+    print(f"| {r['shape']} ({r['positions_per_tile']}) | "
           f"{r['tables']} | {100 * r['shared_with_prev']:.0f}% | "
           f"{r['distinct_per_tile']:.1f} | {r['fwd_ms']:.2f} | "
           f"{r['fwd_bwd_ms']:.2f} |")
