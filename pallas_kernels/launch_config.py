@@ -1,17 +1,30 @@
 """Launch settings per kernel and shape: validated configs and a small table.
 
-What was measured (one H100, bf16, T = 64k, Hq 64 / Hkv 4 / D 128): for the
-compressed kernel's 128 bucket, (64, 64, 4, 2) gave the best forward+backward
-(51.7 ms) of rows {64, 128} x keys {32, 64} x warps {4, 8}; (128, 64, 4, 2)
-had a faster forward (11.4 against 12.8 ms) but a slower backward, which
-shares the launch. The selected kernel's 128 bucket, forward+backward
-(``python experiments/bench_kernels.py --tune --tune-kernels selected``):
-at Hq 64 / Hkv 4, 16 rows with 4 warps 56.1-56.5 ms (2 or 3 stages), 32 or
-64 rows 62-68 ms, 8 warps 70-116 ms; at Hq 32 / Hkv 8 (16 rows = 4
-positions), 4 warps 69.3-70.7 ms, 32 rows 88 ms, 64 rows 92 ms, 2 warps
-427-585 ms. The 64 and 256 buckets are the usual FlashAttention-2 Triton
-choices, not measured. The block-score kernel has its own measured default
-(``block_scores.default_launch``).
+Every entry was measured on one H100 (bf16, T = 64k) by
+``python experiments/bench_kernels.py --tune``, which times forward+backward
+for each candidate of ``nsa_jax.benchmark.TUNE_CANDIDATES`` (rows x keys x
+warps x stages). The winners, against the runners-up:
+
+- compressed, 64 bucket (Hq 8 / Hkv 2 / D 64): (128, 64, 4, 3) 4.01 ms;
+  (64, 64, 4, 2) 4.41 ms, block_k 32 9-16 ms, 8 warps 4.4-7.8 ms.
+- compressed, 128 bucket (Hq 64 / Hkv 4 / D 128): (64, 64, 4, 2) 51.7 ms
+  over rows {64, 128} x keys {32, 64} x warps {4, 8}; (128, 64, 4, 2) had a
+  faster forward (11.9 against 13.2 ms) but a slower backward, which shares
+  the launch.
+- compressed, 256 bucket (Hq 64 / Hkv 4 / Dk 192 / Dv 128): (128, 64, 8, 2)
+  82 ms; (64, 64, 4, 2) 110 ms, (64, 32, 8, 2) (the earlier, unmeasured
+  entry) 321 ms; 3 stages at 128 rows overflow shared memory.
+- selected, 64 bucket: (16, 64, 4, 3) 10.9 ms; 2 stages 11.3 ms, 32 or 64
+  rows 14-17 ms, 8 warps 16-33 ms.
+- selected, 128 bucket: at Hq 64 / Hkv 4, 16 rows with 4 warps 56.1-56.5 ms
+  (2 or 3 stages), 32 or 64 rows 62-68 ms, 8 warps 70-116 ms; at Hq 32 /
+  Hkv 8 (16 rows = 4 positions), 4 warps 69.3-70.7 ms, 32 rows 88 ms, 64
+  rows 92 ms, 2 warps 427-585 ms.
+- selected, 256 bucket: (16, 64, 4, 2) 93 ms; 8 warps 110-116 ms, 32 or
+  64 rows 102-160 ms.
+
+Float32 inputs get smaller tiles (``get_config``). The block-score kernel
+has its own measured default (``block_scores.default_launch``).
 
 Each kernel has one frozen config class whose fields say what they count, and
 ``resolve`` is the one place that turns the table plus a caller's overrides
@@ -111,17 +124,17 @@ KERNELS = ("compressed", "selected")
 _CONFIG_CLASS = {"compressed": LaunchConfig, "selected": SelectedLaunchConfig}
 
 # Head-dim buckets (padded max(Dk, Dv)) -> (query rows per program, second
-# tile in rows or keys, num_warps, num_stages); see the module docstring for
-# which were measured.
+# tile in rows or keys, num_warps, num_stages); the module docstring has the
+# measurements behind each entry.
 _TABLE = {
     # second column: compressed tokens per step.
-    "compressed": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2),
-                   256: (64, 32, 8, 2)},
+    "compressed": {64: (128, 64, 4, 3), 128: (64, 64, 4, 2),
+                   256: (128, 64, 8, 2)},
     # NSA section 3.4: one query position per program once the group fills
     # the 16 rows of a tensor-core tile; smaller groups tile positions. The
     # second column is in rows too: the dK/dV kernel's gathered rows.
-    "selected": {64: (16, 64, 4, 2), 128: (16, 64, 4, 2),
-                 256: (16, 64, 8, 2)},
+    "selected": {64: (16, 64, 4, 3), 128: (16, 64, 4, 2),
+                 256: (16, 64, 4, 2)},
 }
 
 # The selected kernel's dK/dV step splits each key block's list of query
@@ -181,13 +194,15 @@ def get_config(kernel: str, *, group: int, head_dim: int, seq_len: int,
   The table is sized for 2-byte inputs. Float32 tiles hold twice the bytes:
   in the 256 bucket they overflow the H100's 227 KiB of shared memory per
   block (seen: 254,464 bytes asked for Dk 192 / Dv 128), so they get half
-  the rows and keys and no software pipelining.
+  the rows and keys and no software pipelining; elsewhere at most 2 stages.
   """
   entry = _TABLE[kernel][_bucket(head_dim)]
+  rows, second, num_warps, num_stages = entry
   if itemsize >= 4 and _bucket(head_dim) == 256:
-    rows, second, num_warps, _ = entry
     entry = (max(tc.MIN_DOT_DIM, rows // 2), max(tc.MIN_DOT_DIM, second // 2),
              num_warps, 1)
+  elif itemsize >= 4:
+    entry = (rows, second, num_warps, min(num_stages, 2))
   return make_config(entry, group=group, seq_len=seq_len, num_keys=num_keys,
                      block_k_in_rows=kernel == "selected")
 
