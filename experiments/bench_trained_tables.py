@@ -13,9 +13,10 @@ on the same q/k/v, at two shapes:
 - the paper's Hq 64 / Hkv 4 / D 128, random q/k/v, the table of kv head h
   taken from the trained table of (batch row h // Hkv_model, kv head
   h % Hkv_model): the kernel's work does not depend on the values.
-  ``--paper-tiles 1,2,4`` also times query tiles of several positions
-  there (trained tables overlap, so a wider tile reads fewer distinct
-  blocks per query).
+
+``--tile-rows 16,32,64`` also times wider query tiles (more positions a
+tile): trained tables overlap, so a wider tile reads fewer distinct blocks
+per query.
 
   python experiments/bench_trained_tables.py --workdir runs/gpu-64k \
       --layer 3 --seq-len 65536 --out outputs/trained_tables
@@ -84,9 +85,10 @@ def main(argv=None):
                       help="a train_lm.py run directory holding nsa/")
   parser.add_argument("--layer", type=int, default=0)
   parser.add_argument("--seq-len", type=int, default=65536)
-  parser.add_argument("--paper-tiles", default="1",
-                      help="query positions per tile to time at the paper "
-                      "shape, comma-separated (1: the launch table's)")
+  parser.add_argument("--tile-rows", default="16",
+                      help="query rows (positions x padded group) per "
+                      "forward / dQ tile, comma-separated; 16 is the "
+                      "launch table's")
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--out", default="outputs/trained_tables")
@@ -118,11 +120,10 @@ def main(argv=None):
       ("model", model_shape, inputs, trained, random_model),
       ("paper", paper, paper_inputs, trained_paper, random_paper),
   ]
-  paper_tiles = [int(p) for p in args.paper_tiles.split(",")]
+  tile_rows = [int(r) for r in args.tile_rows.split(",")]
   for name, shape, x, trained_idx, random_idx in cases:
-    group = shape.hq // shape.hkv
-    default_tile = max(1, 16 // group)  # the launch table's 16 rows
-    tiles = paper_tiles if name == "paper" else [default_tile]
+    group_p = 1 << (shape.hq // shape.hkv - 1).bit_length()
+    tiles = sorted({max(1, r // group_p) for r in tile_rows})
     for tile, source in itertools.product(tiles, ("trained", "random")):
       idx = trained_idx if source == "trained" else random_idx
       overlap = benchmark.table_overlap(idx, tile)
