@@ -8,6 +8,7 @@ offset of a case. Forward and gradients (dq, dk, dv) against
 """
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -182,3 +183,15 @@ def test_dkv_segments_shrink_with_longer_keys():
   assert seg(4096, 64, num_keys=8192) == 1024  # 4 segments of 8192 keys
   assert seg(4096, 64, num_keys=32768) == 4096  # 1 segment (8 shards)
   assert seg(4096, 64, num_keys=10**6) == 4096
+
+
+def test_block_table_inverted_without_packed_keys(monkeypatch):
+  """Past int32 (block * T + t), sorting (block, t) pairs: the same table."""
+  module = sys.modules["pallas_kernels.selected_attention"]
+  idx = _block_table(2)
+  num_blocks = -(-NUM_KEYS // BS)
+  packed = module._invert_block_table(idx, num_blocks, pad=4)
+  monkeypatch.setattr(module, "PACKED_KEY_LIMIT", 1)
+  pairs = module._invert_block_table(idx, num_blocks, pad=4)
+  for a, b in zip(packed, pairs):
+    np.testing.assert_array_equal(a, b)
