@@ -243,14 +243,14 @@ def _pad_inputs(q, k_cmp, v_cmp, st: _Static):
   return q5, k_p, v_p
 
 
-def _fwd(q, k_cmp, v_cmp, starts, q_offset, st: _Static):
+def _fwd(q, k_cmp, v_cmp, starts, offset, st: _Static):
   q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q = st.launch.block_q
   starts_spec, starts_arg = group_tiles.starts_input(
       starts, seq_pad, group_tiles.starts_spec(block_q))
-  offset_spec, offset_arg = group_tiles.offset_input(q_offset)
+  offset_spec, offset_arg = group_tiles.offset_input(offset)
   out, lse, m, log2l = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
@@ -273,9 +273,10 @@ def _fwd(q, k_cmp, v_cmp, starts, q_offset, st: _Static):
   return out, lse, m, log2l
 
 
-def _bwd(q, k_cmp, v_cmp, starts, q_offset, out, lse, m, log2l, d_out, d_lse,
+def _bwd(q, k_cmp, v_cmp, starts, offset, out, lse, m, log2l, d_out, d_lse,
          st: _Static):
-  """dQ, dK, dV; m and log2l are the forward's grouped residuals."""
+  """dQ, dK, dV; m and log2l are the forward's grouped residuals, offset
+  the int32 [1] query offset or None."""
   q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
@@ -285,7 +286,7 @@ def _bwd(q, k_cmp, v_cmp, starts, q_offset, out, lse, m, log2l, d_out, d_lse,
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
   starts_spec, starts_arg = group_tiles.starts_input(
       starts, seq_pad, group_tiles.starts_spec(block_q))
-  offset_spec, offset_arg = group_tiles.offset_input(q_offset)
+  offset_spec, offset_arg = group_tiles.offset_input(offset)
 
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
@@ -357,13 +358,13 @@ def dkv_segment(seq_len: int, block_q: int) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _compressed_attention(q, k_cmp, v_cmp, starts, q_offset, st: _Static):
-  return _fwd(q, k_cmp, v_cmp, starts, q_offset, st)[:2]
+def _compressed_attention(q, k_cmp, v_cmp, starts, offset, st: _Static):
+  return _fwd(q, k_cmp, v_cmp, starts, offset, st)[:2]
 
 
-def _vjp_fwd(q, k_cmp, v_cmp, starts, q_offset, st: _Static):
-  out, lse, m, log2l = _fwd(q, k_cmp, v_cmp, starts, q_offset, st)
-  return (out, lse), (q, k_cmp, v_cmp, starts, q_offset, out, lse, m, log2l)
+def _vjp_fwd(q, k_cmp, v_cmp, starts, offset, st: _Static):
+  out, lse, m, log2l = _fwd(q, k_cmp, v_cmp, starts, offset, st)
+  return (out, lse), (q, k_cmp, v_cmp, starts, offset, out, lse, m, log2l)
 
 
 def _vjp_bwd(st: _Static, residuals, cotangents):
