@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from nsa_jax import reference
 from nsa_jax import registry
+from nsa_jax import segments
 from nsa_jax import selection
 from nsa_jax import validation
 from nsa_jax import xla
@@ -163,17 +164,22 @@ def _check_static(op, **static):
                       "static argument)") from None
 
 
-def _segments(segment_ids):
-  """Keyword arguments passing segment ids to an implementation, if given.
+def _optional(segment_ids, q_offset=0):
+  """Keyword arguments passing the optional inputs that were given.
 
-  Unsegmented calls pass nothing, so they are exactly the calls of a
-  library without documents.
+  Segment ids, and a query offset other than the int 0. Calls without them
+  pass nothing, so they are exactly the calls of a library without
+  documents or offsets.
   """
-  return {} if segment_ids is None else dict(segment_ids=segment_ids)
+  given = {} if segment_ids is None else dict(segment_ids=segment_ids)
+  if validation.is_offset(q_offset):
+    given["q_offset"] = q_offset
+  return given
 
 
-def _call(fn, static, segment_ids, *arrays):
-  return fn(*arrays, **_segments(segment_ids), **dict(static))
+def _call(fn, static, optional, *arrays):
+  """fn(*arrays, **optional, **static): ``optional`` holds traced inputs."""
+  return fn(*arrays, **optional, **dict(static))
 
 
 _run = jax.jit(_call, static_argnums=(0, 1))
@@ -185,7 +191,7 @@ def _empty(q):
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
-                         segment_ids=None, impl="auto"):
+                         segment_ids=None, q_offset=0, impl="auto"):
   """Branch 1: attention over compressed tokens whose block is in the past.
 
   Args:
@@ -197,6 +203,11 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
     scale: softmax scale, default 1/sqrt(Dk).
     segment_ids: optional int [B, T] (packed documents): query t also needs
       every key of token i's block ``[i*d, i*d + l)`` in its document.
+    q_offset: position of q's first row, an int or an int scalar array
+      (traced inside ``shard_map``): row r is query t = q_offset + r and
+      k_cmp holds the tokens of a sequence of at least q_offset + T
+      positions (context parallelism: one shard's queries against every
+      compressed token). Not with ``segment_ids``.
     impl: see ``implementations("compressed_attention")``.
 
   Returns:
@@ -206,22 +217,23 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale=None,
     gets out = 0 and lse = -inf.
 
   Raises:
-    ValueError, TypeError: shapes, dtypes or impl that do not fit.
+    ValueError, TypeError: shapes, dtypes, q_offset or impl that do not fit.
   """
   _check_static("compressed_attention", block_size=block_size, stride=stride,
                 scale=scale, impl=impl)
   validation.check_attention(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp",
                              same_length=False)
-  validation.check_compressed(q, k_cmp, block_size, stride)
+  validation.check_compressed(q, k_cmp, block_size, stride, q_offset)
   validation.check_segment_ids(segment_ids, q)
+  segments.check_whole_sequence(segment_ids, q_offset)
   static = dict(block_size=block_size, stride=stride, scale=_scale(q, scale))
-  chosen = COMPRESSED.resolve(impl, q, k_cmp, v_cmp, segment_ids=segment_ids,
-                              **static)
+  optional = _optional(segment_ids, q_offset)
+  chosen = COMPRESSED.resolve(impl, q, k_cmp, v_cmp, **optional, **static)
   if _empty(q):
     lse_dtype = jnp.promote_types(q.dtype, jnp.float32)
     return (jnp.zeros((*q.shape[:3], v_cmp.shape[3]), q.dtype),
             jnp.full(q.shape[:3], -jnp.inf, lse_dtype))
-  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k_cmp, v_cmp)
+  return _run(chosen.fn, tuple(static.items()), optional, q, k_cmp, v_cmp)
 
 
 def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
@@ -251,7 +263,8 @@ def block_scores(q, k_cmp, lse, config: NSAConfig, *, scale=None,
     return jnp.zeros((*q.shape[:2], k_cmp.shape[2],
                       config.num_selection_blocks(q.shape[1])), jnp.float32)
   q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
-  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k_cmp, lse)
+  return _run(chosen.fn, tuple(static.items()), _optional(segment_ids), q,
+              k_cmp, lse)
 
 
 def _check_block_scores(q, k_cmp, lse, config, scale, impl, segment_ids):
@@ -297,40 +310,54 @@ def select_blocks(q, k_cmp, lse, config: NSAConfig, *, scale=None,
     return jnp.zeros((*q.shape[:2], k_cmp.shape[2], config.num_selected),
                      jnp.int32)
   q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
-  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k_cmp, lse)
+  return _run(chosen.fn, tuple(static.items()), _optional(segment_ids), q,
+              k_cmp, lse)
 
 
 def selected_attention(q, k, v, block_indices, *, block_size, scale=None,
-                       segment_ids=None, impl="auto"):
+                       segment_ids=None, q_offset=0, impl="auto"):
   """Branch 2: attention over keys s <= t in the selected blocks of (t, h//G).
 
   Args:
-    q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
+    q: [B, T, Hq, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; S = T unless
+      ``q_offset`` is given, then S >= q_offset + T.
     block_indices: int [B, T, Hkv, n]: selected blocks. An entry outside
-      [0, ceil(T / l')) (-1 by convention) is an empty slot; a block named
+      [0, ceil(S / l')) (-1 by convention) is an empty slot; a block named
       twice in a row counts once.
     block_size: l', raw tokens per selection block.
     scale: softmax scale, default 1/sqrt(Dk).
     segment_ids: optional int [B, T]: keys outside the query's document are
       masked per token (a block straddling a boundary is read in part).
+    q_offset: key position of q's first row, an int or an int scalar array
+      (traced inside ``shard_map``): row r is query t = q_offset + r
+      (context parallelism: one shard's queries against gathered keys).
+      Not with ``segment_ids``.
     impl: see ``implementations("selected_attention")``.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype; 0 for a query whose slots hold no key it may
     read.
+
+  Raises:
+    ValueError, TypeError: shapes, dtypes, q_offset or impl that do not fit.
   """
   _check_static("selected_attention", block_size=block_size, scale=scale,
                 impl=impl)
-  validation.check_attention(q, k, v)
+  offset = validation.is_offset(q_offset)
+  validation.check_attention(q, k, v, same_length=not offset)
+  if offset:
+    validation.check_key_length(q, k, q_offset)
   validation.check_block_indices(block_indices, q, k)
   validation.check_positive_int(block_size=block_size)
   validation.check_segment_ids(segment_ids, q)
+  segments.check_whole_sequence(segment_ids, q_offset)
   static = dict(block_size=block_size, scale=_scale(q, scale))
-  chosen = SELECTED.resolve(impl, q, k, v, block_indices,
-                            segment_ids=segment_ids, **static)
+  optional = _optional(segment_ids, q_offset)
+  chosen = SELECTED.resolve(impl, q, k, v, block_indices, **optional,
+                            **static)
   if _empty(q):
     return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
-  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k, v,
+  return _run(chosen.fn, tuple(static.items()), optional, q, k, v,
               block_indices)
 
 
@@ -359,7 +386,8 @@ def sliding_window_attention(q, k, v, *, window, scale=None, segment_ids=None,
   chosen = WINDOW.resolve(impl, q, k, v, segment_ids=segment_ids, **static)
   if _empty(q):
     return jnp.zeros((*q.shape[:3], v.shape[3]), q.dtype)
-  return _run(chosen.fn, tuple(static.items()), segment_ids, q, k, v)
+  return _run(chosen.fn, tuple(static.items()), _optional(segment_ids), q, k,
+              v)
 
 
 def resolve_nsa(impl, config: NSAConfig, q, k, v, k_cmp, v_cmp, *,
@@ -489,7 +517,7 @@ def _nsa(fns, config, scale, q, k, v, gates, k_cmp, v_cmp, k_win, v_win,
         q, k, v, gates, config, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win,
         v_win=v_win, scale=scale, segment_ids=segment_ids)
   cmp_fn, select_fn, slc_fn, win_fn = fns
-  seg = _segments(segment_ids)
+  seg = _optional(segment_ids)
   o_cmp, lse = cmp_fn(q, k_cmp, v_cmp, block_size=config.cmp_block,
                       stride=config.cmp_stride, scale=scale, **seg)
   indices = select_fn(*jax.lax.stop_gradient((q, k_cmp, lse)), config=config,

@@ -72,14 +72,15 @@ def same_document(segment_ids):
 
 
 def compressed_visible(seq_len, num_cmp, block_size, stride,
-                       segment_ids=None):
+                       segment_ids=None, q_offset=0):
   """bool [B or 1, T, 1, Tc]: query t sees compressed token i.
 
   Iff the token's block ``[i*d, i*d + l)`` is in t's past
   (``i*d + l - 1 <= t``) and, with segment ids, each of its ``l`` keys is in
-  t's document.
+  t's document. Row r is query t = q_offset + r.
   """
-  t = jnp.arange(seq_len)[:, None]
+  segments.check_whole_sequence(segment_ids, q_offset)
+  t = q_offset + jnp.arange(seq_len)[:, None]
   i = jnp.arange(num_cmp)[None, :]
   visible = (i * stride + block_size - 1 <= t)[None, :, None, :]
   if segment_ids is None:
@@ -91,23 +92,25 @@ def compressed_visible(seq_len, num_cmp, block_size, stride,
 
 
 def compressed_attention_reference(q, k_cmp, v_cmp, *, block_size, stride,
-                                   scale=None, segment_ids=None):
+                                   scale=None, segment_ids=None, q_offset=0):
   """Branch 1 over the tokens ``compressed_visible`` lets each query see.
 
   Args:
     q: [B, T, Hq, Dk]; k_cmp: [B, Tc, Hkv, Dk]; v_cmp: [B, Tc, Hkv, Dv].
     block_size: l. stride: d. scale: defaults to 1/sqrt(Dk).
     segment_ids: optional int [B, T].
+    q_offset: position of q's first row (an int or an int scalar array);
+      k_cmp may then hold the tokens of a longer sequence.
 
   Returns:
     (out [B, T, Hq, Dv], lse [B, T, Hq] float32, -inf where nothing is seen).
   """
   visible = compressed_visible(q.shape[1], k_cmp.shape[1], block_size, stride,
-                               segment_ids)
+                               segment_ids, q_offset)
   return masked_attention(q, k_cmp, v_cmp, visible, _default_scale(q, scale))
 
 
-def selected_block_mask(block_indices, seq_len, block_size):
+def selected_block_mask(block_indices, seq_len, block_size, q_offset=0):
   """Dense mask of the selected, causal keys.
 
   Args:
@@ -115,12 +118,13 @@ def selected_block_mask(block_indices, seq_len, block_size):
       (no key matches them), a repeated entry counts once.
     seq_len: S, number of keys.
     block_size: l'.
+    q_offset: key position of the first query row: row r is t = q_offset + r.
 
   Returns:
     bool [B, T, Hkv, S]: key s is in a selected block of (t, g) and s <= t.
   """
   s = jnp.arange(seq_len)
-  t = jnp.arange(block_indices.shape[1])
+  t = q_offset + jnp.arange(block_indices.shape[1])
   idx = block_indices.astype(jnp.promote_types(block_indices.dtype,
                                                jnp.int32))
   in_block = (idx[..., None] == (s // block_size)).any(axis=-2)
@@ -128,20 +132,24 @@ def selected_block_mask(block_indices, seq_len, block_size):
 
 
 def selected_attention_reference(q, k, v, block_indices, *, block_size,
-                                 scale=None, segment_ids=None):
+                                 scale=None, segment_ids=None, q_offset=0):
   """Branch 2: attention over the keys s <= t of the selected blocks.
 
   Args:
-    q: [B, T, Hq, Dk]; k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
+    q: [B, T, Hq, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv], S = T unless
+      ``q_offset`` places the queries inside a longer key sequence.
     block_indices: int [B, T, Hkv, n], -1 for an empty slot.
     block_size: l'.
     segment_ids: optional int [B, T]: keys outside t's document are masked.
+    q_offset: key position of q's first row (an int or an int scalar
+      array): row r is query t = q_offset + r.
 
   Returns:
     [B, T, Hq, Dv].
   """
+  segments.check_whole_sequence(segment_ids, q_offset)
   group = q.shape[2] // k.shape[2]
-  mask = selected_block_mask(block_indices, k.shape[1], block_size)
+  mask = selected_block_mask(block_indices, k.shape[1], block_size, q_offset)
   mask = jnp.repeat(mask, group, axis=2) & same_document(segment_ids)
   return masked_attention(q, k, v, mask, _default_scale(q, scale))[0]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nsa_jax.config import NSAConfig
 
@@ -77,19 +79,67 @@ def check_positive_int(**values):
       raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def check_compressed(q, k_cmp, block_size, stride):
-  """l must be a multiple of d, and k_cmp hold Tc = max(0, (T-l)//d + 1)."""
+def is_offset(q_offset) -> bool:
+  """Whether a query offset was given: anything but the int 0."""
+  return not (isinstance(q_offset, int) and q_offset == 0)
+
+
+def check_q_offset(q_offset):
+  """An int or int scalar array >= 0; returns its value, None if traced.
+
+  A query offset places q's rows at positions ``q_offset + r`` of a longer
+  sequence (context parallelism: one shard's queries).
+  """
+  if isinstance(q_offset, bool) or not (isinstance(q_offset, int) or (
+      jnp.ndim(q_offset) == 0 and jnp.issubdtype(jnp.result_type(q_offset),
+                                                 jnp.integer))):
+    raise TypeError(f"q_offset must be an int or an integer scalar, got "
+                    f"{q_offset!r}")
+  try:
+    value = int(np.asarray(q_offset))
+  except jax.errors.TracerArrayConversionError:
+    return None
+  if value < 0:
+    raise ValueError(f"q_offset={value} must be >= 0")
+  return value
+
+
+def check_compressed(q, k_cmp, block_size, stride, q_offset=0):
+  """l must be a multiple of d, and k_cmp hold Tc = max(0, (T-l)//d + 1).
+
+  With a query offset o, k_cmp holds the tokens of a sequence of at least
+  o + T positions: Tc >= max(0, (o + T - l)//d + 1) where o is concrete.
+  """
   check_positive_int(block_size=block_size, stride=stride)
   if block_size % stride:
     raise ValueError(f"block_size={block_size} (l) must be a multiple of "
                      f"stride={stride} (d), as NSAConfig requires")
   seq_len = q.shape[1]
+  if is_offset(q_offset):
+    # A traced offset is >= 0: the queries reach at least position T - 1.
+    offset = check_q_offset(q_offset) or 0
+    reach = max(0, (offset + seq_len - block_size) // stride + 1)
+    if k_cmp.shape[1] < reach:
+      raise ValueError(
+          f"k_cmp has {k_cmp.shape[1]} compressed tokens but queries up to "
+          f"position {offset + seq_len - 1} (block_size={block_size}, "
+          f"stride={stride}) see {reach}")
+    return
   expected = max(0, (seq_len - block_size) // stride + 1)
   if k_cmp.shape[1] != expected:
     raise ValueError(
         f"k_cmp has {k_cmp.shape[1]} compressed tokens but T={seq_len}, "
         f"block_size={block_size}, stride={stride} give "
         f"(T - l) // d + 1 = {expected}")
+
+
+def check_key_length(q, k, q_offset):
+  """Keys cover the queries: S >= q_offset + T (a traced offset: S >= T)."""
+  offset = check_q_offset(q_offset) or 0
+  if k.shape[1] < offset + q.shape[1]:
+    raise ValueError(
+        f"queries up to position {offset + q.shape[1] - 1} need at least "
+        f"{offset + q.shape[1]} keys, got k.shape={k.shape}")
 
 
 def check_segment_ids(segment_ids, q):

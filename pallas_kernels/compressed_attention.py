@@ -31,6 +31,7 @@ class _Static:
   segment: int  # query positions per dK/dV program
   interpret: bool
   documents: bool  # document starts are an input (group_tiles.split_starts)
+  offset: bool  # the query offset is an input (group_tiles.split_offset)
 
   @property
   def num_chunks(self) -> int:
@@ -45,7 +46,7 @@ def _first_invisible(t, block_size, stride, num_cmp):
   return jnp.minimum(count, num_cmp)
 
 
-def _tile_setup(q_ref, starts_ref, st: _Static):
+def _tile_setup(q_ref, starts_ref, offset_ref, st: _Static):
   """The query tile and the chunks of compressed tokens it may see.
 
   Returns:
@@ -54,11 +55,14 @@ def _tile_setup(q_ref, starts_ref, st: _Static):
     tile can see.
   """
   block_q, group_p = q_ref.shape[:2]
-  q, t = group_tiles.query_tile(q_ref)
+  offset = group_tiles.read_offset(offset_ref)
+  q, t = group_tiles.query_tile(q_ref, offset)
   # Compressed tokens the last query of the tile can see; earlier queries of
   # the tile see a prefix of them (mask below).
-  num_visible = _first_invisible(pl.program_id(1) * block_q + block_q - 1,
-                                 st.block_size, st.stride, st.num_cmp)
+  last = pl.program_id(1) * block_q + block_q - 1
+  if offset is not None:
+    last = last + offset
+  num_visible = _first_invisible(last, st.block_size, st.stride, st.num_cmp)
   end = lax.div(num_visible + st.launch.block_k - 1, st.launch.block_k)
   if starts_ref is None:
     return q, t, None, 0, end
@@ -96,15 +100,16 @@ def _scores(q, k_ref, t, lower, chunk, st: _Static):
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static):
   """FlashAttention-2 forward for one (batch, query tile, kv head).
 
-  Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv], (starts [block_q])
-  -> o [block_q, Gp, Dv], lse [block_q, Gp] (natural log), m / log2l
-  [block_q, Gp] (the backward's residuals: row max of the raw dots, log2 of
-  the row sum). The online softmax (``online_softmax``) runs in base 2,
-  exp2 being the native instruction.
+  Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv], (starts [block_q]),
+  (offset [1]) -> o [block_q, Gp, Dv], lse [block_q, Gp] (natural log),
+  m / log2l [block_q, Gp] (the backward's residuals: row max of the raw
+  dots, log2 of the row sum). The online softmax (``online_softmax``) runs
+  in base 2, exp2 being the native instruction.
   """
-  starts_ref, (o_ref, lse_ref, m_ref, log2l_ref) = group_tiles.split_starts(
-      refs, st.documents)
-  q, t, lower, first, end = _tile_setup(q_ref, starts_ref, st)
+  starts_ref, refs = group_tiles.split_starts(refs, st.documents)
+  offset_ref, (o_ref, lse_ref, m_ref, log2l_ref) = group_tiles.split_offset(
+      refs, st.offset)
+  q, t, lower, first, end = _tile_setup(q_ref, starts_ref, offset_ref, st)
 
   def body(chunk, carry):
     s, visible, start = _scores(q, k_ref, t, lower, chunk, st)
@@ -133,11 +138,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   """dQ = scale * sum_i dS_i k_i, dS = P * (dO.V^T - delta) (FA-2, Alg. 2).
 
   Refs: q [block_q, Gp, Dk], k [Tcp, Dk], v [Tcp, Dv], do [block_q, Gp, Dv],
-  m / log2l / delta [block_q, Gp], (starts [block_q])
+  m / log2l / delta [block_q, Gp], (starts [block_q]), (offset [1])
   -> dq [block_q, Gp, Dk].
   """
-  starts_ref, (dq_ref,) = group_tiles.split_starts(refs, st.documents)
-  q, t, lower, first, end = _tile_setup(q_ref, starts_ref, st)
+  starts_ref, refs = group_tiles.split_starts(refs, st.documents)
+  offset_ref, (dq_ref,) = group_tiles.split_offset(refs, st.offset)
+  q, t, lower, first, end = _tile_setup(q_ref, starts_ref, offset_ref, st)
   rows, dk = q.shape
   do = do_ref[...].reshape(rows, do_ref.shape[-1])
   m = m_ref[...].reshape(rows)
@@ -169,10 +175,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   result is deterministic.
 
   Refs: q [Tp, Gp, Dk], k [block_k, Dk], v [block_k, Dv], do [Tp, Gp, Dv],
-  m / log2l / delta [Tp, Gp], (starts [Tp]) -> float32 dk [block_k, Dk],
-  dv [block_k, Dv].
+  m / log2l / delta [Tp, Gp], (starts [Tp]), (offset [1]) -> float32
+  dk [block_k, Dk], dv [block_k, Dv].
   """
-  starts_ref, (dk_ref, dv_ref) = group_tiles.split_starts(refs, st.documents)
+  starts_ref, refs = group_tiles.split_starts(refs, st.documents)
+  offset_ref, (dk_ref, dv_ref) = group_tiles.split_offset(refs, st.offset)
+  offset = group_tiles.read_offset(offset_ref)
   seq_pad, group_p, dk = q_ref.shape
   block_q, block_k = st.launch.block_q, st.launch.block_k
   rows = block_q * group_p
@@ -182,7 +190,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   k = k_ref[...]
   v = v_ref[...]
   i = chunk * block_k + jnp.arange(block_k)
-  first_t = chunk * block_k * st.stride + st.block_size - 1
+  # The first query row that sees the chunk (rows hold positions o + row).
+  first_row = chunk * block_k * st.stride + st.block_size - 1
+  if offset is not None:
+    first_row = jnp.maximum(first_row - offset, 0)
 
   def body(tile, carry):
     dk_acc, dv_acc = carry
@@ -193,6 +204,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
     log2l = log2l_ref[pl.ds(start, block_q), :].reshape(rows)
     delta = delta_ref[pl.ds(start, block_q), :].reshape(rows)
     t = start + lax.div(jnp.arange(rows), group_p)
+    if offset is not None:
+      t = t + offset
     lower = None if starts_ref is None else group_tiles.to_rows(
         starts_ref[pl.ds(start, block_q)], group_p)
     s = tc.dot(q, k, trans_b=True)  # [rows, block_k] raw dots
@@ -205,7 +218,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
     return dk_acc, dv_acc
 
   seg_tiles = st.segment // block_q
-  lo = jnp.maximum(lax.div(jnp.minimum(first_t, seq_pad), block_q),
+  lo = jnp.maximum(lax.div(jnp.minimum(first_row, seq_pad), block_q),
                    seg * seg_tiles)
   hi = jnp.minimum(seq_pad // block_q, (seg + 1) * seg_tiles)
   dk_acc, dv_acc = lax.fori_loop(
@@ -230,19 +243,20 @@ def _pad_inputs(q, k_cmp, v_cmp, st: _Static):
   return q5, k_p, v_p
 
 
-def _fwd(q, k_cmp, v_cmp, starts, st: _Static):
+def _fwd(q, k_cmp, v_cmp, starts, offset, st: _Static):
   q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q = st.launch.block_q
   starts_spec, starts_arg = group_tiles.starts_input(
       starts, seq_pad, group_tiles.starts_spec(block_q))
+  offset_spec, offset_arg = group_tiles.offset_input(offset)
   out, lse, m, log2l = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
       in_specs=[group_tiles.group_spec(block_q, group_p, dk_p),
                 group_tiles.kv_spec(tc_pad, dk_p),
-                group_tiles.kv_spec(tc_pad, dv_p)] + starts_spec,
+                group_tiles.kv_spec(tc_pad, dv_p)] + starts_spec + offset_spec,
       out_specs=[group_tiles.group_spec(block_q, group_p, dv_p)]
       + [group_tiles.group_spec(block_q, group_p)] * 3,
       out_shape=[
@@ -253,15 +267,16 @@ def _fwd(q, k_cmp, v_cmp, starts, st: _Static):
                                          st.launch.num_stages),
       interpret=st.interpret,
       name="nsa_compressed_attention_fwd",
-  )(q5, k_p, v_p, *starts_arg)
+  )(q5, k_p, v_p, *starts_arg, *offset_arg)
   out = tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v)
   lse = tc.ungroup_heads(lse, st.seq_len, st.group)
   return out, lse, m, log2l
 
 
-def _bwd(q, k_cmp, v_cmp, starts, out, lse, m, log2l, d_out, d_lse,
+def _bwd(q, k_cmp, v_cmp, starts, offset, out, lse, m, log2l, d_out, d_lse,
          st: _Static):
-  """dQ, dK, dV; m and log2l are the forward's grouped residuals."""
+  """dQ, dK, dV; m and log2l are the forward's grouped residuals, offset
+  the int32 [1] query offset or None."""
   q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
@@ -271,6 +286,7 @@ def _bwd(q, k_cmp, v_cmp, starts, out, lse, m, log2l, d_out, d_lse,
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
   starts_spec, starts_arg = group_tiles.starts_input(
       starts, seq_pad, group_tiles.starts_spec(block_q))
+  offset_spec, offset_arg = group_tiles.offset_input(offset)
 
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
@@ -279,13 +295,14 @@ def _bwd(q, k_cmp, v_cmp, starts, out, lse, m, log2l, d_out, d_lse,
                 group_tiles.kv_spec(tc_pad, dk_p),
                 group_tiles.kv_spec(tc_pad, dv_p),
                 group_tiles.group_spec(block_q, group_p, dv_p)]
-      + [group_tiles.group_spec(block_q, group_p)] * 3 + starts_spec,
+      + [group_tiles.group_spec(block_q, group_p)] * 3 + starts_spec
+      + offset_spec,
       out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
       out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_compressed_attention_dq",
-  )(q5, k_p, v_p, do5, m, log2l, delta4, *starts_arg)
+  )(q5, k_p, v_p, do5, m, log2l, delta4, *starts_arg, *offset_arg)
 
   num_chunks = st.num_chunks
   num_segments = -(-seq_pad // st.segment)
@@ -309,7 +326,7 @@ def _bwd(q, k_cmp, v_cmp, starts, out, lse, m, log2l, d_out, d_lse,
       grid=(batch, num_segments * num_chunks, hkv),
       in_specs=[whole(group_p, dk_p), chunk(dk_p), chunk(dv_p),
                 whole(group_p, dv_p), whole(group_p), whole(group_p),
-                whole(group_p)] + starts_spec,
+                whole(group_p)] + starts_spec + offset_spec,
       out_specs=[partial(dk_p), partial(dv_p)],
       out_shape=[
           jax.ShapeDtypeStruct((batch, num_segments * tc_pad, hkv, dk_p),
@@ -319,7 +336,7 @@ def _bwd(q, k_cmp, v_cmp, starts, out, lse, m, log2l, d_out, d_lse,
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_compressed_attention_dkv",
-  )(q5, k_p, v_p, do5, m, log2l, delta4, *starts_arg)
+  )(q5, k_p, v_p, do5, m, log2l, delta4, *starts_arg, *offset_arg)
 
   def sum_segments(x, like):  # fixed-order sum over segments: deterministic
     x = x.reshape(batch, num_segments, tc_pad, hkv, -1).sum(axis=1)
@@ -340,20 +357,20 @@ def dkv_segment(seq_len: int, block_q: int) -> int:
                      block_q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _compressed_attention(q, k_cmp, v_cmp, starts, st: _Static):
-  return _fwd(q, k_cmp, v_cmp, starts, st)[:2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _compressed_attention(q, k_cmp, v_cmp, starts, offset, st: _Static):
+  return _fwd(q, k_cmp, v_cmp, starts, offset, st)[:2]
 
 
-def _vjp_fwd(q, k_cmp, v_cmp, starts, st: _Static):
-  out, lse, m, log2l = _fwd(q, k_cmp, v_cmp, starts, st)
-  return (out, lse), (q, k_cmp, v_cmp, starts, out, lse, m, log2l)
+def _vjp_fwd(q, k_cmp, v_cmp, starts, offset, st: _Static):
+  out, lse, m, log2l = _fwd(q, k_cmp, v_cmp, starts, offset, st)
+  return (out, lse), (q, k_cmp, v_cmp, starts, offset, out, lse, m, log2l)
 
 
 def _vjp_bwd(st: _Static, residuals, cotangents):
   d_out, d_lse = cotangents
-  # The integer document starts have no cotangent.
-  return (*_bwd(*residuals, d_out, d_lse, st), None)
+  # The integer document starts and query offset have no cotangent.
+  return (*_bwd(*residuals, d_out, d_lse, st), None, None)
 
 
 _compressed_attention.defvjp(_vjp_fwd, _vjp_bwd)
@@ -367,15 +384,17 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
                          num_warps: int | None = None,
                          num_stages: int | None = None,
                          segment: int | None = None,
-                         doc_starts=None):
+                         doc_starts=None,
+                         q_offset=0):
   """NSA branch 1 (section 3.3.1) as a fused Pallas Triton kernel.
 
   Query t sees compressed token i iff its whole block is in the past,
   ``i*d + l - 1 <= t``, and, with ``doc_starts``, in t's document,
-  ``i*d >= doc_starts[t]``. One program per (batch, tile of ``block_q`` query
-  positions, kv head) holds the queries of all G heads of the group
-  (``block_q * next_pow2(G)`` rows) and runs a FlashAttention-2 online softmax
-  over the visible compressed tokens, ``block_k`` at a time. The backward is
+  ``i*d >= doc_starts[t]``; row r of q is query t = q_offset + r. One
+  program per (batch, tile of ``block_q`` query positions, kv head) holds
+  the queries of all G heads of the group (``block_q * next_pow2(G)``
+  rows) and runs a FlashAttention-2 online softmax over the visible
+  compressed tokens, ``block_k`` at a time. The backward is
   FlashAttention-2's: a dQ kernel on the same grid and a dK/dV kernel over
   (chunk of compressed tokens, segment of queries) pairs, each summing the G
   heads of its group; the segments' float32 partials are summed in XLA (no
@@ -399,6 +418,12 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
     doc_starts: optional int32 [B, T], non-decreasing, ``<= t``: the first
       position of each query's document (packed sequences). A program skips
       the chunks of tokens before its first row's document.
+    q_offset: position of q's first row, an int or an integer scalar array
+      (traced inside ``shard_map``: context parallelism, one shard's
+      queries against the compressed tokens of the whole sequence). Any
+      other value than the int 0 is a kernel input read once per program;
+      k_cmp then holds the tokens of a sequence of at least
+      ``q_offset + T`` positions (tokens past a query's reach are masked).
 
   Returns:
     (out [B, T, Hq, Dv] in q.dtype, lse [B, T, Hq] float32 natural log).
@@ -409,10 +434,15 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
     and lse = -inf, with zero (never NaN) gradients.
 
   Raises:
-    ValueError: on inconsistent shapes or block sizes.
+    ValueError: on inconsistent shapes or block sizes; a concrete q_offset
+      below 0 or whose queries see more tokens than k_cmp holds;
+      doc_starts with a q_offset.
+    TypeError: a q_offset that is not an integer scalar.
   """
   batch, seq_len, num_heads, head_dim = q.shape
   _, num_cmp, num_kv_heads, _ = k_cmp.shape
+  offset_arg = group_tiles.offset_operand(q_offset)  # None: no offset
+  offset = group_tiles.offset_value(offset_arg)  # None: traced
   if k_cmp.shape[0] != batch or v_cmp.shape[:3] != k_cmp.shape[:3]:
     raise ValueError(f"{q.shape=}, {k_cmp.shape=} and {v_cmp.shape=} "
                      "disagree on batch, Tc or kv heads")
@@ -422,10 +452,21 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
     raise ValueError(f"Hq={num_heads} is not a multiple of Hkv={num_kv_heads}")
   if block_size % stride:
     raise ValueError(f"{block_size=} must be a multiple of {stride=}")
-  expected = max(0, (seq_len - block_size) // stride + 1)
-  if num_cmp > expected:
-    raise ValueError(f"Tc={num_cmp} compressed tokens, but T={seq_len} with "
-                     f"l={block_size}, d={stride} has only {expected}")
+  if doc_starts is not None and offset_arg is not None:
+    raise ValueError("doc_starts need the whole sequence: q_offset must be "
+                     f"0, got {q_offset!r}")
+  if offset_arg is None:
+    expected = max(0, (seq_len - block_size) // stride + 1)
+    if num_cmp > expected:
+      raise ValueError(f"Tc={num_cmp} compressed tokens, but T={seq_len} "
+                       f"with l={block_size}, d={stride} has only {expected}")
+  elif offset is not None:  # a concrete offset: the sequence is longer
+    reach = max(0, (offset + seq_len - block_size) // stride + 1)
+    if num_cmp < reach:
+      raise ValueError(
+          f"queries at positions {offset} .. {offset + seq_len - 1} see "
+          f"{reach} compressed tokens (l={block_size}, d={stride}), but "
+          f"k_cmp holds only Tc={num_cmp}")
   scale = head_dim ** -0.5 if scale is None else float(scale)
   out_shape = (batch, seq_len, num_heads, v_cmp.shape[-1])
   if num_cmp == 0:
@@ -450,28 +491,32 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
                segment=(dkv_segment(seq_len, launch.block_q)
                         if segment is None else segment),
                interpret=tc.resolve_interpret(interpret),
-               documents=doc_starts is not None)
+               documents=doc_starts is not None,
+               offset=offset_arg is not None)
   bad = ~(jnp.isfinite(k_cmp).all(-1) & jnp.isfinite(v_cmp).all(-1))
   k_cmp = jnp.where(bad[..., None], jnp.zeros((), k_cmp.dtype), k_cmp)
   v_cmp = jnp.where(bad[..., None], jnp.zeros((), v_cmp.dtype), v_cmp)
-  out, lse = _compressed_attention(q, k_cmp, v_cmp, doc_starts, st)
-  sees_bad = _sees_bad(bad, doc_starts, st)  # [B, T, Hkv]
+  out, lse = _compressed_attention(q, k_cmp, v_cmp, doc_starts, offset_arg,
+                                   st)
+  sees_bad = _sees_bad(bad, doc_starts, offset_arg, st)  # [B, T, Hkv]
   sees_bad = jnp.repeat(sees_bad, group, axis=2)[..., None]
   return jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out), lse
 
 
-def _sees_bad(bad, doc_starts, st: _Static):
+def _sees_bad(bad, doc_starts, offset, st: _Static):
   """bool [B, T, Hkv]: the query sees a token whose k or v is not finite.
 
   Query t sees the tokens ``lo(t) <= i < hi(t)``: ``hi`` counts the blocks
   ending by t, ``lo = ceil(doc_starts[t] / d)`` (0 without documents). A
   difference of running counts of bad tokens finds them; such a query gets
-  NaN, as on every path.
+  NaN, as on every path. ``offset``: None or int32 [1], q's first position.
   """
   batch, num_cmp, _ = bad.shape
   count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
   count = jnp.pad(count, ((0, 0), (1, 0), (0, 0)))  # [B, Tc + 1, Hkv]
   t = jnp.arange(st.seq_len, dtype=jnp.int32)
+  if offset is not None:
+    t = t + offset
   hi = jnp.broadcast_to(_first_invisible(t, st.block_size, st.stride,
                                          num_cmp), (batch, st.seq_len))
   lo = (jnp.zeros_like(hi) if doc_starts is None else jnp.minimum(

@@ -11,13 +11,22 @@ Packed sequences (documents) reach a kernel as one optional extra input,
 document is contiguous, a key s <= t is in t's document iff
 ``s >= starts[t]``; so the masks need no key-side ids. Kernels take it only
 when given (a static flag), after their other inputs.
+
+A query offset (context parallelism: one sequence shard's queries, at
+positions ``o .. o + Tq - 1`` of the keys) is another optional input,
+``offset`` int32 [1], after the starts: ``o`` is traced inside
+``shard_map`` (one program for every shard), so it is read in the kernel,
+once per program, and never a static setting. Without it (the int 0) the
+kernels are exactly those of a call without offset.
 """
 
 from __future__ import annotations
 
+import jax
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import triton_compat as tc
 
@@ -69,6 +78,64 @@ def split_starts(refs, documents: bool):
   return (refs[0], refs[1:]) if documents else (None, refs)
 
 
+def offset_operand(q_offset):
+  """The kernels' offset input: int32 [1], or None for the int 0 (no input).
+
+  Args:
+    q_offset: an int or an integer scalar array (traced inside ``jit`` or
+      ``shard_map``).
+
+  Raises:
+    TypeError: q_offset is not an integer scalar.
+  """
+  if isinstance(q_offset, int) and q_offset == 0 and not isinstance(
+      q_offset, bool):
+    return None  # the kernels of a call without offset
+  offset = jnp.asarray(q_offset)
+  if isinstance(q_offset, bool) or offset.ndim or not jnp.issubdtype(
+      offset.dtype, jnp.integer):
+    raise TypeError("q_offset must be an int or an integer scalar array, "
+                    f"got {q_offset!r}")
+  return offset.reshape(1).astype(jnp.int32)
+
+
+def offset_value(offset) -> int | None:
+  """An ``offset_operand``'s value: 0 for None, None while it is traced.
+
+  Raises:
+    ValueError: a concrete offset below 0.
+  """
+  if offset is None:
+    return 0
+  try:
+    value = int(np.asarray(offset)[0])
+  except jax.errors.TracerArrayConversionError:
+    return None
+  if value < 0:
+    raise ValueError(f"q_offset={value} must be >= 0")
+  return value
+
+
+def offset_input(offset):
+  """([spec], [offset]) for an ``offset_operand``, two empty lists for None.
+
+  What a launch appends to its ``in_specs`` and inputs, after the starts.
+  """
+  if offset is None:
+    return [], []
+  return [pl.BlockSpec((1,), lambda *_: (0,))], [offset]
+
+
+def split_offset(refs, offset: bool):
+  """(offset_ref or None, the other refs): the optional input comes first."""
+  return (refs[0], refs[1:]) if offset else (None, refs)
+
+
+def read_offset(offset_ref):
+  """The query offset o (int32 scalar), or None without an offset input."""
+  return None if offset_ref is None else offset_ref[0]
+
+
 def to_rows(x, group_p: int):
   """[positions] -> [positions * Gp]: a per-position value on every row."""
   positions = x.shape[0]
@@ -76,8 +143,13 @@ def to_rows(x, group_p: int):
       positions * group_p)
 
 
-def query_tile(q_ref):
+def query_tile(q_ref, offset=None):
   """Loads a [block_q, Gp, Dk] query block as rows.
+
+  Args:
+    q_ref: the program's [block_q, Gp, Dk] query block.
+    offset: None, or the int32 scalar position of the first query row
+      (``read_offset``).
 
   Returns:
     (q [rows, Dk], t [rows] int32: the query position of each row).
@@ -85,8 +157,10 @@ def query_tile(q_ref):
   block_q, group_p, dk = q_ref.shape
   rows = block_q * group_p
   q = q_ref[...].reshape(rows, dk)
-  t = pl.program_id(1) * block_q + lax.div(
-      jnp.arange(rows, dtype=jnp.int32), jnp.int32(group_p))
+  first = pl.program_id(1) * block_q
+  if offset is not None:
+    first = first + offset
+  t = first + lax.div(jnp.arange(rows, dtype=jnp.int32), jnp.int32(group_p))
   return q, t
 
 

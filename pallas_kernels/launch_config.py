@@ -253,19 +253,30 @@ def validate(launch, group: int, *, block_k_in_rows: bool = False):
   launch.check_group(group)
 
 
-def selected_segment(seq_len: int, block_q_dkv: int) -> int:
+def selected_segment(seq_len: int, block_q_dkv: int,
+                     num_keys: int | None = None) -> int:
   """S, query positions per program of the selected kernel's dK/dV step.
 
   A block is selected by at most T positions, so ``ceil(T / S)`` segments
   cover its list; S is the smallest power of two >= ``SELECTED_MIN_SEGMENT``
-  and ``block_q_dkv`` that keeps them <= ``SELECTED_MAX_SEGMENTS``.
+  and ``block_q_dkv`` that keeps them <= ``SELECTED_MAX_SEGMENTS``. Each
+  segment writes a float32 partial of all Tk keys; with more keys than
+  queries (a sequence shard's queries against all keys, context
+  parallelism) the count is cut so the partials hold no more than
+  ``SELECTED_MAX_SEGMENTS * T`` key rows, as for Tk = T (at least one
+  segment: then the longest program walks every position).
 
   Args:
     seq_len: T, query positions.
     block_q_dkv: positions per gather step (S is a whole number of steps).
+    num_keys: Tk, keys; None: T.
 
   Returns:
-    S = max(MIN_SEGMENT, block_q_dkv, next_pow2(ceil(T / MAX_SEGMENTS))).
+    S = max(MIN_SEGMENT, block_q_dkv, next_pow2(ceil(T / segments))),
+    segments = max(1, MAX_SEGMENTS * T // max(T, Tk)).
   """
+  num_keys = seq_len if num_keys is None else num_keys
+  segments = max(1, SELECTED_MAX_SEGMENTS * seq_len // max(seq_len, num_keys,
+                                                           1))
   return max(SELECTED_MIN_SEGMENT, block_q_dkv,
-             tc.next_pow2(-(-seq_len // SELECTED_MAX_SEGMENTS)))
+             tc.next_pow2(-(-seq_len // segments)))

@@ -33,6 +33,7 @@ class _Static:
   segment: int  # S, query positions per dK/dV program
   interpret: bool
   documents: bool  # document starts are an input (group_tiles.split_starts)
+  offset: bool  # the query offset is an input (group_tiles.split_offset)
 
   @property
   def num_segments(self) -> int:
@@ -143,14 +144,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, *refs,
   """Online softmax (FlashAttention-2) over the tile's selected blocks.
 
   Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n],
-  union [U], (starts [block_q]) -> o [block_q, Gp, Dv], m / log2l
-  [block_q, Gp]
-  (``online_softmax`` residuals: row max of the raw dots and log2 of the
-  row sum).
+  union [U], (starts [block_q]), (offset [1]) -> o [block_q, Gp, Dv],
+  m / log2l [block_q, Gp] (``online_softmax`` residuals: row max of the raw
+  dots and log2 of the row sum).
   """
-  starts_ref, (o_ref, m_ref, log2l_ref) = group_tiles.split_starts(
-      refs, st.documents)
-  q, t = group_tiles.query_tile(q_ref)
+  starts_ref, refs = group_tiles.split_starts(refs, st.documents)
+  offset_ref, (o_ref, m_ref, log2l_ref) = group_tiles.split_offset(
+      refs, st.offset)
+  q, t = group_tiles.query_tile(q_ref, group_tiles.read_offset(offset_ref))
   lower = _tile_lower(starts_ref, q_ref.shape[1])
 
   def update(carry, blk, mask):
@@ -174,11 +175,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, do_ref, m_ref,
 
   Refs: q [block_q, Gp, Dk], k [Tk, Dk], v [Tk, Dv], idx [block_q, n],
   union [U], do [block_q, Gp, Dv], m / log2l / delta [block_q, Gp],
-  (starts [block_q])
-  -> dq [block_q, Gp, Dk].
+  (starts [block_q]), (offset [1]) -> dq [block_q, Gp, Dk].
   """
-  starts_ref, (dq_ref,) = group_tiles.split_starts(refs, st.documents)
-  q, t = group_tiles.query_tile(q_ref)
+  starts_ref, refs = group_tiles.split_starts(refs, st.documents)
+  offset_ref, (dq_ref,) = group_tiles.split_offset(refs, st.offset)
+  q, t = group_tiles.query_tile(q_ref, group_tiles.read_offset(offset_ref))
   lower = _tile_lower(starts_ref, q_ref.shape[1])
   rows, dk = q.shape
   do = do_ref[...].reshape(rows, do_ref.shape[-1])
@@ -213,9 +214,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
 
   Refs: q [Tp, Gp, Dk], k [l', Dk], v [l', Dv], do [Tp, Gp, Dv],
   m / log2l / delta [Tp, Gp], offsets [Ts + 1], positions [T * n + pad],
-  (starts [Tp]) -> float32 dk [l', Dk], dv [l', Dv] (this segment's share).
+  (starts [Tp]), (offset [1]) -> float32 dk [l', Dk], dv [l', Dv] (this
+  segment's share). Positions are query rows; row r is query o + r.
   """
-  starts_ref, (dk_ref, dv_ref) = group_tiles.split_starts(refs, st.documents)
+  starts_ref, refs = group_tiles.split_starts(refs, st.documents)
+  offset_ref, (dk_ref, dv_ref) = group_tiles.split_offset(refs, st.offset)
+  offset = group_tiles.read_offset(offset_ref)
   _, group_p, dk = q_ref.shape
   block_pos = st.launch.block_q_dkv
   rows = block_pos * group_p
@@ -240,8 +244,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
     delta = delta_ref[pos].reshape(rows)
     lower = None if starts_ref is None else group_tiles.to_rows(
         starts_ref[pos], group_p)
+    t = pos if offset is None else pos + offset
     mask = group_tiles.to_rows(valid, group_p)[:, None] & _key_mask(
-        group_tiles.to_rows(pos, group_p), lower, key_pos, st)
+        group_tiles.to_rows(t, group_p), lower, key_pos, st)
     s = tc.dot(q, k, trans_b=True)  # [rows, l'] raw dots
     p = online_softmax.probabilities(s, mask, m, log2l, st.scale * tc.LOG2E)
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
@@ -259,11 +264,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   dv_ref[...] = dv_acc
 
 
+# Sort keys block * T + t are packed into one int32 while they fit (one sort
+# operand, the common case); past it (e.g. T = 2^20 keys of l' = 64, or one
+# shard's 2^17 queries against them) the table sorts (block, t) pairs.
+PACKED_KEY_LIMIT = 2**31
+
+
 def _invert_block_table(block_indices, num_blocks, pad):
   """Per (batch, kv head): which query positions selected each block.
 
   A repeated slot is dropped (as in the forward's union loop), so each list
-  holds at most T positions: the bound behind the segment count.
+  holds at most T positions: the bound behind the segment count. ``T`` here
+  is the number of query rows; ``num_blocks`` counts the key blocks, which
+  may be more (queries offset into a longer key sequence).
 
   Args:
     block_indices: int32 [B, T, Hkv, n], -1 for empty slots.
@@ -282,10 +295,15 @@ def _invert_block_table(block_indices, num_blocks, pad):
   repeat = jnp.any((block_indices[..., :, None] == block_indices[..., None, :])
                    & earlier, axis=-1)  # [B, T, Hkv, n]: seen in a lower slot
   blk = jnp.where((block_indices >= 0) & ~repeat, block_indices, num_blocks)
-  key = (blk * seq_len + t).transpose(0, 2, 1, 3).reshape(batch, hkv, -1)
-  key = jnp.sort(key, axis=-1)
-  positions = tc.pad_axis(key % seq_len, 2, key.shape[-1] + pad)
-  boundaries = jnp.arange(num_blocks + 1, dtype=jnp.int32) * seq_len
+  by_head = lambda x: x.transpose(0, 2, 1, 3).reshape(batch, hkv, -1)
+  boundaries = jnp.arange(num_blocks + 1, dtype=jnp.int32)
+  if (num_blocks + 1) * seq_len < PACKED_KEY_LIMIT:
+    key = jnp.sort(by_head(blk * seq_len + t), axis=-1)
+    rows, boundaries = key % seq_len, boundaries * seq_len
+  else:
+    key, rows = lax.sort(
+        (by_head(blk), by_head(jnp.broadcast_to(t, blk.shape))), num_keys=2)
+  positions = tc.pad_axis(rows, 2, rows.shape[-1] + pad)
   offsets = jax.vmap(jax.vmap(
       lambda k: jnp.searchsorted(k, boundaries, side="left")))(key)
   return offsets.astype(jnp.int32), positions.astype(jnp.int32)
@@ -312,7 +330,7 @@ def _union_spec(size: int) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, None, size), lambda b, i, g: (b, i, g, 0))
 
 
-def _fwd(q, k, v, block_indices, starts, st: _Static):
+def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   """Forward launch.
 
   Returns:
@@ -328,6 +346,7 @@ def _fwd(q, k, v, block_indices, starts, st: _Static):
                                     jnp.float32)
   starts_spec, starts_arg = group_tiles.starts_input(
       starts, seq_pad, group_tiles.starts_spec(block_q))
+  offset_spec, offset_arg = group_tiles.offset_input(offset)
   out, m, log2l = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
@@ -335,7 +354,7 @@ def _fwd(q, k, v, block_indices, starts, st: _Static):
                 group_tiles.kv_spec(keys_pad, dk_p),
                 group_tiles.kv_spec(keys_pad, dv_p),
                 group_tiles.group_spec(block_q, idx.shape[-1]),
-                _union_spec(union.shape[-1])] + starts_spec,
+                _union_spec(union.shape[-1])] + starts_spec + offset_spec,
       out_specs=[group_tiles.group_spec(block_q, group_p, dv_p),
                  group_tiles.group_spec(block_q, group_p),
                  group_tiles.group_spec(block_q, group_p)],
@@ -347,11 +366,12 @@ def _fwd(q, k, v, block_indices, starts, st: _Static):
                                          st.launch.num_stages),
       interpret=st.interpret,
       name="nsa_selected_attention_fwd",
-  )(q5, k_p, v_p, idx, union, *starts_arg)
+  )(q5, k_p, v_p, idx, union, *starts_arg, *offset_arg)
   return tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v), m, log2l
 
 
-def _bwd(q, k, v, block_indices, starts, out, m, log2l, d_out, st: _Static):
+def _bwd(q, k, v, block_indices, starts, offset, out, m, log2l, d_out,
+         st: _Static):
   q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
@@ -361,6 +381,7 @@ def _bwd(q, k, v, block_indices, starts, out, m, log2l, d_out, st: _Static):
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
   starts_spec, starts_arg = group_tiles.starts_input(
       starts, seq_pad, group_tiles.starts_spec(block_q))
+  offset_spec, offset_arg = group_tiles.offset_input(offset)
 
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
@@ -373,13 +394,15 @@ def _bwd(q, k, v, block_indices, starts, out, m, log2l, d_out, st: _Static):
                 group_tiles.group_spec(block_q, group_p, dv_p),
                 group_tiles.group_spec(block_q, group_p),
                 group_tiles.group_spec(block_q, group_p),
-                group_tiles.group_spec(block_q, group_p)] + starts_spec,
+                group_tiles.group_spec(block_q, group_p)] + starts_spec
+      + offset_spec,
       out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
       out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_selected_attention_dq",
-  )(q5, k_p, v_p, idx, union, do5, m, log2l, delta4, *starts_arg)
+  )(q5, k_p, v_p, idx, union, do5, m, log2l, delta4, *starts_arg,
+    *offset_arg)
 
   num_blocks = keys_pad // st.block_size
   num_segments = st.num_segments
@@ -412,7 +435,7 @@ def _bwd(q, k, v, block_indices, starts, out, m, log2l, d_out, st: _Static):
                 whole(group_p, dv_p), whole(group_p), whole(group_p),
                 whole(group_p),
                 table(offsets.shape[-1]), table(positions.shape[-1])]
-      + starts_spec,
+      + starts_spec + offset_spec,
       out_specs=[partial_block(dk_p), partial_block(dv_p)],
       out_shape=[
           jax.ShapeDtypeStruct((batch, partial_keys, hkv, dk_p), jnp.float32),
@@ -421,7 +444,8 @@ def _bwd(q, k, v, block_indices, starts, out, m, log2l, d_out, st: _Static):
       compiler_params=params,
       interpret=st.interpret,
       name="nsa_selected_attention_dkv",
-  )(q5, k_p, v_p, do5, m, log2l, delta4, offsets, positions, *starts_arg)
+  )(q5, k_p, v_p, do5, m, log2l, delta4, offsets, positions, *starts_arg,
+    *offset_arg)
 
   def sum_segments(x, like):
     # [B, Ts * segs * l', Hkv, D] -> [B, Ts, segs, l', Hkv, D]: a fixed-order
@@ -434,20 +458,20 @@ def _bwd(q, k, v, block_indices, starts, out, m, log2l, d_out, st: _Static):
   return dq, sum_segments(dk, k), sum_segments(dv, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _selected_attention(q, k, v, block_indices, starts, st: _Static):
-  return _fwd(q, k, v, block_indices, starts, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _selected_attention(q, k, v, block_indices, starts, offset, st: _Static):
+  return _fwd(q, k, v, block_indices, starts, offset, st)[0]
 
 
-def _vjp_fwd(q, k, v, block_indices, starts, st: _Static):
-  out, m, log2l = _fwd(q, k, v, block_indices, starts, st)
-  return out, (q, k, v, block_indices, starts, out, m, log2l)
+def _vjp_fwd(q, k, v, block_indices, starts, offset, st: _Static):
+  out, m, log2l = _fwd(q, k, v, block_indices, starts, offset, st)
+  return out, (q, k, v, block_indices, starts, offset, out, m, log2l)
 
 
 def _vjp_bwd(st: _Static, residuals, d_out):
   dq, dk, dv = _bwd(*residuals, d_out, st)
-  # The integer block table and document starts have no cotangent.
-  return dq, dk, dv, None, None
+  # The integer block table, document starts and offset have no cotangent.
+  return dq, dk, dv, None, None, None
 
 
 _selected_attention.defvjp(_vjp_fwd, _vjp_bwd)
@@ -470,7 +494,7 @@ def valid_block_indices(block_indices, num_blocks: int):
   return jnp.where(keep, idx, -1).astype(jnp.int32)
 
 
-def _non_finite_keys(k, v, block_indices, doc_starts, st: _Static):
+def _non_finite_keys(k, v, block_indices, doc_starts, offset, st: _Static):
   """Masked keys contribute nothing, whatever they hold (issue 10, item 4).
 
   Rows of K or V with a non-finite entry are zeroed before the kernel (so
@@ -483,17 +507,21 @@ def _non_finite_keys(k, v, block_indices, doc_starts, st: _Static):
   one int32 per (position, slot).
 
   Args:
-    k: [B, T, Hkv, Dk]; v: [B, T, Hkv, Dv].
-    block_indices: int32 [B, T, Hkv, n], entries in [0, Ts) or -1.
-    doc_starts: int32 [B, T] document starts, or None.
+    k: [B, Tk, Hkv, Dk]; v: [B, Tk, Hkv, Dv].
+    block_indices: int32 [B, T, Hkv, n], entries in [0, ceil(Tk / l')) or
+      -1.
+    doc_starts: int32 [B, T] document starts, or None (then Tk = T).
+    offset: None (Tk = T without ``window``), or int32 [1]: query row r is
+      at key position offset + r.
     st: static settings (with ``window``, the table must cover the window,
-      as ``sliding_window`` builds it).
+      as ``sliding_window`` builds it; no offset then).
 
   Returns:
     (k, v with bad rows zeroed, bool [B, T, Hkv]: the query sees a bad key).
   """
-  batch, seq_len, hkv, _ = k.shape
-  bad = ~(jnp.isfinite(k).all(-1) & jnp.isfinite(v).all(-1))  # [B, T, Hkv]
+  batch, seq_len, hkv, _ = block_indices.shape
+  num_keys = k.shape[1]
+  bad = ~(jnp.isfinite(k).all(-1) & jnp.isfinite(v).all(-1))  # [B, Tk, Hkv]
   k = jnp.where(bad[..., None], jnp.zeros((), k.dtype), k)
   v = jnp.where(bad[..., None], jnp.zeros((), v.dtype), v)
   if doc_starts is not None:
@@ -505,9 +533,12 @@ def _non_finite_keys(k, v, block_indices, doc_starts, st: _Static):
     before = jnp.pad(count, ((0, 0), (st.window, 0), (0, 0)))[:, :seq_len]
     return k, v, count - before > 0
   # Selected blocks: the first bad position of each block is <= t.
-  num_blocks = -(-seq_len // st.block_size)
-  pos = jnp.where(bad, t, jnp.int32(2 ** 30))
+  num_blocks = -(-num_keys // st.block_size)
+  s = jnp.arange(num_keys, dtype=jnp.int32)[None, :, None]
+  pos = jnp.where(bad, s, jnp.int32(2 ** 30))
   pos = tc.pad_axis(pos, 1, num_blocks * st.block_size, 2 ** 30)
+  if offset is not None:
+    t = t + offset
   first_bad = pos.reshape(batch, num_blocks, st.block_size, hkv).min(2)
   n = block_indices.shape[-1]
   idx = jnp.maximum(block_indices, 0).transpose(0, 2, 1, 3)  # [B, Hkv, T, n]
@@ -561,7 +592,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                        num_warps: int | None = None,
                        num_stages: int | None = None,
                        block_k: int | None = None,
-                       doc_starts=None):
+                       doc_starts=None,
+                       q_offset=0):
   """NSA branch 2 (section 3.3.2) with the kernel design of section 3.4.
 
   One program per (batch, tile of ``block_q`` query positions, kv head) loads
@@ -594,12 +626,22 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   program does <= T / 8 positions, already below the per-SM share of the
   total work (B * Hkv * T * n / #SMs) for the paper's shapes.
 
+  Query offset (context parallelism): with ``q_offset`` o, row r of q is
+  the query at key position o + r, and k, v may be longer than q (all the
+  keys of the sequence, or a frame of gathered blocks followed by the
+  shard's own keys). The causal rule is ``s <= o + r`` in the keys'
+  numbering; o is a kernel input read once per program. The dK/dV grid and
+  partials then cover all Tk keys, so ``selected_segment`` takes fewer
+  segments (down to one when Tk >= 8 T: the partials stay within 8 T key
+  rows, at the price of block 0's program walking all T positions).
+
   Args:
     q: [B, T, Hq, Dk] queries, Hq = G * Hkv.
-    k: [B, T, Hkv, Dk] keys.
-    v: [B, T, Hkv, Dv] values.
-    block_indices: int [B, T, Hkv, n] selected blocks in [0, ceil(T/l')) or
-      -1 for an empty slot; repeats are counted once.
+    k: [B, Tk, Hkv, Dk] keys; Tk = T without ``q_offset``, else
+      Tk >= q_offset + T.
+    v: [B, Tk, Hkv, Dv] values.
+    block_indices: int [B, T, Hkv, n] selected blocks in [0, ceil(Tk/l'))
+      or -1 for an empty slot; repeats are counted once.
     block_size: l', keys per selection block; a power of two >= 16.
     scale: softmax scale, defaults to 1/sqrt(Dk).
     window: if set, keys also need s > t - window (branch 3 uses this).
@@ -616,22 +658,44 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
     doc_starts: optional int32 [B, T], non-decreasing, ``<= t``: the first
       position of each query's document (packed sequences); keys before it
       are masked per token, in the forward and both gradients.
+    q_offset: position of q's first row among the keys: an int or an
+      integer scalar array (traced inside ``shard_map``). Any other value
+      than the int 0 is a kernel input; not with ``window`` or
+      ``doc_starts``.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
     s <= t (in its document) gets 0, with zero (never NaN) gradients.
-    Slots outside [0, ceil(T / l')) are empty, like -1. Keys a query cannot
+    Slots outside [0, ceil(Tk / l')) are empty, like -1. Keys a query cannot
     see contribute nothing whatever their values; a query that sees a
     non-finite key or value gets NaN. Precision: see ``online_softmax``;
     the backward's probabilities are as exact as the logits at any scale.
 
   Raises:
-    ValueError: on inconsistent shapes or block sizes.
+    ValueError: on inconsistent shapes or block sizes; a concrete q_offset
+      below 0 or with Tk < q_offset + T; q_offset with window or
+      doc_starts.
+    TypeError: a q_offset that is not an integer scalar.
   """
   batch, seq_len, num_heads, head_dim = q.shape
-  if k.shape[:2] != (batch, seq_len) or v.shape[:3] != k.shape[:3]:
+  offset_arg = group_tiles.offset_operand(q_offset)  # None: no offset
+  offset = group_tiles.offset_value(offset_arg)  # None: traced
+  shifted = offset_arg is not None
+  if k.shape[0] != batch or v.shape[:3] != k.shape[:3]:
     raise ValueError(f"{q.shape=}, {k.shape=} and {v.shape=} disagree on "
                      "batch, sequence or kv heads")
+  if not shifted and k.shape[1] != seq_len:
+    raise ValueError(f"{q.shape=} and {k.shape=} disagree on sequence "
+                     "length (give q_offset for queries inside longer keys)")
+  reach = seq_len + (offset or 0)  # a traced offset is >= 0
+  if shifted and k.shape[1] < reach:
+    raise ValueError(f"queries up to position {reach - 1} need Tk >= "
+                     f"{reach} keys, got {k.shape=}")
+  if shifted and (window is not None or doc_starts is not None):
+    raise ValueError("q_offset is for selected blocks of the whole sequence:"
+                     " not with window or doc_starts, got "
+                     f"{q_offset=!r}, {window=}, doc_starts "
+                     f"{'given' if doc_starts is not None else 'None'}")
   if k.shape[-1] != head_dim:
     raise ValueError(f"{q.shape=} and {k.shape=} disagree on Dk")
   num_kv_heads = k.shape[2]
@@ -664,7 +728,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
       itemsize=jnp.dtype(q.dtype).itemsize, block_q=block_q,
       block_q_dkv=block_q_dkv, num_warps=num_warps, num_stages=num_stages)
   if dkv_segment is None:
-    dkv_segment = launch_config.selected_segment(seq_len, launch.block_q_dkv)
+    dkv_segment = launch_config.selected_segment(seq_len, launch.block_q_dkv,
+                                                 k.shape[1])
   if dkv_segment < launch.block_q_dkv or dkv_segment & (dkv_segment - 1):
     raise ValueError(f"{dkv_segment=} must be a power of two >= "
                      f"block_q_dkv={launch.block_q_dkv}")
@@ -676,12 +741,14 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],
                launch=launch, segment=dkv_segment,
                interpret=tc.resolve_interpret(interpret),
-               documents=doc_starts is not None)
+               documents=doc_starts is not None, offset=shifted)
   if 0 in q.shape or 0 in v.shape:  # nothing to attend: no empty launch
     return jnp.zeros((batch, seq_len, num_heads, v.shape[-1]), q.dtype)
   block_indices = valid_block_indices(block_indices,
-                                      -(-seq_len // block_size))
-  k, v, sees_bad = _non_finite_keys(k, v, block_indices, doc_starts, st)
-  out = _selected_attention(q, k, v, block_indices, doc_starts, st)
+                                      -(-k.shape[1] // block_size))
+  k, v, sees_bad = _non_finite_keys(k, v, block_indices, doc_starts,
+                                    offset_arg, st)
+  out = _selected_attention(q, k, v, block_indices, doc_starts, offset_arg,
+                            st)
   sees_bad = jnp.repeat(sees_bad, group, axis=2)[..., None]  # [B, T, Hq, 1]
   return jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out)

@@ -3,7 +3,8 @@
 On a GPU they compile to Triton; elsewhere they run in interpret mode, which
 is how the CPU tests exercise them ("auto" offers them on GPUs only).
 Segment ids reach the kernels as document starts (``nsa_jax.segments``), an
-extra kernel input only when given.
+extra kernel input only when given; so does a query offset (``q_offset``,
+context parallelism) of the compressed and selected kernels.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def supports_compressed(q, k_cmp, v_cmp, **static):
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_size, stride, scale,
-                         segment_ids=None):
+                         segment_ids=None, q_offset=0):
+  segments.check_whole_sequence(segment_ids, q_offset)
   return _kernels().compressed_attention(
       q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale,
-      doc_starts=segments.starts_or_none(segment_ids))
+      doc_starts=segments.starts_or_none(segment_ids), q_offset=q_offset)
 
 
 def supports_select(q, k_cmp, lse, *, config, **static):
@@ -102,10 +104,11 @@ def supports_selected(q, k, v, block_indices, *, block_size, scale=None,
 
 
 def selected_attention(q, k, v, block_indices, *, block_size, scale,
-                       segment_ids=None):
+                       segment_ids=None, q_offset=0):
+  segments.check_whole_sequence(segment_ids, q_offset)
   return _kernels().selected_attention(
       q, k, v, block_indices, block_size=block_size, scale=scale,
-      doc_starts=segments.starts_or_none(segment_ids))
+      doc_starts=segments.starts_or_none(segment_ids), q_offset=q_offset)
 
 
 def supports_window(q, k, v, *, scale=None, **static):

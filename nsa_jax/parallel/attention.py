@@ -19,10 +19,12 @@ and their bytes: docs/CONTEXT_PARALLEL.md):
                sequence of Hkv/P kv heads, all-to-all back. Hkv/tensor must
                divide by P.
 
-In the sequence-split strategies branches 1 and 2 and the selection run
-the XLA path with a query offset (the kernels take no offset yet), branch
-3 runs ``impl``'s window implementation on the halo frame; "heads" runs
-``impl`` for everything.
+In the sequence-split strategies branches 1 and 2 run ``impl``'s
+implementations (the Pallas kernels on a GPU) with the shard's query
+offset, traced (one program for every shard) and read by the kernels as
+an input; the selection runs in XLA (``selection.block_scores(q_offset=)``
+and ``top_n_at``); branch 3 runs ``impl``'s window implementation on the
+halo frame. "heads" runs ``impl`` for everything.
 
 ``nsa_attention`` is what ``NSAAttention`` calls: ``ops.nsa_attention``,
 unless a mesh was made active with ``activate`` (the sharded train step
@@ -35,6 +37,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 from jax import lax
@@ -44,7 +47,6 @@ from jax.sharding import PartitionSpec as P
 from nsa_jax import ops
 from nsa_jax import reference
 from nsa_jax import selection
-from nsa_jax import xla
 from nsa_jax.config import NSAConfig
 from nsa_jax.parallel import compat
 from nsa_jax.parallel import halo
@@ -122,13 +124,30 @@ def _layout(mesh, q, k, seq_len, config, context) -> _Layout:
                  seq=context.axis if shards > 1 else None, num_shards=shards)
 
 
-def _window_fn(impl, config, q, k, v, k_cmp, v_cmp, k_win, v_win, scale):
-  """The window implementation ``ops.nsa_attention(impl=...)`` would run."""
+@dataclasses.dataclass(frozen=True)
+class _Branches:
+  """The implementations a sequence shard runs (``ops`` signatures).
+
+  ``compressed`` and ``selected`` take ``q_offset``: the shard's queries sit
+  at positions o .. o + Tl - 1 of the keys they are given.
+  """
+
+  compressed: Callable
+  selected: Callable
+  window: Callable
+
+
+def _branches(impl, config, q, k, v, k_cmp, v_cmp, k_win, v_win, scale):
+  """What ``ops.nsa_attention(impl=...)`` would run for branches 1-3."""
   if impl == "reference":
-    return reference.sliding_window_attention_reference
-  return ops.resolve_nsa(impl, config, q, k, v, k_cmp, v_cmp, k_win=k_win,
-                         v_win=v_win, scale=scale)[
-                             "sliding_window_attention"].fn
+    return _Branches(reference.compressed_attention_reference,
+                     reference.selected_attention_reference,
+                     reference.sliding_window_attention_reference)
+  chosen = ops.resolve_nsa(impl, config, q, k, v, k_cmp, v_cmp, k_win=k_win,
+                           v_win=v_win, scale=scale)
+  return _Branches(chosen["compressed_attention"].fn,
+                   chosen["selected_attention"].fn,
+                   chosen["sliding_window_attention"].fn)
 
 
 def _gather_compressed(x, num_cmp, axis):
@@ -137,7 +156,7 @@ def _gather_compressed(x, num_cmp, axis):
 
 
 def _sequence_split(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, *, config,
-                    scale, window_fn, context, num_shards, num_cmp):
+                    scale, branches, context, num_shards, num_cmp):
   """One sequence shard of NSA (inside shard_map): Tl positions from
   o = shard * Tl, compressed tokens as padded shards of Tc."""
   axis = context.axis
@@ -145,7 +164,7 @@ def _sequence_split(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, *, config,
   offset = lax.axis_index(axis) * tl
   k_cmp = _gather_compressed(k_cmp, num_cmp, axis)
   v_cmp = _gather_compressed(v_cmp, num_cmp, axis)
-  o_cmp, lse = xla.compressed_attention(
+  o_cmp, lse = branches.compressed(
       q, k_cmp, v_cmp, block_size=config.cmp_block, stride=config.cmp_stride,
       scale=scale, q_offset=offset)
   q_s, k_cmp_s, lse_s = lax.stop_gradient((q, k_cmp, lse))
@@ -153,7 +172,8 @@ def _sequence_split(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, *, config,
                                   q_offset=offset, seq_len=tl * num_shards)
   positions = jnp.broadcast_to(offset + jnp.arange(tl), q.shape[:2])
   blocks = selection.top_n_at(scores, positions, config)
-  branch2 = dict(block_size=config.sel_block, scale=scale, axis=axis)
+  branch2 = dict(block_size=config.sel_block, scale=scale, axis=axis,
+                 attend=branches.selected)
   if context.strategy == "gather":
     o_slc = selected.gather_selected(q, k, v, blocks, num_shards=num_shards,
                                      capacity=context.capacity, **branch2)
@@ -162,8 +182,8 @@ def _sequence_split(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, *, config,
   q_f, k_f, v_f, start = halo.window_frame(q, k_win, v_win,
                                            window=config.window, axis=axis,
                                            num_shards=num_shards)
-  o_win = halo.read_rows(window_fn(q_f, k_f, v_f, window=config.window,
-                                   scale=scale), start, tl)
+  o_win = halo.read_rows(branches.window(q_f, k_f, v_f, window=config.window,
+                                         scale=scale), start, tl)
   return ops.combine_branches(gates, o_cmp, o_slc, o_win)
 
 
@@ -237,10 +257,10 @@ def sharded_nsa_attention(q, k, v, gates, config: NSAConfig, *, k_cmp, v_cmp,
                               impl=impl, context=context,
                               num_shards=layout.num_shards, num_cmp=num_cmp)
     else:
-      window_fn = _window_fn(impl, config, q, k, v, k_cmp[:, :num_cmp],
-                             v_cmp[:, :num_cmp], k_win, v_win, scale)
+      branches = _branches(impl, config, q, k, v, k_cmp[:, :num_cmp],
+                           v_cmp[:, :num_cmp], k_win, v_win, scale)
       run = functools.partial(_sequence_split, config=config, scale=scale,
-                              window_fn=window_fn, context=context,
+                              branches=branches, context=context,
                               num_shards=layout.num_shards, num_cmp=num_cmp)
   mapped = compat.shard_map(
       run, mesh=mesh,

@@ -16,8 +16,16 @@ them. Two ways to make those blocks local, both exact:
                call (one ``lax.cond`` on a max over shards): exact always,
                cheaper when the picks are concentrated.
 
-Both end in ``xla.selected_attention`` with the queries' offset into the
-keys they hold (``docs/CONTEXT_PARALLEL.md`` has the volumes).
+Both end in ``attend``, the selected-attention implementation the call
+resolved to (the Pallas kernel on a GPU, ``xla.selected_attention``
+elsewhere), with the queries' offset into the keys they hold
+(``docs/CONTEXT_PARALLEL.md`` has the volumes).
+
+In the gather frame a query's position is ``P * C * l' + (t - o)``: its own
+shard's keys keep their distances to it, and every received block lies
+before the frame offset, wholly in the past of every query, as the remote
+blocks it stands for (they come from earlier shards). So the frame's causal
+rule ``s <= P * C * l' + r`` is the global ``s <= t`` block by block.
 """
 
 from __future__ import annotations
@@ -25,16 +33,8 @@ from __future__ import annotations
 from jax import lax
 import jax.numpy as jnp
 
-from nsa_jax import xla
 
-
-def _attend(q, k, v, block_indices, q_offset, *, block_size, scale):
-  return xla.selected_attention(q, k, v, block_indices,
-                                block_size=block_size, scale=scale,
-                                q_offset=q_offset)
-
-
-def allgather(q, k, v, block_indices, *, block_size, scale, axis):
+def allgather(q, k, v, block_indices, *, block_size, scale, axis, attend):
   """Selected attention of this shard's queries against the gathered K/V.
 
   Args:
@@ -42,14 +42,17 @@ def allgather(q, k, v, block_indices, *, block_size, scale, axis):
       shard's slices).
     block_indices: int32 [B, Tl, Hkv, n], global block numbers or -1.
     block_size: l'. scale: softmax scale. axis: the sequence mesh axis.
+    attend: ``ops.selected_attention``'s implementation signature with
+      ``q_offset``: ``attend(q, k, v, block_indices, *, block_size, scale,
+      q_offset)``.
 
   Returns:
     [B, Tl, Hq, Dv].
   """
   gather = lambda x: lax.all_gather(x, axis, axis=1, tiled=True)
   offset = lax.axis_index(axis) * q.shape[1]
-  return _attend(q, gather(k), gather(v), block_indices, offset,
-                 block_size=block_size, scale=scale)
+  return attend(q, gather(k), gather(v), block_indices,
+                block_size=block_size, scale=scale, q_offset=offset)
 
 
 def _requests(block_indices, first_local, num_blocks):
@@ -74,7 +77,7 @@ def _ranks(mask, blocks_per_shard):
 
 
 def gather_selected(q, k, v, block_indices, *, block_size, scale, axis,
-                    num_shards, capacity):
+                    attend, num_shards, capacity):
   """Selected attention with only the picked remote blocks fetched.
 
   Needs Tl a multiple of l' (a block never straddles two shards).
@@ -82,6 +85,7 @@ def gather_selected(q, k, v, block_indices, *, block_size, scale, axis,
   Args:
     q, k, v, block_indices: as ``allgather``.
     block_size: l'. scale: softmax scale. axis: the sequence mesh axis.
+    attend: the selected-attention implementation, as ``allgather``.
     num_shards: P.
     capacity: C, blocks per (source shard, batch row, kv head) the
       all-to-all carries; more picks than that switch to ``allgather``.
@@ -133,11 +137,11 @@ def gather_selected(q, k, v, block_indices, *, block_size, scale, axis,
 
   def selected_only(q, k, v):
     k_f, v_f = fetch(k, v)
-    return _attend(q, k_f, v_f, renamed, frame_offset,
-                   block_size=block_size, scale=scale)
+    return attend(q, k_f, v_f, renamed, block_size=block_size, scale=scale,
+                  q_offset=frame_offset)
 
   def everything(q, k, v):
     return allgather(q, k, v, block_indices, block_size=block_size,
-                     scale=scale, axis=axis)
+                     scale=scale, axis=axis, attend=attend)
 
   return lax.cond(overflow, everything, selected_only, q, k, v)

@@ -5,7 +5,9 @@ and bfloat16, batch 2: forward and gradients, by relative norm against the
 XLA path on float32 copies of the inputs (METHOD.md). The ``documents``
 tests repeat this with packed documents (segment ids), and check
 FullAttention's document path (jax's Pallas flash attention) against XLA's
-masked attention.
+masked attention. The ``offset`` tests run the compressed and selected
+kernels per sequence shard (context parallelism, T 8192 in 4 shards): each
+shard's queries with their offset against every key.
 """
 
 import functools
@@ -106,17 +108,61 @@ def test_select_blocks(shape):
   assert_same_sets_up_to_ties(got, want, scores, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape", OP_SHAPES, ids=OP_IDS)
-def test_selected_attention(shape):
-  x = _inputs(*shape)
+def _xla_block_table(x):
+  """int32 [B, T, Hkv, n]: the blocks the xla path selects for inputs x."""
   with jax.default_matmul_precision("highest"):
     _, lse = ops.compressed_attention(
         x["q"], x["k_cmp"], x["v_cmp"], block_size=CONFIG.cmp_block,
         stride=CONFIG.cmp_stride, impl="xla")
-    idx = ops.select_blocks(x["q"], x["k_cmp"], lse, CONFIG, impl="xla")
+    return ops.select_blocks(x["q"], x["k_cmp"], lse, CONFIG, impl="xla")
+
+
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=OP_IDS)
+def test_selected_attention(shape):
+  x = _inputs(*shape)
+  idx = _xla_block_table(x)
   fn = lambda q, k, v, impl: ops.selected_attention(
       q, k, v, idx, block_size=CONFIG.sel_block, impl=impl)
   _check(fn, (x["q"], x["k"], x["v"]), x["d_out"], shape[-1])
+
+
+# One shard of T = 8192 split in 4, as allgather runs it: queries
+# o .. o + 2047 against every compressed token and every raw key.
+SHARD_SHAPES = [(1, 8192, 2, 16, 192, 128, jnp.bfloat16),
+                (1, 8192, 4, 1, 128, 128, jnp.float32)]
+SHARD_IDS = [f"B{b}-T{t}-Hkv{h}-G{g}-Dk{dk}-Dv{dv}-{jnp.dtype(d).name}"
+             for b, t, h, g, dk, dv, d in SHARD_SHAPES]
+NUM_SHARDS = 4
+
+
+@pytest.mark.parametrize("shape", SHARD_SHAPES, ids=SHARD_IDS)
+def test_compressed_attention_offset(shape):
+  x = _inputs(*shape)
+  tl = shape[1] // NUM_SHARDS
+  for shard in range(NUM_SHARDS):
+    rows = slice(shard * tl, (shard + 1) * tl)
+    # A traced offset (as in shard_map): one kernel for all four shards.
+    offset = jnp.int32(shard * tl)
+    fn = lambda q, kc, vc, impl, o=offset: ops.compressed_attention(
+        q, kc, vc, block_size=CONFIG.cmp_block, stride=CONFIG.cmp_stride,
+        q_offset=o, impl=impl)[0]
+    _check(fn, (x["q"][:, rows], x["k_cmp"], x["v_cmp"]),
+           x["d_out"][:, rows], shape[-1])
+
+
+@pytest.mark.parametrize("shape", SHARD_SHAPES, ids=SHARD_IDS)
+def test_selected_attention_offset(shape):
+  x = _inputs(*shape)
+  idx = _xla_block_table(x)
+  tl = shape[1] // NUM_SHARDS
+  for shard in range(NUM_SHARDS):
+    rows = slice(shard * tl, (shard + 1) * tl)
+    offset = jnp.int32(shard * tl)
+    fn = lambda q, k, v, impl, o=offset, rows=rows: ops.selected_attention(
+        q, k, v, idx[:, rows], block_size=CONFIG.sel_block, q_offset=o,
+        impl=impl)
+    _check(fn, (x["q"][:, rows], x["k"], x["v"]), x["d_out"][:, rows],
+           shape[-1])
 
 
 @pytest.mark.parametrize("shape", OP_SHAPES, ids=OP_IDS)

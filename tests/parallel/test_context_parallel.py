@@ -72,8 +72,16 @@ CASES = [
     pytest.param(2, 64, "gather", 2, "xla", id="P2-gather"),
     pytest.param(2, 64, "gather", 1, "xla", id="P2-gather-falls-back"),
     pytest.param(2, 64, "heads", 4, "xla", id="P2-heads"),
-    pytest.param(2, 64, "allgather", 4, "pallas", id="P2-pallas-window"),
+    # The Pallas kernels per shard (interpreted here): branch 1 and 2 with
+    # the shard's traced offset, 2 against all keys, or against the gather
+    # frame [received blocks | own keys] at offset P * C * l'; the window on
+    # the halo frame.
+    pytest.param(4, 64, "allgather", 4, "pallas", id="P4-pallas"),
+    pytest.param(2, 64, "gather", 2, "pallas", id="P2-gather-pallas"),
 ]
+# The kernels a sequence shard runs with impl="pallas" (pallas_call names).
+KERNELS = ("nsa_compressed_attention_fwd", "nsa_compressed_attention_dkv",
+           "nsa_selected_attention_fwd", "nsa_selected_attention_dkv")
 
 
 @pytest.mark.parametrize("num_shards, seq_len, strategy, capacity, impl",
@@ -87,6 +95,9 @@ def test_sharded_nsa_equals_single_device(num_shards, seq_len, strategy,
   sharded = _value_and_grad(
       _nsa(parallel.sharded_nsa_attention, impl=impl, mesh=mesh,
            context=context), cotangent)
+  if impl == "pallas":
+    program = str(jax.make_jaxpr(sharded)(*arrays))
+    assert all(name in program for name in KERNELS)
   compiled = jax.jit(sharded).lower(*arrays).compile()
   out, grads = compiled(*arrays)
   want_out, want_grads = _reference(seq_len)
