@@ -229,9 +229,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   dv_ref[...] = dv_acc
 
 
-def _pad_inputs(q, k_cmp, v_cmp, st: _Static):
+def _pad_inputs(q, k_cmp, v_cmp, st: _Static, block_q: int):
+  """Grouped q (T padded to a multiple of block_q), padded k_cmp, v_cmp."""
   hkv = k_cmp.shape[2]
-  block_q, block_k = st.launch.block_q, st.launch.block_k
+  block_k = st.launch.block_k
   seq_pad = tc.round_up(st.seq_len, block_q)
   group_p = tc.next_pow2(st.group)
   dk_p = tc.next_pow2(q.shape[-1], tc.MIN_DOT_DIM)
@@ -244,10 +245,10 @@ def _pad_inputs(q, k_cmp, v_cmp, st: _Static):
 
 
 def _fwd(q, k_cmp, v_cmp, starts, offset, st: _Static):
-  q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
+  block_q = st.launch.forward_block_q
+  q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st, block_q)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
-  block_q = st.launch.block_q
   starts_spec, starts_arg = group_tiles.starts_input(
       starts, seq_pad, group_tiles.starts_spec(block_q))
   offset_spec, offset_arg = group_tiles.offset_input(offset)
@@ -277,10 +278,12 @@ def _bwd(q, k_cmp, v_cmp, starts, offset, out, lse, m, log2l, d_out, d_lse,
          st: _Static):
   """dQ, dK, dV; m and log2l are the forward's grouped residuals, offset
   the int32 [1] query offset or None."""
-  q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st)
+  block_q, block_k = st.launch.block_q, st.launch.block_k
+  q5, k_p, v_p = _pad_inputs(q, k_cmp, v_cmp, st, block_q)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   tc_pad, dv_p = v_p.shape[1], v_p.shape[-1]
-  block_q, block_k = st.launch.block_q, st.launch.block_k
+  # The forward may tile (and so pad) the positions differently.
+  m, log2l = (tc.pad_axis(x[:, :seq_pad], 1, seq_pad) for x in (m, log2l))
   do5, delta4 = group_tiles.delta_rows(out, d_out, q5, dv_p, d_lse=d_lse,
                                        lse=lse)
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
@@ -385,7 +388,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
                          num_stages: int | None = None,
                          segment: int | None = None,
                          doc_starts=None,
-                         q_offset=0):
+                         q_offset=0,
+                         fwd_block_q: int | None = None):
   """NSA branch 1 (section 3.3.1) as a fused Pallas Triton kernel.
 
   Query t sees compressed token i iff its whole block is in the past,
@@ -411,6 +415,9 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
     block_q: query positions per program (power of two); None: from the
       launch table.
     block_k: compressed tokens per inner step (power of two, >= 16).
+    fwd_block_q: query positions per forward program, if not block_q's;
+      None: the launch table's (which has its own for some shapes), or
+      block_q when that is given.
     num_warps: Triton warps; None: from the launch table.
     num_stages: Triton pipelining stages; None: from the launch table.
     segment: query positions per dK/dV program (a multiple of block_q);
@@ -478,7 +485,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
       "compressed", group=group, seq_len=seq_len, num_keys=num_cmp,
       head_dim=max(head_dim, v_cmp.shape[-1]),
       itemsize=jnp.dtype(q.dtype).itemsize, block_q=block_q, block_k=block_k,
-      num_warps=num_warps, num_stages=num_stages)
+      num_warps=num_warps, num_stages=num_stages, fwd_block_q=fwd_block_q)
   if segment is not None and (segment < 1 or segment % launch.block_q):
     raise ValueError(f"{segment=} must be a positive multiple of "
                      f"block_q={launch.block_q}")

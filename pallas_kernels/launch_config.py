@@ -70,23 +70,35 @@ class LaunchConfig:
     block_k: compressed tokens (keys) per inner-loop step; >= 16.
     num_warps: Triton warps per program (a power of two).
     num_stages: Triton software-pipelining stages (>= 1).
+    fwd_block_q: query positions per forward program of the compressed
+      kernel where it differs from the backward's ``block_q``; None: the
+      same (``forward_block_q``).
   """
 
   block_q: int
   block_k: int
   num_warps: int
   num_stages: int
+  fwd_block_q: int | None = None
 
   def __post_init__(self):
     _check_warps_and_stages(self.num_warps, self.num_stages)
     _check_power_of_two(block_q=self.block_q, block_k=self.block_k)
+    if self.fwd_block_q is not None:
+      _check_power_of_two(fwd_block_q=self.fwd_block_q)
     if self.block_k < tc.MIN_DOT_DIM:
       raise ValueError(f"block_k={self.block_k} keys per step; plgpu.dot "
                        f"needs >= {tc.MIN_DOT_DIM}")
 
+  @property
+  def forward_block_q(self) -> int:
+    """Query positions per forward program."""
+    return self.block_q if self.fwd_block_q is None else self.fwd_block_q
+
   def check_group(self, group: int) -> None:
     """Raises ValueError unless every tile has >= 16 rows for group G."""
     _check_rows("block_q", self.block_q, group)
+    _check_rows("fwd_block_q", self.forward_block_q, group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +149,12 @@ _TABLE = {
                  256: (16, 64, 4, 2)},
 }
 
+# Forward query rows where they beat the bucket's shared entry (2-byte
+# inputs; measured forward alone at 64k, block_k 64, 4 warps, 2 stages):
+# compressed, 128 bucket, 128 rows 11.9 against 13.2 ms at Hq 64 / Hkv 4
+# and 6.9 against 7.3 ms at Hq 32 / Hkv 8.
+_FWD_ROWS = {"compressed": {128: 128}}
+
 # The selected kernel's dK/dV step splits each key block's list of query
 # positions into segments of S positions, one program each (see
 # ``selected_segment``). PROVISIONAL, NOT MEASURED: the smallest S, and the
@@ -159,7 +177,7 @@ def table_entries(kernel: str):
 
 
 def make_config(entry, *, group: int, seq_len: int, num_keys: int = 0,
-                block_k_in_rows: bool = False):
+                block_k_in_rows: bool = False, fwd_rows: int | None = None):
   """Turns a table entry into a launch config fitted to one problem.
 
   Args:
@@ -169,6 +187,8 @@ def make_config(entry, *, group: int, seq_len: int, num_keys: int = 0,
     num_keys: keys the inner loop walks (Tc for branch 1).
     block_k_in_rows: the entry is the selected kernel's, whose second tile
       counts dK/dV query rows; gives a ``SelectedLaunchConfig``.
+    fwd_rows: query rows of the compressed kernel's forward, if not the
+      entry's.
 
   Returns:
     A ``LaunchConfig`` (or ``SelectedLaunchConfig``) whose tiles are powers
@@ -184,7 +204,8 @@ def make_config(entry, *, group: int, seq_len: int, num_keys: int = 0,
                                 num_warps=num_warps, num_stages=num_stages)
   block_k = max(tc.MIN_DOT_DIM, min(second, tc.next_pow2(num_keys)))
   return LaunchConfig(block_q=fit(rows), block_k=block_k,
-                      num_warps=num_warps, num_stages=num_stages)
+                      num_warps=num_warps, num_stages=num_stages,
+                      fwd_block_q=None if fwd_rows is None else fit(fwd_rows))
 
 
 def get_config(kernel: str, *, group: int, head_dim: int, seq_len: int,
@@ -203,8 +224,11 @@ def get_config(kernel: str, *, group: int, head_dim: int, seq_len: int,
              num_warps, 1)
   elif itemsize >= 4:
     entry = (rows, second, num_warps, min(num_stages, 2))
+  fwd_rows = None
+  if itemsize < 4:  # float32's wider tiles keep the shared entry
+    fwd_rows = _FWD_ROWS.get(kernel, {}).get(_bucket(head_dim))
   return make_config(entry, group=group, seq_len=seq_len, num_keys=num_keys,
-                     block_k_in_rows=kernel == "selected")
+                     block_k_in_rows=kernel == "selected", fwd_rows=fwd_rows)
 
 
 def resolve(kernel: str, *, group: int, head_dim: int, seq_len: int,
@@ -238,6 +262,9 @@ def resolve(kernel: str, *, group: int, head_dim: int, seq_len: int,
                      f"kernel; those are {sorted(fields)}")
   given = {name: value for name, value in overrides.items()
            if value is not None}
+  if "block_q" in given and "fwd_block_q" in fields:
+    # A caller's block_q sets the forward's too unless it sets that.
+    given.setdefault("fwd_block_q", None)
   launch = dataclasses.replace(launch, **given)
   launch.check_group(group)
   return launch

@@ -38,6 +38,30 @@ def _loss(fn, d_out):
   return jax.jit(loss)
 
 
+def _check_against_reference(kernel, q, k, v, d_out, dtype):
+  """Forward, lse and gradients of ``kernel`` against the reference."""
+  ref = jax.jit(functools.partial(reference.compressed_attention_reference,
+                                  block_size=L, stride=D))
+  out, lse = kernel(q, k, v)
+  ref_out, ref_lse = ref(q, k, v)
+  assert out.dtype == q.dtype and lse.dtype == jnp.float32
+  u.assert_close(out, ref_out, dtype)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+  # Queries t < l - 1 see nothing: exactly 0 and -inf.
+  assert np.all(np.asarray(out[:, :L - 1]) == 0)
+  assert np.all(np.isneginf(np.asarray(lse[:, :L - 1])))
+  finite = np.isfinite(np.asarray(ref_lse))
+  u.assert_close(np.where(finite, lse, 0), np.where(finite, ref_lse, 0),
+                 dtype)
+
+  grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
+  u.assert_finite(grads)
+  u.assert_close(grads, ref_grads, dtype, "grad")
+  # Rows that see nothing get no gradient.
+  assert np.all(np.asarray(grads[0][:, :L - 1]) == 0)
+
+
 class CompressedAttentionCases:
   """The kernel's tests; subclasses say whether it runs interpreted."""
 
@@ -53,9 +77,9 @@ class CompressedAttentionCases:
           (100, 1, 3, 16, 24, jnp.float32, 16, None),  # G=3 padded, 2 chunks
           (8, 1, 2, 16, 16, jnp.float32, None, None),  # T = l: Tc = 1
           (30, 1, 2, 16, 24, jnp.float16, None, None),
-          # dK/dV over 4 query segments of 32 positions, 2 chunks; segments
-          # before a chunk's first query write zeros.
-          (100, 1, 2, 16, 16, jnp.float32, 16, 32),
+          # dK/dV over 2 query segments of 64 positions, 2 chunks; the
+          # segment before chunk 1's first query (t = 71) writes zeros.
+          (100, 1, 2, 16, 16, jnp.float32, 16, 64),
       ])
   def test_forward_and_gradients(self, seq_len, num_kv_heads, group, dk, dv,
                                  dtype, block_k, segment):
@@ -63,26 +87,19 @@ class CompressedAttentionCases:
     kernel = jax.jit(functools.partial(
         compressed_attention, block_size=L, stride=D,
         interpret=self.INTERPRET, block_k=block_k, segment=segment))
-    ref = jax.jit(functools.partial(reference.compressed_attention_reference,
-                                    block_size=L, stride=D))
-    out, lse = kernel(q, k, v)
-    ref_out, ref_lse = ref(q, k, v)
-    assert out.dtype == q.dtype and lse.dtype == jnp.float32
-    u.assert_close(out, ref_out, dtype)
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
-    # Queries t < l - 1 see nothing: exactly 0 and -inf.
-    assert np.all(np.asarray(out[:, :L - 1]) == 0)
-    assert np.all(np.isneginf(np.asarray(lse[:, :L - 1])))
-    finite = np.isfinite(np.asarray(ref_lse))
-    u.assert_close(np.where(finite, lse, 0), np.where(finite, ref_lse, 0),
-                   dtype)
+    _check_against_reference(kernel, q, k, v, d_out, dtype)
 
-    grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
-    u.assert_finite(grads)
-    u.assert_close(grads, ref_grads, dtype, "grad")
-    # Rows that see nothing get no gradient.
-    assert np.all(np.asarray(grads[0][:, :L - 1]) == 0)
+  @pytest.mark.parametrize("block_q,fwd_block_q,dtype", [
+      (8, 32, jnp.bfloat16),  # residuals cut from 128 padded rows to 104
+      (32, 8, jnp.float32),  # residuals padded from 104 rows to 128
+  ])
+  def test_forward_tiles_differ_from_backward(self, block_q, fwd_block_q,
+                                              dtype):
+    q, k, v, d_out = _inputs(100, 1, 2, 16, 16, dtype)
+    kernel = jax.jit(functools.partial(
+        compressed_attention, block_size=L, stride=D,
+        interpret=self.INTERPRET, block_q=block_q, fwd_block_q=fwd_block_q))
+    _check_against_reference(kernel, q, k, v, d_out, dtype)
 
   def test_no_compressed_tokens(self):
     q, k, v, d_out = _inputs(5, 1, 2, 16, 24, jnp.float32)  # T < l: Tc = 0
