@@ -356,10 +356,14 @@ def save_rows(path: str, rows):
 # Launch candidates ``tune`` times per kernel: (rows, second tile, warps,
 # stages), the table's format (``pallas_kernels.launch_config``); for the
 # block-score kernel the second entry is unused (16 blocks per step).
+# "compressed_fwd" times the compressed kernel's forward alone, for its own
+# query tile (``launch_config._FWD_ROWS``).
 TUNE_CANDIDATES = {
     "compressed": [(rows, block_k, warps, stages)
                    for rows in (64, 128) for block_k in (32, 64)
                    for warps in (4, 8) for stages in (2, 3)],
+    "compressed_fwd": [(rows, block_k, warps, 2) for rows in (64, 128, 256)
+                       for block_k in (64, 128) for warps in (4, 8)],
     "selected": [(rows, 64, warps, stages) for rows in (16, 32, 64)
                  for warps in (4, 8) for stages in (2, 3)],
     "block_scores": [(rows, 16, warps, stages) for rows in (64, 128)
@@ -389,11 +393,13 @@ def tune(shape: Shape, seq_len: int, config: NSAConfig, dtype, *,
 
   def candidate_fn(kernel, entry):
     rows, second, warps, stages = entry
-    if kernel == "compressed":
+    if kernel in ("compressed", "compressed_fwd"):
       f = lambda q, kc, vc: pk.compressed_attention(
           q, kc, vc, block_size=config.cmp_block, stride=config.cmp_stride,
           block_q=positions(rows), block_k=second, num_warps=warps,
           num_stages=stages)
+      if kernel == "compressed_fwd":
+        return f, (q, k_cmp, v_cmp)
       return fwd_bwd(f, (0, 1, 2)), (q, k_cmp, v_cmp)
     if kernel == "selected":
       f = lambda q, k, v, idx: pk.selected_attention(
