@@ -37,6 +37,12 @@ def _cudnn_on_cpu(q, k, v, *, window, scale):
                                         attention=attention)
 
 
+def _grads(loss):
+  """Gradients of ``loss`` in q, k, v, jitted: one compiled program where
+  eager ``jax.grad`` runs the loss's glue op by op."""
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
 def _selected(impl, x, table):
   return ops.selected_attention(x["q"], x["k"], x["v"], table,
                                 block_size=L_SEL, impl=impl)
@@ -60,9 +66,8 @@ def test_repeated_block_counts_once(impl):
   args = (x["q"], x["k"], x["v"])
   chex.assert_trees_all_close(_selected(impl, x, twice),
                               _selected(impl, x, once), atol=1e-6)
-  chex.assert_trees_all_close(jax.grad(loss(twice), argnums=(0, 1, 2))(*args),
-                              jax.grad(loss(once), argnums=(0, 1, 2))(*args),
-                              atol=1e-6)
+  chex.assert_trees_all_close(_grads(loss(twice))(*args),
+                              _grads(loss(once))(*args), atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -107,10 +112,9 @@ def test_non_finite_key_outside_the_window(impl, name, value):
   # The queries that see it get NaN, on every path alike.
   seen = np.arange(position, position + window)
   assert np.isnan(_visible(out, seen)).all()
-  grads = jax.grad(lambda q, k, v: jnp.sum(  # pylint: disable=g-long-lambda
+  grads = _grads(lambda q, k, v: jnp.sum(  # pylint: disable=g-long-lambda
       jnp.where(jnp.arange(CASE.t)[None, :, None, None] < position,
-                run(q, k, v, window=window), 0)), argnums=(0, 1, 2))(
-                    y["q"], y["k"], y["v"])
+                run(q, k, v, window=window), 0)))(y["q"], y["k"], y["v"])
   chex.assert_tree_all_finite(grads)
 
 
@@ -159,8 +163,8 @@ def test_large_logits_gradients(impl):
   def loss(fn):
     return lambda q, k, v: jnp.sum(fn(q, k, v, window=16) * d_out)
   ref = functools.partial(reference.sliding_window_attention_reference)
-  grads = jax.grad(loss(run), argnums=(0, 1, 2))(q, k, v)
-  want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+  grads = _grads(loss(run))(q, k, v)
+  want = _grads(loss(ref))(q, k, v)
   chex.assert_trees_all_close(run(q, k, v, window=16), ref(q, k, v, window=16),
                               atol=1e-5, rtol=1e-5)
   # dV is a sum of probabilities times dO (|dV| <= ~10): 1e-4 absolute.
@@ -182,8 +186,8 @@ def test_large_logits_compressed_gradients(impl):
     return lambda q, k, v: jnp.sum(fn(q, k, v, **kw)[0] * d_out)
   run = functools.partial(ops.compressed_attention, impl=impl)
   ref = reference.compressed_attention_reference
-  grads = jax.grad(loss(run), argnums=(0, 1, 2))(q, k_cmp, v_cmp)
-  want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k_cmp, v_cmp)
+  grads = _grads(loss(run))(q, k_cmp, v_cmp)
+  want = _grads(loss(ref))(q, k_cmp, v_cmp)
   # dV_cmp is a sum of probabilities times dO: 1e-4 absolute.
   np.testing.assert_allclose(grads[2], want[2], atol=1e-4)
 
@@ -203,9 +207,9 @@ def test_kernels_run_under_x64(dtype):
 
   x = make_inputs(case, dtype)
   args = (x["q"], x["k"], x["v"])
-  want = jax.grad(loss, argnums=(0, 1, 2))(*args)
+  want = _grads(loss)(*args)
   with jax.enable_x64(True):
-    got = jax.grad(loss, argnums=(0, 1, 2))(*args)
+    got = _grads(loss)(*args)
   chex.assert_trees_all_equal(got, want)
 
 

@@ -24,6 +24,11 @@ def _close(actual, expected, dtype):
       **TOLERANCE[dtype])
 
 
+def _grads(loss, argnums=(0, 1, 2)):
+  """Jitted gradients: one compiled program, not the loss's glue op by op."""
+  return jax.jit(jax.grad(loss, argnums=argnums))
+
+
 def _compressed(impl, x):
   return ops.compressed_attention(
       x["q"], x["k_cmp"], x["v_cmp"], block_size=TINY.cmp_block,
@@ -59,7 +64,7 @@ def test_compressed_attention_blind_queries_are_zero(case):
                                       stride=TINY.cmp_stride, impl=impl)
       return (o ** 2).sum() + jnp.where(jnp.isfinite(l), l, 0.0).sum()
 
-    grads = jax.grad(loss, argnums=(0, 1, 2))(x["q"], x["k_cmp"], x["v_cmp"])
+    grads = _grads(loss)(x["q"], x["k_cmp"], x["v_cmp"])
     chex.assert_tree_all_finite(grads)
     np.testing.assert_array_equal(grads[0][:, :blind], 0.0)
 
@@ -82,8 +87,7 @@ def test_selected_attention_empty_table_gives_zero(case):
     f = lambda q, k, v: ops.selected_attention(
         q, k, v, table, block_size=TINY.sel_block, impl=impl)
     np.testing.assert_array_equal(f(x["q"], x["k"], x["v"]), 0.0)
-    grads = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(
-        x["q"], x["k"], x["v"])
+    grads = _grads(lambda *a: f(*a).sum())(x["q"], x["k"], x["v"])
     chex.assert_tree_all_finite(grads)
 
 
@@ -134,15 +138,14 @@ def _nsa_loss(impl):
     out = ops.nsa_attention(q, k, v, gates, TINY, k_cmp=k_cmp, v_cmp=v_cmp,
                             impl=impl)
     return (out * jnp.cos(out)).sum()
-  # Jitted: eager calls run the ops' XLA glue op by op, each compiled alone.
-  return jax.jit(loss)
+  return loss
 
 
 def test_nsa_gradients_match_reference(case):
   x = make_inputs(case)
   args = [x[n] for n in ("q", "k", "v", "gates", "k_cmp", "v_cmp")]
-  grads = jax.grad(_nsa_loss("xla"), argnums=range(6))(*args)
-  grads_ref = jax.grad(_nsa_loss("reference"), argnums=range(6))(*args)
+  grads = _grads(_nsa_loss("xla"), range(6))(*args)
+  grads_ref = _grads(_nsa_loss("reference"), range(6))(*args)
   chex.assert_tree_all_finite(grads)
   chex.assert_trees_all_close(grads, grads_ref, atol=1e-4, rtol=1e-4)
 
@@ -169,9 +172,8 @@ def test_branch_gradients_match_reference(case):
   arg_sets = [(x["q"], x["k_cmp"], x["v_cmp"]), (x["q"], x["k"], x["v"]),
               (x["q"], x["k"], x["v"])]
   for f, f_ref, args in zip(losses("xla"), losses("reference"), arg_sets):
-    chex.assert_trees_all_close(
-        jax.grad(f, argnums=(0, 1, 2))(*args),
-        jax.grad(f_ref, argnums=(0, 1, 2))(*args), atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(_grads(f)(*args), _grads(f_ref)(*args),
+                                atol=1e-4, rtol=1e-4)
 
 
 def test_jit_with_static_config(case):
@@ -199,13 +201,11 @@ def test_nsa_attention_pallas_interpret(case):
   """impl="pallas" routes every branch through the kernels (interpret mode)."""
   x = make_inputs(case)
   args = [x[n] for n in ("q", "k", "v", "gates", "k_cmp", "v_cmp")]
-  out = _nsa_loss("pallas")(*args)
-  chex.assert_trees_all_close(out, _nsa_loss("reference")(*args), atol=1e-4,
+  # Loss and gradients in one jitted program per impl.
+  run = lambda impl: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
+      _nsa_loss(impl), argnums=range(6)))(*args)
+  chex.assert_trees_all_close(run("pallas"), run("reference"), atol=1e-4,
                               rtol=1e-4)
-  chex.assert_trees_all_close(
-      jax.grad(_nsa_loss("pallas"), argnums=range(6))(*args),
-      jax.grad(_nsa_loss("reference"), argnums=range(6))(*args), atol=1e-4,
-      rtol=1e-4)
 
 
 def test_auto_falls_back_to_xla_for_block_sizes_the_kernel_lacks(monkeypatch):

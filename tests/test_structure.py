@@ -96,9 +96,11 @@ def test_finite_difference_gradients(case, impl):
       return ops.nsa_attention(q, k, v, gates, TINY, k_cmp=k_cmp,
                                v_cmp=v_cmp, impl=impl)
 
+    # Jitted: check_grads calls each function several times; eagerly, the
+    # glue around the ops would run op by op.
     fd = dict(order=1, modes=["rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
-    check_grads(cmp, (x["q"], x["k_cmp"], x["v_cmp"]), **fd)
-    check_grads(slc, (x["q"], x["k"], x["v"]), **fd)
-    check_grads(win, (x["q"], x["k"], x["v"]), **fd)
-    check_grads(nsa, tuple(x[n] for n in ("q", "k", "v", "gates", "k_cmp",
-                                          "v_cmp")), **fd)
+    check_grads(jax.jit(cmp), (x["q"], x["k_cmp"], x["v_cmp"]), **fd)
+    check_grads(jax.jit(slc), (x["q"], x["k"], x["v"]), **fd)
+    check_grads(jax.jit(win), (x["q"], x["k"], x["v"]), **fd)
+    check_grads(jax.jit(nsa), tuple(x[n] for n in (
+        "q", "k", "v", "gates", "k_cmp", "v_cmp")), **fd)

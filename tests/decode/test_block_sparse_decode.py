@@ -1,5 +1,7 @@
 """block_sparse_decode (any block table) against the dense masked reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,23 @@ from nsa_jax.reference import masked_attention
 from nsa_jax.reference import selected_block_mask
 
 BLOCK = 16
+# Jitted: one program per shape, where eager calls run op by op.
+_decode = jax.jit(block_sparse_decode, static_argnames="block_size")
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _row_reference(q, k, v, table, positions, scale):
+  """Dense masked attention of one row's queries [Nq, Hq, Dk] at their
+  ``positions`` [Nq] over the row's whole cache k, v [S, Hkv, D]; ``table``
+  [Nq, Hkv, n]. Jitted: one program for every row of a shape."""
+  size, hkv = k.shape[0], k.shape[1]
+  q_full = jnp.zeros((1, size) + q.shape[1:], q.dtype).at[0, positions].set(q)
+  t_full = jnp.full((1, size, hkv, table.shape[-1]), -1, jnp.int32)
+  t_full = t_full.at[0, positions].set(table)
+  mask = jnp.repeat(selected_block_mask(t_full, size, BLOCK),
+                    q.shape[1] // hkv, axis=2)
+  out, lse = masked_attention(q_full, k[None], v[None], mask, scale)
+  return out[0, positions], lse[0, positions]
 
 
 def _random_table(rng, b, nq, hkv, n, num_blocks):
@@ -38,23 +57,16 @@ def test_equals_the_reference_at_the_query_positions(nq, hq, hkv, dk, dv):
   # Garbage past each row's length must contribute nothing, even NaN.
   pos = jnp.arange(size)[None, :, None, None]
   valid = pos < lengths[:, None, None, None]
-  out, lse = block_sparse_decode(
+  out, lse = _decode(
       q, jnp.where(valid, k, jnp.nan), jnp.where(valid, v, jnp.inf),
       jnp.asarray(table), lengths, block_size=BLOCK)
-  positions = np.asarray(query_positions(lengths, nq))
+  positions = query_positions(lengths, nq)
   for row in range(b):
-    # The reference over the whole cache, queries at their positions.
-    q_full = jnp.zeros((1, size, hq, dk)).at[0, positions[row]].set(q[row])
-    t_full = np.full((1, size, hkv, n), -1, np.int32)
-    t_full[0, positions[row]] = table[row]
-    mask = jnp.repeat(selected_block_mask(jnp.asarray(t_full), size, BLOCK),
-                      hq // hkv, axis=2)
-    want, want_lse = masked_attention(q_full, k[row:row + 1], v[row:row + 1],
-                                      mask, dk ** -0.5)
-    np.testing.assert_allclose(out[row], want[0, positions[row]],
-                               atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(lse[row], want_lse[0, positions[row]],
-                               atol=2e-5, rtol=2e-5)
+    want, want_lse = _row_reference(q[row], k[row], v[row],
+                                    jnp.asarray(table[row]), positions[row],
+                                    dk ** -0.5)
+    np.testing.assert_allclose(out[row], want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(lse[row], want_lse, atol=2e-5, rtol=2e-5)
   assert np.isfinite(np.asarray(out)).all()
 
 
@@ -65,9 +77,9 @@ def test_one_query_form_equals_the_multi_query_form():
   v = jax.random.normal(keys[2], (2, 32, 2, 8))
   table = jnp.array([[[0, 1], [1, -1]], [[-1, -1], [0, -1]]], jnp.int32)
   lengths = jnp.array([20, 7], jnp.int32)
-  one, one_lse = block_sparse_decode(q, k, v, table, lengths, block_size=16)
-  many, many_lse = block_sparse_decode(q[:, None], k, v, table[:, None],
-                                       lengths, block_size=16)
+  one, one_lse = _decode(q, k, v, table, lengths, block_size=16)
+  many, many_lse = _decode(q[:, None], k, v, table[:, None], lengths,
+                           block_size=16)
   np.testing.assert_array_equal(one, many[:, 0])
   np.testing.assert_array_equal(one_lse, many_lse[:, 0])
   # Row 1, kv head 0 has no block: zero output, lse -inf.

@@ -16,8 +16,7 @@ from nsa_jax.decode import attention as attn_lib
 from nsa_jax.decode import benchmark as bench
 import pallas_kernels
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
-                                reason="needs a GPU backend")
+pytestmark = pytest.mark.gpu
 RTOL = {jnp.float32: 2e-4, jnp.bfloat16: 2e-2}
 
 

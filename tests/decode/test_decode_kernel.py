@@ -11,6 +11,14 @@ from pallas_kernels import decode_attention as kernel
 
 BLOCK = 16
 
+# Jitted, settings static: one compiled program per call, where eager calls
+# run the glue around the kernel and the references op by op.
+_kernel = jax.jit(kernel.block_sparse_decode, static_argnames=(
+    "block_size", "window", "ring", "num_splits", "interpret"))
+_reference = jax.jit(kernel.block_sparse_decode_reference,
+                     static_argnames=("block_size", "window", "ring"))
+_xla = jax.jit(decode.block_sparse_decode, static_argnames=("block_size",))
+
 
 def _inputs(b, size, hkv, group, dk, dv, n, dtype=jnp.float32, seed=0):
   """Random q/k/v, a repeat-free table (some -1, some future blocks), NaN
@@ -44,13 +52,10 @@ def test_interpret_mode_equals_xla_path_and_reference(b, size, hkv, group, dk,
                                                       dv, n, splits):
   q, (k, v), (k_bad, v_bad), table, lengths = _inputs(b, size, hkv, group,
                                                       dk, dv, n)
-  out, lse = kernel.block_sparse_decode(q, k_bad, v_bad, table, lengths,
-                                        block_size=BLOCK, num_splits=splits,
-                                        interpret=True)
-  xla_out, xla_lse = decode.block_sparse_decode(q, k_bad, v_bad, table,
-                                                lengths, block_size=BLOCK)
-  ref_out, ref_lse = kernel.block_sparse_decode_reference(
-      q, k, v, table, lengths, block_size=BLOCK)
+  out, lse = _kernel(q, k_bad, v_bad, table, lengths, block_size=BLOCK,
+                     num_splits=splits, interpret=True)
+  xla_out, xla_lse = _xla(q, k_bad, v_bad, table, lengths, block_size=BLOCK)
+  ref_out, ref_lse = _reference(q, k, v, table, lengths, block_size=BLOCK)
   tol = dict(atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(out, xla_out, **tol)
   np.testing.assert_allclose(lse, xla_lse, **tol)
@@ -63,12 +68,12 @@ def test_interpret_mode_equals_xla_path_and_reference(b, size, hkv, group, dk,
 def test_bfloat16_is_close_to_the_float32_reference():
   q, _, (k, v), table, lengths = _inputs(2, 64, 2, 4, 16, 16, 3,
                                          dtype=jnp.bfloat16, seed=3)
-  out, lse = kernel.block_sparse_decode(q, k, v, table, lengths,
-                                        block_size=BLOCK, interpret=True)
+  out, lse = _kernel(q, k, v, table, lengths, block_size=BLOCK,
+                     interpret=True)
   assert out.dtype == jnp.bfloat16
   f32 = lambda x: jnp.where(jnp.isfinite(x), x, 0).astype(jnp.float32)
-  ref_out, ref_lse = kernel.block_sparse_decode_reference(
-      q.astype(jnp.float32), f32(k), f32(v), table, lengths, block_size=BLOCK)
+  ref_out, ref_lse = _reference(q.astype(jnp.float32), f32(k), f32(v), table,
+                                lengths, block_size=BLOCK)
   np.testing.assert_allclose(out.astype(jnp.float32), ref_out, atol=3e-2,
                              rtol=3e-2)
   np.testing.assert_allclose(lse, ref_lse, atol=3e-2, rtol=3e-2)
@@ -107,12 +112,10 @@ def test_window_and_ring_modes_equal_the_reference(window, ring):
   if not ring:
     lengths = jnp.minimum(lengths, 48)
   table = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (3, 2, 3))
-  out, lse = kernel.block_sparse_decode(q, k, v, table, lengths,
-                                        block_size=BLOCK, window=window,
-                                        ring=ring, num_splits=2,
-                                        interpret=True)
-  ref_out, ref_lse = kernel.block_sparse_decode_reference(
-      q, k, v, table, lengths, block_size=BLOCK, window=window, ring=ring)
+  out, lse = _kernel(q, k, v, table, lengths, block_size=BLOCK,
+                     window=window, ring=ring, num_splits=2, interpret=True)
+  ref_out, ref_lse = _reference(q, k, v, table, lengths, block_size=BLOCK,
+                                window=window, ring=ring)
   np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-5)
   if ring:  # the XLA path over the same ring, by explicit slot positions

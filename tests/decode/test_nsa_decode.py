@@ -33,8 +33,11 @@ def test_pallas_branches_equal_xla(shared_kv):
   ks = jax.random.split(jax.random.key(1), 2)
   q = jax.random.normal(ks[0], (4, 1, 8, 16))
   gates = jax.nn.sigmoid(jax.random.normal(ks[1], (4, 1, 8, 3)))
-  xla = attn_lib.nsa_decode(q, gates, cache, TINY, impl="xla")
-  pallas = attn_lib.nsa_decode(q, gates, cache, TINY, impl="pallas")
+  # Jitted, gates an argument: one program per impl for the three gatings.
+  run = {impl: jax.jit(lambda q, gates, cache, impl=impl: attn_lib.nsa_decode(
+      q, gates, cache, TINY, impl=impl)) for impl in ("xla", "pallas")}
+  xla = run["xla"](q, gates, cache)
+  pallas = run["pallas"](q, gates, cache)
   assert np.isfinite(np.asarray(xla)).all()
   np.testing.assert_allclose(pallas, xla, atol=2e-5, rtol=2e-5)
   # The selected and window branches alone (the kernel's), so the
@@ -42,8 +45,7 @@ def test_pallas_branches_equal_xla(shared_kv):
   for branch in ([0.0, 1.0, 0.0], [0.0, 0.0, 1.0]):
     only = gates * jnp.array(branch)
     np.testing.assert_allclose(
-        attn_lib.nsa_decode(q, only, cache, TINY, impl="pallas"),
-        attn_lib.nsa_decode(q, only, cache, TINY, impl="xla"),
+        run["pallas"](q, only, cache), run["xla"](q, only, cache),
         atol=2e-5, rtol=2e-5, err_msg=f"{branch=}")
 
 

@@ -1,5 +1,7 @@
 """Fused block scores and GPU top-n selection vs the references; lowering."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +30,21 @@ def _inputs(config, seq_len, num_kv_heads, group, dk, dtype, seed=0):
   q = u.normal(ks[0], (2, seq_len, num_kv_heads * group, dk), dtype)
   k = u.normal(ks[1], (2, tc, num_kv_heads, dk), dtype)
   v = u.normal(ks[2], (2, tc, num_kv_heads, dk), dtype)
-  _, lse = reference.compressed_attention_reference(
-      q, k, v, block_size=config.cmp_block, stride=config.cmp_stride)
+  _, lse = _compressed_reference(q, k, v, block_size=config.cmp_block,
+                                 stride=config.cmp_stride)
   return q, k, lse
 
 
+_compressed_reference = jax.jit(reference.compressed_attention_reference,
+                                static_argnames=("block_size", "stride"))
+_scores_reference = jax.jit(reference.block_scores_reference,
+                            static_argnums=(3,))
+
+
+# Jitted: called eagerly, the kernels' XLA glue runs op by op, each op
+# compiled alone.
+@functools.partial(jax.jit, static_argnums=(3, 4), static_argnames=(
+    "score_bytes", "launch"))
 def _scores(q, k, lse, config, interpret, **kwargs):
   return block_scores(q, k, lse, cmp_block=config.cmp_block,
                       cmp_stride=config.cmp_stride,
@@ -40,6 +52,8 @@ def _scores(q, k, lse, config, interpret, **kwargs):
                       **kwargs)
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4), static_argnames=(
+    "score_bytes", "launch"))
 def _select(q, k, lse, config, interpret, **kwargs):
   return select_blocks(
       q, k, lse, cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
@@ -69,7 +83,7 @@ class BlockSelectCases:
                                   dtype):
     q, k, lse = _inputs(config, seq_len, hkv, group, dk, dtype)
     got = _scores(q, k, lse, config, self.INTERPRET)
-    want = reference.block_scores_reference(q, k, lse, config)
+    want = _scores_reference(q, k, lse, config)
     assert got.shape == want.shape and got.dtype == jnp.float32
     # Scores are sums of probabilities (<= b * G per block): float32
     # tolerance whatever the input dtype, since both sides upcast the same
@@ -81,7 +95,7 @@ class BlockSelectCases:
                                        dk, dtype):
     q, k, lse = _inputs(config, seq_len, hkv, group, dk, dtype, seed=1)
     got = _select(q, k, lse, config, self.INTERPRET)
-    scores = reference.block_scores_reference(q, k, lse, config)
+    scores = _scores_reference(q, k, lse, config)
     want = selection.top_n_blocks(scores, config)
     assert got.dtype == jnp.int32
     assert_same_sets_up_to_ties(got, want, scores)

@@ -40,10 +40,10 @@ def _loss(fn, d_out):
 
 def _check_against_reference(kernel, q, k, v, d_out, dtype):
   """Forward, lse and gradients of ``kernel`` against the reference."""
-  ref = jax.jit(functools.partial(reference.compressed_attention_reference,
-                                  block_size=L, stride=D))
-  out, lse = kernel(q, k, v)
-  ref_out, ref_lse = ref(q, k, v)
+  ref = functools.partial(reference.compressed_attention_reference,
+                          block_size=L, stride=D)
+  (out, lse), grads = u.output_and_grads(kernel, d_out)(q, k, v)
+  (ref_out, ref_lse), ref_grads = u.output_and_grads(ref, d_out)(q, k, v)
   assert out.dtype == q.dtype and lse.dtype == jnp.float32
   u.assert_close(out, ref_out, dtype)
   np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
@@ -53,9 +53,6 @@ def _check_against_reference(kernel, q, k, v, d_out, dtype):
   finite = np.isfinite(np.asarray(ref_lse))
   u.assert_close(np.where(finite, lse, 0), np.where(finite, ref_lse, 0),
                  dtype)
-
-  grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
   u.assert_finite(grads)
   u.assert_close(grads, ref_grads, dtype, "grad")
   # Rows that see nothing get no gradient.
@@ -84,9 +81,9 @@ class CompressedAttentionCases:
   def test_forward_and_gradients(self, seq_len, num_kv_heads, group, dk, dv,
                                  dtype, block_k, segment):
     q, k, v, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype)
-    kernel = jax.jit(functools.partial(
+    kernel = functools.partial(
         compressed_attention, block_size=L, stride=D,
-        interpret=self.INTERPRET, block_k=block_k, segment=segment))
+        interpret=self.INTERPRET, block_k=block_k, segment=segment)
     _check_against_reference(kernel, q, k, v, d_out, dtype)
 
   @pytest.mark.parametrize("block_q,fwd_block_q,dtype", [
@@ -96,9 +93,9 @@ class CompressedAttentionCases:
   def test_forward_tiles_differ_from_backward(self, block_q, fwd_block_q,
                                               dtype):
     q, k, v, d_out = _inputs(100, 1, 2, 16, 16, dtype)
-    kernel = jax.jit(functools.partial(
+    kernel = functools.partial(
         compressed_attention, block_size=L, stride=D,
-        interpret=self.INTERPRET, block_q=block_q, fwd_block_q=fwd_block_q))
+        interpret=self.INTERPRET, block_q=block_q, fwd_block_q=fwd_block_q)
     _check_against_reference(kernel, q, k, v, d_out, dtype)
 
   def test_no_compressed_tokens(self):
@@ -106,11 +103,10 @@ class CompressedAttentionCases:
     assert k.shape[1] == 0
     kernel = functools.partial(compressed_attention, block_size=L, stride=D,
                                interpret=self.INTERPRET)
-    out, lse = kernel(q, k, v)
+    (out, lse), grads = u.output_and_grads(kernel, d_out)(q, k, v)
     assert out.shape == (2, 5, 2, 24)
     assert np.all(np.asarray(out) == 0)
     assert np.all(np.isneginf(np.asarray(lse)))
-    grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
     u.assert_finite(grads)
     assert np.all(np.asarray(grads[0]) == 0)
 
@@ -118,9 +114,8 @@ class CompressedAttentionCases:
     q, k, v, d_out = _inputs(50, 1, 4, 16, 16, jnp.bfloat16)
     kernel = functools.partial(compressed_attention, block_size=L, stride=D,
                                interpret=self.INTERPRET)
-    run = lambda: (kernel(q, k, v),  # pylint: disable=g-long-lambda
-                   jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v))
-    u.assert_bitwise_equal(run(), run())
+    run = u.output_and_grads(kernel, d_out)
+    u.assert_bitwise_equal(run(q, k, v), run(q, k, v))
 
 
 class TestCompressedAttentionInterpret(CompressedAttentionCases):

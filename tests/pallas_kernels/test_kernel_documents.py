@@ -52,26 +52,13 @@ def _qkv(seq_len, num_kv, group, dk, dv, dtype, num_keys=None, seed=0):
 
 def _check(kernel, ref, args, d_out, dtype):
   """Forward and gradients of ``kernel`` against ``ref``; either returns
-  out or (out, lse), whose lse (finite rows) enters the loss too. One jitted
-  forward-and-backward each (one compilation, not many eager ops).
+  out or (out, lse), whose lse (finite rows) enters the loss too.
 
   Returns:
     The kernel's forward output.
   """
-  def run(fn):
-    def value(*a):
-      out = fn(*a)
-      lse = out[1] if isinstance(out, tuple) else jnp.zeros(())
-      main = out[0] if isinstance(out, tuple) else out
-      return (jnp.sum(main.astype(jnp.float32) * d_out)
-              + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0)),
-              out)
-    argnums = tuple(range(len(args)))
-    (_, out), grads = jax.jit(jax.value_and_grad(value, argnums,
-                                                 has_aux=True))(*args)
-    return out, grads
-  result, grads = run(kernel)
-  want, want_grads = run(ref)
+  result, grads = u.output_and_grads(kernel, d_out)(*args)
+  want, want_grads = u.output_and_grads(ref, d_out)(*args)
   got = result
   if isinstance(got, tuple):
     np.testing.assert_array_equal(np.isneginf(got[1]), np.isneginf(want[1]))

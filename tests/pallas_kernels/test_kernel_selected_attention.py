@@ -80,16 +80,14 @@ class SelectedAttentionCases:
                                  dtype, num_slots, block_q):
     q, k, v, idx, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype,
                                   num_slots)
-    kernel = _kernel(idx, self.INTERPRET, block_q=block_q)
-    ref = _ref(idx)
-    out = kernel(q, k, v)
+    out, grads = u.output_and_grads(
+        _kernel(idx, self.INTERPRET, block_q=block_q), d_out)(q, k, v)
+    ref_out, ref_grads = u.output_and_grads(_ref(idx), d_out)(q, k, v)
     assert out.dtype == q.dtype
-    u.assert_close(out, ref(q, k, v), dtype)
+    u.assert_close(out, ref_out, dtype)
     assert np.all(np.asarray(out[:, 3]) == 0)  # nothing selected
     if seq_len > 20:
       assert np.all(np.asarray(out[:, 20]) == 0)  # only future keys
-    grads = jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v)
     u.assert_finite(grads)
     u.assert_close(grads, ref_grads, dtype, "grad")
     assert np.all(np.asarray(grads[0][:, 3]) == 0)
@@ -100,10 +98,9 @@ class SelectedAttentionCases:
                                   force_initial=True)
     assert int(jnp.sum(jnp.any(idx[0, :, 0] == 0, -1))) == 48
     kernel = _kernel(idx, self.INTERPRET, block_q_dkv=8, dkv_segment=16)
-    u.assert_close(
-        jax.grad(_loss(kernel, d_out), argnums=(1, 2))(q, k, v),
-        jax.grad(_loss(_ref(idx), d_out), argnums=(1, 2))(q, k, v),
-        jnp.float32, "grad")
+    u.assert_close(u.output_and_grads(kernel, d_out)(q, k, v)[1][1:],
+                   u.output_and_grads(_ref(idx), d_out)(q, k, v)[1][1:],
+                   jnp.float32, "grad")
 
   def test_window_mask(self):
     q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
@@ -117,9 +114,8 @@ class SelectedAttentionCases:
       mask = jnp.repeat(mask, 2, axis=2)
       return reference.masked_attention(q, k, v, mask, 16 ** -0.5)[0]
 
-    u.assert_close(kernel(q, k, v), ref(q, k, v), jnp.float32)
-    u.assert_close(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v),
-                   jax.grad(_loss(ref, d_out), argnums=(0, 1, 2))(q, k, v),
+    u.assert_close(u.output_and_grads(kernel, d_out)(q, k, v),
+                   u.output_and_grads(ref, d_out)(q, k, v),
                    jnp.float32, "grad")
 
   def test_garbage_slots_are_empty(self):
@@ -128,22 +124,18 @@ class SelectedAttentionCases:
     garbage = jnp.concatenate(
         [idx, idx[..., :1], jnp.full_like(idx[..., :1], 2**31 - 1),
          jnp.full_like(idx[..., :1], 3), jnp.full_like(idx[..., :1], -7)], -1)
-    clean, dirty = _kernel(idx, self.INTERPRET), _kernel(garbage,
-                                                         self.INTERPRET)
-    np.testing.assert_array_equal(dirty(q, k, v), clean(q, k, v))
-    u.assert_bitwise_equal(
-        jax.grad(_loss(dirty, d_out), argnums=(0, 1, 2))(q, k, v),
-        jax.grad(_loss(clean, d_out), argnums=(0, 1, 2))(q, k, v))
+    run = lambda table: u.output_and_grads(  # pylint: disable=g-long-lambda
+        _kernel(table, self.INTERPRET), d_out)(q, k, v)
+    u.assert_bitwise_equal(run(garbage), run(idx))
 
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
   def test_deterministic(self, dtype):
     """Two runs give the same output and gradients, bit for bit."""
     q, k, v, idx, d_out = _inputs(50, 1, 4, 16, 16, dtype, 3,
                                   force_initial=True)
-    kernel = _kernel(idx, self.INTERPRET, dkv_segment=16, block_q_dkv=4)
-    run = lambda: (kernel(q, k, v),  # pylint: disable=g-long-lambda
-                   jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2))(q, k, v))
-    u.assert_bitwise_equal(run(), run())
+    run = u.output_and_grads(
+        _kernel(idx, self.INTERPRET, dkv_segment=16, block_q_dkv=4), d_out)
+    u.assert_bitwise_equal(run(q, k, v), run(q, k, v))
 
 
 class TestSelectedAttentionInterpret(SelectedAttentionCases):

@@ -27,18 +27,13 @@ def _inputs(seq_len, group, dk, dv, dtype):
 
 
 def _check_against_reference(kernel, window, q, k, v, d_out, dtype):
-  # Jitted: called eagerly, the kernel's XLA glue runs op by op, each op
-  # compiled alone (about 5x slower in interpret mode).
-  kernel = jax.jit(kernel)
-  ref = jax.jit(functools.partial(reference.sliding_window_attention_reference,
-                                  window=window))
-  u.assert_close(kernel(q, k, v), ref(q, k, v), dtype)
-  loss = lambda f: jax.jit(
-      lambda *a: jnp.sum(f(*a).astype(jnp.float32) * d_out))
-  grads = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
+  out, grads = u.output_and_grads(kernel, d_out)(q, k, v)
+  ref = functools.partial(reference.sliding_window_attention_reference,
+                          window=window)
+  want, want_grads = u.output_and_grads(ref, d_out)(q, k, v)
+  u.assert_close(out, want, dtype)
   u.assert_finite(grads)
-  u.assert_close(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v),
-                 dtype, "grad")
+  u.assert_close(grads, want_grads, dtype, "grad")
 
 
 class SlidingWindowCases:
@@ -62,10 +57,8 @@ class SlidingWindowCases:
     q, k, v, d_out = _inputs(37, 2, 16, 16, jnp.bfloat16)
     kernel = functools.partial(sliding_window_attention, window=20,
                                interpret=self.INTERPRET)
-    loss = lambda q, k, v: jnp.sum(kernel(q, k, v).astype(jnp.float32) * d_out)
-    run = lambda: (kernel(q, k, v),  # pylint: disable=g-long-lambda
-                   jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
-    u.assert_bitwise_equal(run(), run())
+    run = u.output_and_grads(kernel, d_out)
+    u.assert_bitwise_equal(run(q, k, v), run(q, k, v))
 
 
 class TestSlidingWindowInterpret(SlidingWindowCases):
