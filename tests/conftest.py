@@ -29,7 +29,7 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 # optimised build only in rounding (a few ulp: no fast math either way).
 # Set in the environment, so the notebooks and scripts the tests start
 # inherit it; a level the user set is kept. Not on a machine with an NVIDIA
-# driver: there the GPU tests time real programs and compile few.
+# driver: there the GPU tests should compile what users run.
 _OPT_FLAG = "--xla_backend_optimization_level"
 if _OPT_FLAG not in os.environ["XLA_FLAGS"] and not shutil.which("nvidia-smi"):
   os.environ["XLA_FLAGS"] += f" {_OPT_FLAG}=0"
