@@ -334,8 +334,9 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   """Forward launch.
 
   Returns:
-    (out [B, T, Hq, Dv], m [B, Tp, Hkv, Gp], log2l [B, Tp, Hkv, Gp]): the
-    output and the backward's residuals, left in the grouped layout.
+    (out [B, T, Hq, Dv], m [B, Tp, Hkv, Gp], log2l [B, Tp, Hkv, Gp], union
+    [B, Tp / block_q, Hkv, U]): the output and the backward's residuals,
+    left in the grouped layout (the dQ pass walks the same tile unions).
   """
   q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
@@ -367,17 +368,17 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
       interpret=st.interpret,
       name="nsa_selected_attention_fwd",
   )(q5, k_p, v_p, idx, union, *starts_arg, *offset_arg)
-  return tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v), m, log2l
+  out = tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v)
+  return out, m, log2l, union
 
 
-def _bwd(q, k, v, block_indices, starts, offset, out, m, log2l, d_out,
+def _bwd(q, k, v, block_indices, starts, offset, out, m, log2l, union, d_out,
          st: _Static):
   q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q, block_pos = st.launch.block_q, st.launch.block_q_dkv
   do5, delta4 = group_tiles.delta_rows(out, d_out, q5, dv_p)
-  union = tile_unions(idx, block_q)
   params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
   starts_spec, starts_arg = group_tiles.starts_input(
       starts, seq_pad, group_tiles.starts_spec(block_q))
@@ -464,8 +465,8 @@ def _selected_attention(q, k, v, block_indices, starts, offset, st: _Static):
 
 
 def _vjp_fwd(q, k, v, block_indices, starts, offset, st: _Static):
-  out, m, log2l = _fwd(q, k, v, block_indices, starts, offset, st)
-  return out, (q, k, v, block_indices, starts, offset, out, m, log2l)
+  out, m, log2l, union = _fwd(q, k, v, block_indices, starts, offset, st)
+  return out, (q, k, v, block_indices, starts, offset, out, m, log2l, union)
 
 
 def _vjp_bwd(st: _Static, residuals, d_out):
