@@ -41,6 +41,7 @@ from nsa_jax import train
 from nsa_jax.data import corpus as corpus_lib
 from nsa_jax.data import iterators
 import pallas_kernels
+from pallas_kernels.triton_compat import next_pow2
 
 
 def time_selected(q, k, v, block_indices, sel_block: int, iters: int,
@@ -122,7 +123,7 @@ def main(argv=None):
   ]
   tile_rows = [int(r) for r in args.tile_rows.split(",")]
   for name, shape, x, trained_idx, random_idx in cases:
-    group_p = 1 << (shape.hq // shape.hkv - 1).bit_length()
+    group_p = next_pow2(shape.hq // shape.hkv)
     tiles = sorted({max(1, r // group_p) for r in tile_rows})
     for tile, source in itertools.product(tiles, ("trained", "random")):
       idx = trained_idx if source == "trained" else random_idx
