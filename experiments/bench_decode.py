@@ -3,10 +3,13 @@
   python experiments/bench_decode.py                      # H100, issue 13
   python experiments/bench_decode.py --smoke              # CPU, tiny, XLA
 
-Times the attention decode step (``nsa_jax.decode.nsa_decode``, Pallas
-selected branch, against jax's Pallas ``decode_attention.gqa``, cuDNN and
-XLA dense decode) at each context and batch, with the bytes each step must
-read and the achieved fraction of the measured HBM bandwidth; then one
+Times the attention decode step (``nsa_jax.decode.nsa_decode``: Pallas
+kernels for the compressed branch with its scores, the block selection, the
+selected and the window branches; against jax's Pallas
+``decode_attention.gqa``, cuDNN and XLA dense decode) at each context and
+batch, per step of ``--steps`` chained steps in one jitted call, with the
+bytes each step must read and the achieved fraction of the measured HBM
+bandwidth; then one
 ``TransformerLM`` decode step (several layers) for NSA and full attention.
 Rows go to ``--out`` (JSON) and a markdown table is printed.
 """
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, XLA only: runs on a CPU")
   parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--steps", type=int, default=8,
+                      help="dependent decode steps per timed call (the "
+                      "time per step excludes the host's dispatch)")
   parser.add_argument("--out", default="bench_decode.json")
   parser.add_argument("--model-layers", type=int, default=4)
   parser.add_argument("--plot", default="bench_decode.png",
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"measured peak bandwidth {peak:.0f} GB/s")
   rows = bench.run_decode_sweep(shapes, contexts, batches, config, dtype,
                                 methods=methods, iters=args.iters,
+                                steps=args.steps,
                                 peak_gbps=peak)
   print(bench.decode_table(rows))
   if args.plot:

@@ -72,20 +72,44 @@ def _top_n_kernel(scores_ref, *refs, st: _TopN):
   forced = causal & ((j < first + st.num_initial) | (j > own - st.num_local))
   ranked = jnp.where(forced, _FORCED,
                      jnp.where(causal, scores_ref[...], _NOT_CAUSAL))
+  out_ref[...] = top_n_rounds(ranked, st.num_selected, n_p,
+                              floor=_NOT_CAUSAL, taken=_TAKEN)
+
+
+def top_n_rounds(ranked, num_selected: int, n_p: int, *, floor: float,
+                 taken: float):
+  """Indices of each row's ``num_selected`` largest entries, in order.
+
+  Each round takes the row's argmax (the Triton lowering breaks ties to the
+  lower index, as the spec does) and marks that entry ``taken``; a round
+  whose maximum is not above ``floor`` yields -1. ``taken <= floor``.
+
+  Args:
+    ranked: float32 [rows, N] ranking values (forced entries +inf).
+    num_selected: rounds.
+    n_p: output width >= num_selected (a power of two).
+    floor: entries at or below it are never picked.
+    taken: the value a picked entry is overwritten with.
+
+  Returns:
+    int32 [rows, n_p], -1 in the slots no entry filled.
+  """
+  rows, width = ranked.shape
+  j = jnp.arange(width)[None, :]
   slot = jnp.arange(n_p)[None, :]
 
   def body(r, carry):
     ranked, out = carry
     best = jnp.argmax(ranked, axis=1).astype(jnp.int32)  # [rows]
     value = jnp.max(ranked, axis=1)
-    pick = jnp.where(value > _NOT_CAUSAL, best, -1)
+    pick = jnp.where(value > floor, best, -1)
     out = jnp.where(slot == r, pick[:, None], out)
-    ranked = jnp.where(j == best[:, None], _TAKEN, ranked)
+    ranked = jnp.where(j == best[:, None], taken, ranked)
     return ranked, out
 
-  _, out = lax.fori_loop(0, st.num_selected, body,
+  _, out = lax.fori_loop(0, num_selected, body,
                          (ranked, jnp.full((rows, n_p), -1, jnp.int32)))
-  out_ref[...] = out
+  return out
 
 
 def _top_n(scores, starts, st: _TopN, num_warps: int):

@@ -216,14 +216,90 @@ def select_decode_blocks(p_cmp, positions, config: NSAConfig,
   return selection.top_n_at(scores, positions, config)
 
 
-def _use_kernel(impl: str, num_queries: int, block_size: int) -> bool:
-  """Whether the selected branch runs the Pallas decode kernel."""
+def _pallas_step(impl: str, num_queries: int) -> bool:
+  """Whether a step runs the Pallas decode kernels (one query a row)."""
   from nsa_jax import ops  # pylint: disable=g-import-not-at-top
 
-  resolved = ops.resolve_impl(impl)
-  if resolved != "pallas" or num_queries != 1:
+  return ops.resolve_impl(impl) == "pallas" and num_queries == 1
+
+
+def decode_top_n(scores, positions, *, block_size: int, num_selected: int,
+                 num_initial: int, num_local: int, impl: str = "auto"):
+  """``nsa_jax.selection.forced_top_n``, as a Pallas kernel for Q = 1.
+
+  One-token steps on the "pallas" implementation ("auto" on a GPU) rank in
+  ``pallas_kernels.decode_select.decode_top_n`` (XLA's top_k costs more
+  than the attention read there); the others run ``forced_top_n``.
+
+  Args:
+    scores: float [B, Q, Hkv, N] block scores (-inf: only if forced).
+    positions: int [B, Q] query positions.
+    block_size, num_selected, num_initial, num_local: the rule.
+    impl: "auto", "pallas", "xla" or "reference".
+
+  Returns:
+    int32 [B, Q, Hkv, num_selected].
+  """
+  rule = dict(block_size=block_size, num_selected=num_selected,
+              num_initial=num_initial, num_local=num_local)
+  if not _pallas_step(impl, scores.shape[1]):
+    return selection.forced_top_n(scores, positions, **rule)
+  from pallas_kernels import decode_select  # pylint: disable=g-import-not-at-top
+  return decode_select.decode_top_n(scores[:, 0], positions[:, 0] + 1,
+                                    **rule)[:, None]
+
+
+def _compressed_and_table(q, cache: cache_lib.NSACache, config: NSAConfig,
+                          scale):
+  """Branch 1 and the block table of a one-token step, as Pallas kernels.
+
+  ``compressed_decode`` attends the visible compressed tokens (split across
+  programs) and writes their scores; ``nsa_decode_select`` turns them into
+  block scores and ranks them: no ``[B, Hq, Tc]`` probabilities in XLA and
+  no ``top_k``.
+
+  Args:
+    q: [B, Hq, Dk]. cache: NSACache with Tc >= 1. config: NSA settings.
+    scale: or None.
+
+  Returns:
+    (o_cmp [B, Hq, Dv] in q.dtype, table int32 [B, Hkv, n]).
+  """
+  from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import decode_select  # pylint: disable=g-import-not-at-top
+
+  num_blocks = cache.k.shape[1] // config.sel_block
+  blocks = dict(cmp_block=config.cmp_block, cmp_stride=config.cmp_stride)
+  width, front = decode_select.scores_layout(
+      sel_block=config.sel_block, num_blocks=num_blocks,
+      num_tokens=-(-cache.k_cmp.shape[1] // 64) * 64, **blocks)
+  o_cmp, lse, scores = decode_attention.compressed_decode(
+      q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
+      scores_front=front, scale=scale, **blocks)
+  table = decode_select.nsa_decode_select(
+      scores, lse, cache.lengths, sel_block=config.sel_block,
+      num_blocks=num_blocks, num_heads=q.shape[1],
+      num_selected=config.num_selected, num_initial=config.num_initial,
+      num_local=config.num_local, **blocks)
+  return o_cmp, table
+
+
+def _use_kernel(impl: str, num_queries: int, block_size: int) -> bool:
+  """Whether the selected branch runs the Pallas decode kernel."""
+  if not _pallas_step(impl, num_queries):
     return False
   supported = block_size >= 16 and not block_size & (block_size - 1)
+  return supported or impl == "pallas"  # explicit: the kernel's own error
+
+
+def _use_selection_kernels(impl: str, num_queries: int,
+                           config: NSAConfig) -> bool:
+  """Whether branch 1 and the selection run ``_compressed_and_table``."""
+  if not _use_kernel(impl, num_queries, config.sel_block):
+    return False
+  a, rem = divmod(config.sel_block, config.cmp_stride)
+  supported = (not rem and not config.cmp_block % config.cmp_stride
+               and not a & (a - 1))
   return supported or impl == "pallas"  # explicit: the kernel's own error
 
 
@@ -347,17 +423,22 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
     raise ValueError(f"{nq} queries in one step, the cache was made for "
                      f"max_query_len={cache.max_query_len}")
   lengths = cache.lengths
-  o_cmp, _, positions, p_cmp = compressed_decode(
-      q, cache.k_cmp, cache.v_cmp, lengths, config, scale=scale)
-  num_blocks = cache.k.shape[1] // config.sel_block
-  table = select_decode_blocks(p_cmp, positions, config, num_blocks, hkv)
+  if _use_selection_kernels(impl, nq, config) and cache.k_cmp.shape[1]:
+    o_cmp, table = _compressed_and_table(q[:, 0], cache, config, scale)
+    o_cmp, table = o_cmp[:, None], table[:, None]
+  else:
+    o_cmp, _, positions, p_cmp = compressed_decode(
+        q, cache.k_cmp, cache.v_cmp, lengths, config, scale=scale)
+    num_blocks = cache.k.shape[1] // config.sel_block
+    table = select_decode_blocks(p_cmp, positions, config, num_blocks, hkv)
   o_slc = block_sparse_attend(q, cache.k, cache.v, table, lengths,
                               block_size=config.sel_block, scale=scale,
                               impl=impl)
   if _use_kernel(impl, nq, config.sel_block):
     o_win = _window_kernel(q[:, 0], cache, config, scale)[:, None]
   else:
-    o_win = _window_xla(q, cache, config, positions, scale)
+    o_win = _window_xla(q, cache, config, query_positions(lengths, nq),
+                        scale)
   out = ops.combine_branches(gates, o_cmp, o_slc, o_win)
   return poison_overflow(out, cache)
 

@@ -1,10 +1,15 @@
 """Decode benchmarks: NSA decode against dense decode over the same cache.
 
-Used by ``experiments/bench_decode.py``. Times are medians of repeated
-back-to-back jitted calls (``nsa_jax.benchmark.time_ms``). Bytes are those a
-step must read from the KV cache (queries, outputs and the block table are
-negligible): NSA reads the visible compressed tokens, its n selected blocks
-and the window; dense decode reads every cached key and value.
+Used by ``experiments/bench_decode.py``. A timed call runs ``steps``
+dependent decode steps in one jitted function (each step's query depends on
+the previous step's output, as in a generation loop, so nothing is hoisted
+or merged); the time per step is the call's median time over ``steps``.
+One step per call would time the host's dispatch of the call (about 50-100
+us on the H100 machine with a cache pytree argument), not the GPU. Bytes
+are those a step must read from the KV cache (queries, outputs and the
+block table are negligible): NSA reads the visible compressed tokens, its n
+selected blocks and the window; dense decode reads every cached key and
+value.
 """
 
 from __future__ import annotations
@@ -107,9 +112,26 @@ def dense_decode_methods(dense=("pallas_decode", "cudnn", "xla")):
   return {f"dense_{name}": (table[name], "dense") for name in dense}
 
 
+def chained(fn, steps: int):
+  """``fn(q, *rest)`` run ``steps`` times, each query ``q`` nudged by the
+  previous output (by 1e-3 of its mean over the last axis), so the steps
+  cannot be merged or hoisted."""
+
+  def run(q, *rest):
+    out = fn(q, *rest)
+    for _ in range(steps - 1):
+      nudge = jnp.mean(out.astype(jnp.float32), axis=-1, keepdims=True)
+      q = q + (nudge * 1e-3).astype(q.dtype)
+      out = fn(q, *rest)
+    return out
+
+  return run
+
+
 def run_decode_sweep(shapes, contexts, batches, config: NSAConfig, dtype, *,
                      methods=None, iters: int = 20, reps: int = 3,
-                     peak_gbps: float | None = None, log=print):
+                     steps: int = 8, peak_gbps: float | None = None,
+                     log=print):
   """Times every method at every (shape, context, batch).
 
   Args:
@@ -121,6 +143,7 @@ def run_decode_sweep(shapes, contexts, batches, config: NSAConfig, dtype, *,
     methods: dict as ``decode_methods`` gives, per shape: a function
       shape -> methods (default ``decode_methods(shape, config)``).
     iters, reps: timing repetitions.
+    steps: decode steps per timed call (``chained``); 1 times each call.
     peak_gbps: measured bandwidth for the fraction column (None: omitted).
     log: progress printer.
 
@@ -146,7 +169,8 @@ def run_decode_sweep(shapes, contexts, batches, config: NSAConfig, dtype, *,
                      batch=batch, method=name, bytes=num, ms=None, gbps=None,
                      peak_fraction=None, error=None)
           try:
-            ms = time_ms(fn, q, gates, cache, iters=iters, reps=reps)
+            ms = time_ms(chained(fn, steps), q, gates, cache, iters=iters,
+                         reps=reps) / steps
           except Exception as e:  # pylint: disable=broad-except
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             log(f"{shape} T={context} B={batch} {name}: {row['error']}")

@@ -184,7 +184,8 @@ class NSACache:
       newest block of every query of a step; None with shared K/V (the
       compressor then reads k, v).
     k_cmp, v_cmp: [B, Tc, Hkv, Dk/Dv] compressed tokens,
-      ``Tc = num_compressed(max_length)``; token i of row b is valid once
+      ``Tc = num_compressed(max_length)`` rounded up to a multiple of 64
+      (whole steps of the decode kernel); token i of row b is valid once
       ``i*d + l <= lengths[b]``.
     lengths: int32 [B], valid tokens per row.
     max_length: capacity (static).
@@ -232,7 +233,8 @@ class NSACache:
     win = min(_round_up(config.window + max_query_len - 1, config.sel_block),
               size)
     cmp_ring = config.cmp_block + max_query_len - 1
-    tc = config.num_compressed(max_length)
+    # Whole blocks of 64 tokens, the compressed decode kernel's step.
+    tc = _round_up(config.num_compressed(max_length), 64)
     return cls(
         k=zeros(size, head_dim), v=zeros(size, dv),
         k_win=None if shared_kv else zeros(win, head_dim),

@@ -152,7 +152,8 @@ def decode_attention(gate: AttnGate, q, q_rope, cache: SeerCache,
   logits, mask = block_logits(gate.queries(q, positions), cache.k_gate,
                               positions, b)
   probs, _ = masked_softmax(logits, mask)
-  table = select_blocks(probs, positions, selection, b, cache.k.shape[1] // b)
+  table = select_blocks(probs, positions, selection, b, cache.k.shape[1] // b,
+                        impl=impl)
   out = attn_lib.block_sparse_attend(q_rope, cache.k, cache.v, table,
                                      cache.lengths, block_size=b, impl=impl)
   return attn_lib.poison_overflow(out, cache), table

@@ -180,6 +180,7 @@ def random_cache(gate: AttnGate, context: int, batch: int, dtype,
 def attention_decode_ms(gate: AttnGate, context: int, batch: int,
                         selections: Sequence[Selection], *, dtype,
                         dense: Sequence[str] = ("xla",), iters: int = 20,
+                        steps: int = 8,
                         impl: str = "auto") -> dict[str, float | str]:
   """ms of one layer's decode attention: gated sparse against dense.
 
@@ -194,6 +195,9 @@ def attention_decode_ms(gate: AttnGate, context: int, batch: int,
     dense: names of dense baselines ("xla"; on a GPU also "cudnn",
       "pallas_decode").
     iters: timing repetitions.
+    steps: chained decode steps per timed call
+      (``decode.benchmark.chained``): the time per step leaves out the
+      host's dispatch of a call.
     impl: of the sparse attention.
 
   Returns:
@@ -207,15 +211,16 @@ def attention_decode_ms(gate: AttnGate, context: int, batch: int,
 
   def timed(name, fn, *args):
     try:
-      times[name] = time_ms(fn, *args, iters=iters)
+      times[name] = time_ms(decode_bench.chained(fn, steps), *args,
+                            iters=iters) / steps
     except Exception as e:  # pylint: disable=broad-except
       times[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
 
   for selection in selections:
     timed(str(selection),
-          lambda s, q, c, selection=selection: decode_lib.decode_attention(
+          lambda q, s, c, selection=selection: decode_lib.decode_attention(
               nnx.merge(graphdef, s), q, q, c, selection, impl=impl)[0],
-          state, q, cache)
+          q, state, cache)
   for name, (fn, _) in decode_bench.dense_decode_methods(tuple(dense)).items():
-    timed(name, lambda q, c, fn=fn: fn(q[:, 0], None, c), q, cache)
+    timed(name, lambda q, c, fn=fn: fn(q[:, 0], None, c)[:, None], q, cache)
   return times

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nsa_jax import selection as nsa_selection
+from nsa_jax.decode import attention as attn_lib
 from nsa_jax.seer.config import Selection
 
 
 def select_blocks(probs, positions, selection: Selection, block_size: int,
-                  num_blocks: int):
+                  num_blocks: int, *, impl: str = "xla"):
   """The blocks each query reads, by ``selection``.
 
   Block 0 and the query's own block ``t // b`` are always chosen; then, by
@@ -26,6 +26,8 @@ def select_blocks(probs, positions, selection: Selection, block_size: int,
     selection: budget or threshold.
     block_size: b.
     num_blocks: blocks the keys split into; ``t // b < num_blocks``.
+    impl: "pallas" (or "auto" on a GPU) ranks one-query steps with the
+      Pallas decode top-n kernel; otherwise XLA's ``forced_top_n``.
 
   Returns:
     int32 [B, Q, Hkv, n] with n = ``selection.num_slots(b, num_blocks)``:
@@ -47,6 +49,6 @@ def select_blocks(probs, positions, selection: Selection, block_size: int,
                    [(0, 0)] * 3 + [(0, num_blocks - probs.shape[-1])])
   if selection.threshold is not None:
     scores = jnp.where(scores >= selection.threshold, scores, -jnp.inf)
-  return nsa_selection.forced_top_n(scores, positions, block_size=block_size,
-                                    num_selected=slots, num_initial=1,
-                                    num_local=1)
+  return attn_lib.decode_top_n(scores, positions, block_size=block_size,
+                              num_selected=slots, num_initial=1,
+                              num_local=1, impl=impl)

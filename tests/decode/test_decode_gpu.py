@@ -63,3 +63,46 @@ def test_nsa_decode_pallas_equals_xla(dtype):
   got = attn_lib.nsa_decode(q, gates, cache, config, impl="pallas")
   want = attn_lib.nsa_decode(q, gates, cache, config, impl="xla")
   assert _rel(got, want) < RTOL[dtype]
+
+
+@pytest.mark.parametrize("batch,context", [(2, 65536), (16, 9000)])
+def test_decode_selection_kernels_equal_xla(batch, context):
+  # The compiled compressed-decode and selection kernels against XLA's
+  # compressed_decode and top_n: same branch output, and the same blocks
+  # up to near-ties (chosen blocks whose XLA scores agree to 1e-5).
+  config = NSAConfig.paper()
+  shape = Shape(64, 4, 128, 128)
+  cache = bench.random_nsa_cache(shape, context, config, batch, jnp.float32)
+  cache = cache.replace(lengths=jnp.linspace(context // 3, context, batch,
+                                             dtype=jnp.int32))
+  q = jax.random.normal(jax.random.key(2), (batch, 64, 128))
+  o, table = jax.jit(lambda q, c: attn_lib._compressed_and_table(  # pylint: disable=protected-access
+      q, c, config, None))(q, cache)
+  want_o, _, positions, p_cmp = attn_lib.compressed_decode(
+      q[:, None], cache.k_cmp, cache.v_cmp, cache.lengths, config)
+  assert _rel(o, want_o[:, 0]) < RTOL[jnp.float32]
+  num_blocks = cache.k.shape[1] // config.sel_block
+  want = attn_lib.select_decode_blocks(p_cmp, positions, config, num_blocks,
+                                       4)[:, 0]
+  from nsa_jax import selection  # pylint: disable=g-import-not-at-top
+  scores = np.asarray(selection.compressed_to_selection_scores(
+      p_cmp, config, num_blocks).reshape(batch, 4, 16, num_blocks).sum(2))
+  table, want = np.asarray(table), np.asarray(want)
+  for b, g in np.ndindex(batch, 4):
+    got_set, want_set = set(table[b, g]), set(want[b, g])
+    if got_set != want_set:
+      total = lambda s: scores[b, g, [j for j in s if j >= 0]].sum()
+      np.testing.assert_allclose(total(got_set), total(want_set), rtol=1e-5)
+
+
+def test_decode_top_n_kernel_equals_forced_top_n():
+  from nsa_jax import selection  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import decode_select  # pylint: disable=g-import-not-at-top
+  scores = jax.random.uniform(jax.random.key(4), (16, 8, 1000))
+  scores = jnp.where(scores < 0.1, -jnp.inf, jnp.round(scores * 64) / 64)
+  lengths = jnp.linspace(1, 64000, 16, dtype=jnp.int32)
+  rule = dict(block_size=64, num_selected=64, num_initial=1, num_local=1)
+  got = decode_select.decode_top_n(scores, lengths, **rule)
+  want = selection.forced_top_n(scores[:, None], (lengths - 1)[:, None],
+                                **rule)[:, 0]
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
