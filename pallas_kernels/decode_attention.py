@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -25,7 +26,7 @@ class _Static:
   ring: bool  # the cache is a ring buffer: slot x holds t - ((t - x) mod S)
   key_stride: int  # slot x holds position x * key_stride + key_offset
   key_offset: int
-  scores_front: int | None  # emit scores: slot x at column x + scores_front
+  emit_scores: bool  # also write each key's score at column x
   num_warps: int
   num_stages: int
   interpret: bool
@@ -36,25 +37,43 @@ def _load_block(ref, blk, block_size):
              :]
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, idx_ref, t_ref, *out_refs,
-                   st: _Static):
+def _decode_kernel(q_ref, *refs, sts: tuple[_Static, ...]):
   """Online softmax (FlashAttention-2) over one split of a table row.
 
   Program (b, g, split) walks slots ``[split * n_s, (split + 1) * n_s)`` of
-  row (b, g) of the block table with the whole GQA group as rows (NSA
+  row (b, g) of a block table with the whole GQA group as rows (NSA
   section 3.4), and writes a partial output normalised by its own sum plus
-  its log-sum-exp; ``combine`` merges the splits (flash-decoding). Slots
-  after the split's last used one are not walked.
+  its log-sum-exp; ``combine`` merges the splits (flash-decoding). Several
+  sources (K/V and table, e.g. NSA's selected and window branches) share
+  one launch: the splits of source 0 come first, then those of source 1.
 
-  Refs: q [Gp, Dk], k [S, Dk], v [S, Dv], idx [n_s], t [Gp] (the query
-  position, equal on all rows) -> o [Gp, Dv] float32, lse [Gp] float32,
-  (scores [Gp, W] float32: ``scale * q.k * log2(e)`` of every key of a used
-  slot at column ``x + scores_front``, -inf where masked).
+  Refs: q [Gp, Dk]; per source k [S, Dk], v [S, Dv], idx [n_s]; t [Gp]
+  (the query position, equal on all rows) -> o [Gp, Dv] float32, lse [Gp]
+  float32, (scores [Gp, W] float32, one source only: see ``_walk``).
   """
-  o_ref, lse_ref = out_refs[:2]
-  s_ref = out_refs[2] if st.scores_front is not None else None
+  num = len(sts)
+  t_ref, out_refs = refs[3 * num], refs[3 * num + 1:]
   q = q_ref[...]  # [Gp, Dk]
   t_max = jnp.max(t_ref[...])  # the row's query position
+  split, start = pl.program_id(2), 0
+  for source, st in enumerate(sts):
+    walk = functools.partial(_walk, q, t_max, *refs[3 * source:3 * source + 3],
+                             *out_refs, st=st)
+    if num == 1:
+      walk()
+    else:
+      pl.when((split >= start) & (split < start + st.num_splits))(walk)
+    start += st.num_splits
+
+
+def _walk(q, t_max, k_ref, v_ref, idx_ref, o_ref, lse_ref, s_ref=None, *,
+          st: _Static):
+  """One program's walk over its slots; see ``_decode_kernel``.
+
+  Slots after the split's last used one are not walked. With ``s_ref``
+  (scores [Gp, W] float32) it also writes ``scale * q.k * log2(e)`` of every
+  key of a used slot at its column x, -inf where masked.
+  """
   rows = q.shape[0]
   offsets = jnp.arange(st.block_size)
   ring_size = k_ref.shape[0]
@@ -83,7 +102,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, idx_ref, t_ref, *out_refs,
     if s_ref is not None:
       @pl.when(use)
       def _():
-        s_ref[:, pl.ds(blk * st.block_size + st.scores_front,
+        s_ref[:, pl.ds(pl.multiple_of(blk * st.block_size, st.block_size),
                        st.block_size)] = s
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -134,67 +153,74 @@ def grouped_query(q, num_kv_heads: int, dk_p: int):
                                  group_p), 3, dk_p)
 
 
-def launch(q4, k, v, block_table, lengths, st: _Static,
-           scores_width: int | None = None):
+def launch(q4, sources, lengths, scores_width: int | None = None):
   """Runs the decode kernel; returns each split's partial result.
 
   Args:
     q4: [B, Hkv, Gp, Dk_p] from ``grouped_query``.
-    k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv].
-    block_table: int32 [B, Hkv, n].
+    sources: tuple of (k [B, S, Hkv, Dk], v [B, S, Hkv, Dv], block_table
+      int32 [B, Hkv, n], settings): one launch walks them all (S, n and the
+      settings may differ; Dk, Dv and the launch settings of the first
+      apply to all).
     lengths: int [B], tokens in the cache (the query's included).
-    st: settings; ``st.scores_front`` set iff ``scores_width`` is.
-    scores_width: W, columns of the emitted scores.
+    scores_width: W, columns of the emitted scores (one source whose
+      settings have ``emit_scores``).
 
   Returns:
     (o [B, Hkv, splits, Gp, Dv_p] float32 normalised per split, lse
-    [B, Hkv, splits, Gp] float32, -inf for an empty split; with
-    ``scores_width`` also scores [B, Hkv, Gp, W] float32, columns of unused
-    slots left unwritten).
+    [B, Hkv, splits, Gp] float32, -inf for an empty split, the splits of
+    the sources in order; with ``scores_width`` also scores
+    [B, Hkv, Gp, W] float32, columns of unused slots left unwritten).
   """
   b, hkv, group_p, dk_p = q4.shape
-  size = v.shape[1]
-  dv_p = tc.next_pow2(v.shape[3], tc.MIN_DOT_DIM)
-  k_p = tc.pad_axis(k, 3, dk_p)  # no copy when Dk is a power of two >= 16
-  v_p = tc.pad_axis(v, 3, dv_p)
-  table = tc.pad_axis(block_table.astype(jnp.int32), 2,
-                      st.num_splits * st.slots_per_split, -1)
-  table = table.reshape(b, hkv, st.num_splits, st.slots_per_split)
-  t = jnp.broadcast_to((lengths.astype(jnp.int32) - 1)[:, None], (b, group_p))
+  dv_p = tc.next_pow2(sources[0][1].shape[3], tc.MIN_DOT_DIM)
+  in_specs = [pl.BlockSpec((None, None, group_p, dk_p),
+                           lambda i, g, s: (i, g, 0, 0))]
+  args, start = [q4], 0
+  for k, v, block_table, st in sources:
+    size, n_s = v.shape[1], st.slots_per_split
+    table = tc.pad_axis(block_table.astype(jnp.int32), 2,
+                        st.num_splits * n_s, -1)
+    args += [tc.pad_axis(k, 3, dk_p), tc.pad_axis(v, 3, dv_p),
+             table.reshape(b, hkv, st.num_splits, n_s)]
+    in_specs += [
+        pl.BlockSpec((None, size, None, dk_p), lambda i, g, s: (i, 0, g, 0)),
+        pl.BlockSpec((None, size, None, dv_p), lambda i, g, s: (i, 0, g, 0)),
+        pl.BlockSpec((None, None, None, n_s),
+                     lambda i, g, s, start=start, num=st.num_splits: (
+                         i, g, jnp.clip(s - start, 0, num - 1), 0)),
+    ]
+    start += st.num_splits
+  args.append(jnp.broadcast_to((lengths.astype(jnp.int32) - 1)[:, None],
+                               (b, group_p)))
+  in_specs.append(pl.BlockSpec((None, group_p), lambda i, g, s: (i, 0)))
   out_specs = [
       pl.BlockSpec((None, None, None, group_p, dv_p),
                    lambda i, g, s: (i, g, s, 0, 0)),
       pl.BlockSpec((None, None, None, group_p), lambda i, g, s: (i, g, s, 0)),
   ]
   out_shape = [
-      jax.ShapeDtypeStruct((b, hkv, st.num_splits, group_p, dv_p),
-                           jnp.float32),
-      jax.ShapeDtypeStruct((b, hkv, st.num_splits, group_p), jnp.float32),
+      jax.ShapeDtypeStruct((b, hkv, start, group_p, dv_p), jnp.float32),
+      jax.ShapeDtypeStruct((b, hkv, start, group_p), jnp.float32),
   ]
   if scores_width is not None:  # every split writes its slots' columns
     out_specs.append(pl.BlockSpec((None, None, group_p, scores_width),
                                   lambda i, g, s: (i, g, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((b, hkv, group_p, scores_width),
                                           jnp.float32))
+  sts = tuple(source[3] for source in sources)
   return pl.pallas_call(
-      functools.partial(_decode_kernel, st=st),
-      grid=(b, hkv, st.num_splits),
-      in_specs=[
-          pl.BlockSpec((None, None, group_p, dk_p),
-                       lambda i, g, s: (i, g, 0, 0)),
-          pl.BlockSpec((None, size, None, dk_p), lambda i, g, s: (i, 0, g, 0)),
-          pl.BlockSpec((None, size, None, dv_p), lambda i, g, s: (i, 0, g, 0)),
-          pl.BlockSpec((None, None, None, st.slots_per_split),
-                       lambda i, g, s: (i, g, s, 0)),
-          pl.BlockSpec((None, group_p), lambda i, g, s: (i, 0)),
-      ],
+      functools.partial(_decode_kernel, sts=sts),
+      grid=(b, hkv, start),
+      in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=tc.compiler_params(st.num_warps, st.num_stages),
-      interpret=st.interpret,
+      compiler_params=tc.compiler_params(sts[0].num_warps,
+                                         sts[0].num_stages),
+      interpret=sts[0].interpret,
       name="block_sparse_decode" if scores_width is None
       else "decode_with_scores",
-  )(q4, k_p, v_p, table, t)
+  )(*args)
 
 
 def merged(o, lse, num_heads: int, dv: int, dtype):
@@ -206,19 +232,26 @@ def merged(o, lse, num_heads: int, dv: int, dtype):
   return out, lse
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
-def _decode(q, k, v, block_table, lengths, st: _Static):
-  hkv = v.shape[2]
-  q4 = grouped_query(q, hkv, tc.next_pow2(q.shape[2], tc.MIN_DOT_DIM))
-  o, lse = launch(q4, k, v, block_table, lengths, st)
-  out, lse = merged(o, lse, q.shape[1], v.shape[3], q.dtype)
-  return out, lse[:, :, :q.shape[1] // hkv].reshape(q.shape[:2])
+@functools.partial(jax.jit, static_argnames=("sts",))
+def _decode(q, arrays, lengths, sts: tuple[_Static, ...]):
+  """arrays: (k, v, table) per source -> ((out, lse) per source)."""
+  b, hq, dk = q.shape
+  hkv, dv = arrays[0][1].shape[2:]
+  q4 = grouped_query(q, hkv, tc.next_pow2(dk, tc.MIN_DOT_DIM))
+  o, lse = launch(q4, tuple((*a, st) for a, st in zip(arrays, sts)), lengths)
+  results, start = [], 0
+  for st in sts:
+    part = slice(start, start + st.num_splits)
+    out, merged_lse = merged(o[:, :, part], lse[:, :, part], hq, dv, q.dtype)
+    results.append((out, merged_lse[:, :, :hq // hkv].reshape(b, hq)))
+    start += st.num_splits
+  return tuple(results)
 
 
 def settings(*, block_size: int, dk: int, num_slots: int, num_splits: int,
              scale: float | None, window: int | None = None,
              ring: bool = False, key_stride: int = 1, key_offset: int = 0,
-             scores_front: int | None = None,
+             emit_scores: bool = False,
              interpret: bool | None = None, num_warps: int = 4,
              num_stages: int = 2) -> _Static:
   """The kernel's static settings for ``num_slots`` table slots a row."""
@@ -227,7 +260,7 @@ def settings(*, block_size: int, dk: int, num_slots: int, num_splits: int,
                  slots_per_split=tc.next_pow2(-(-num_slots // num_splits)),
                  num_splits=num_splits, window=window, ring=bool(ring),
                  key_stride=key_stride, key_offset=key_offset,
-                 scores_front=scores_front, num_warps=num_warps,
+                 emit_scores=emit_scores, num_warps=num_warps,
                  num_stages=num_stages,
                  interpret=tc.resolve_interpret(interpret))
 
@@ -244,6 +277,105 @@ def default_num_splits(batch: int, num_kv_heads: int, num_slots: int) -> int:
   """
   want = max(1, 256 // max(1, batch * num_kv_heads))
   return min(tc.next_pow2(want), tc.next_pow2(num_slots))
+
+
+class Source(NamedTuple):
+  """One block-sparse read of ``block_sparse_decode_many``.
+
+  k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv]; S a multiple of the block size.
+  block_table: int [B, Hkv, n], entries in [0, S / block_size) or -1, no
+  repeats. window: if set, keys also need ``s > t - window``. ring: k, v
+  are a ring buffer of S slots: slot x holds position
+  ``t - ((t - x) mod S)``; it must hold the newest S positions. num_splits:
+  programs per (batch, kv head), a power of two (default
+  ``default_num_splits``).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  block_table: jax.Array
+  window: int | None = None
+  ring: bool = False
+  num_splits: int | None = None
+
+
+def _check_source(q, source: Source, lengths, block_size: int):
+  """Raises ValueError for shapes or settings that do not fit."""
+  k, v, block_table = source.k, source.v, source.block_table
+  if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"expected q [B, Hq, Dk], k/v [B, S, Hkv, D]; got "
+                     f"{q.shape=}, {k.shape=}, {v.shape=}")
+  b, hq, dk = q.shape
+  _, size, hkv, _ = v.shape
+  if k.shape[:3] != (b, size, hkv) or k.shape[3] != dk or hq % hkv:
+    raise ValueError(f"{q.shape=}, {k.shape=} and {v.shape=} do not fit "
+                     "(batch, cache length, GQA heads or Dk)")
+  if block_size < tc.MIN_DOT_DIM or block_size & (block_size - 1):
+    raise ValueError(f"{block_size=} must be a power of two >= "
+                     f"{tc.MIN_DOT_DIM}")
+  if size % block_size:
+    raise ValueError(f"cache length {size} must be a multiple of "
+                     f"{block_size=}")
+  if block_table.ndim != 3 or block_table.shape[:2] != (b, hkv):
+    raise ValueError(f"{block_table.shape=} must be [B, Hkv, n] for "
+                     f"{q.shape=} and {k.shape=}")
+  if not jnp.issubdtype(block_table.dtype, jnp.integer):
+    raise ValueError(f"{block_table.dtype=} must be an integer type")
+  if lengths.shape != (b,):
+    raise ValueError(f"{lengths.shape=} must be [B] with B={b}")
+  if source.window is not None and source.window < 1:
+    raise ValueError(f"window={source.window} must be >= 1")
+  num_splits = source.num_splits
+  if num_splits is not None and (num_splits < 1
+                                 or num_splits & (num_splits - 1)):
+    raise ValueError(f"{num_splits=} must be a power of two >= 1")
+
+
+def block_sparse_decode_many(q, sources, lengths, *, block_size: int,
+                             scale: float | None = None,
+                             interpret: bool | None = None,
+                             num_warps: int = 4, num_stages: int = 2):
+  """``block_sparse_decode`` over several sources in one launch.
+
+  The same queries read each ``Source`` separately (NSA's selected blocks
+  of the cache and its window ring): one kernel launch whose grid holds the
+  splits of every source, one merge per source.
+
+  Args:
+    q: [B, Hq, Dk].
+    sources: ``Source`` tuples (same B, Hkv, Dk and Dv).
+    lengths: int [B] in [1, S], tokens in the cache, the query's included.
+    block_size: a power of two >= 16.
+    scale: default 1/sqrt(Dk).
+    interpret: Pallas interpret mode; None: when no GPU is present.
+    num_warps, num_stages: Triton launch settings.
+
+  Returns:
+    One (out [B, Hq, Dv] in q.dtype, lse [B, Hq] float32) per source; a
+    row that sees no key gets out = 0, lse = -inf.
+
+  Raises:
+    ValueError: shapes or settings that do not fit.
+  """
+  if not sources:
+    raise ValueError("no source to read")
+  dims = {(x.k.shape[0], x.k.shape[2], x.k.shape[3], x.v.shape[3])
+          for x in sources}
+  if len(dims) > 1:
+    raise ValueError(f"sources differ in (B, Hkv, Dk, Dv): {sorted(dims)}")
+  sts = []
+  for source in sources:
+    _check_source(q, source, lengths, block_size)
+    n = source.block_table.shape[-1]
+    num_splits = source.num_splits or default_num_splits(
+        q.shape[0], source.k.shape[2], n)
+    sts.append(settings(block_size=block_size, dk=q.shape[2], num_slots=n,
+                        num_splits=num_splits, scale=scale,
+                        window=source.window, ring=source.ring,
+                        interpret=interpret, num_warps=num_warps,
+                        num_stages=num_stages))
+  arrays = tuple((x.k, x.v, x.block_table) for x in sources)
+  return _decode(q, arrays, lengths, tuple(sts))
 
 
 def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
@@ -287,39 +419,10 @@ def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
   Raises:
     ValueError: shapes or settings that do not fit.
   """
-  if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"expected q [B, Hq, Dk], k/v [B, S, Hkv, D]; got "
-                     f"{q.shape=}, {k.shape=}, {v.shape=}")
-  b, hq, dk = q.shape
-  _, size, hkv, _ = v.shape
-  if k.shape[:3] != (b, size, hkv) or k.shape[3] != dk or hq % hkv:
-    raise ValueError(f"{q.shape=}, {k.shape=} and {v.shape=} do not fit "
-                     "(batch, cache length, GQA heads or Dk)")
-  if block_size < tc.MIN_DOT_DIM or block_size & (block_size - 1):
-    raise ValueError(f"{block_size=} must be a power of two >= "
-                     f"{tc.MIN_DOT_DIM}")
-  if size % block_size:
-    raise ValueError(f"cache length {size} must be a multiple of "
-                     f"{block_size=}")
-  if block_table.ndim != 3 or block_table.shape[:2] != (b, hkv):
-    raise ValueError(f"{block_table.shape=} must be [B, Hkv, n] for "
-                     f"{q.shape=} and {k.shape=}")
-  if not jnp.issubdtype(block_table.dtype, jnp.integer):
-    raise ValueError(f"{block_table.dtype=} must be an integer type")
-  if lengths.shape != (b,):
-    raise ValueError(f"{lengths.shape=} must be [B] with B={b}")
-  if window is not None and window < 1:
-    raise ValueError(f"{window=} must be >= 1")
-  n = block_table.shape[-1]
-  if num_splits is None:
-    num_splits = default_num_splits(b, hkv, n)
-  if num_splits < 1 or num_splits & (num_splits - 1):
-    raise ValueError(f"{num_splits=} must be a power of two >= 1")
-  st = settings(block_size=block_size, dk=dk, num_slots=n,
-                num_splits=num_splits, scale=scale, window=window, ring=ring,
-                interpret=interpret, num_warps=num_warps,
-                num_stages=num_stages)
-  return _decode(q, k, v, block_table, lengths, st)
+  return block_sparse_decode_many(
+      q, [Source(k, v, block_table, window, ring, num_splits)], lengths,
+      block_size=block_size, scale=scale, interpret=interpret,
+      num_warps=num_warps, num_stages=num_stages)[0]
 
 
 def _token_block(num_tokens: int) -> int:
@@ -332,7 +435,7 @@ def _token_block(num_tokens: int) -> int:
 
 
 def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
-                      cmp_stride: int, scores_width: int, scores_front: int,
+                      cmp_stride: int, scores_width: int,
                       scale: float | None = None,
                       num_splits: int | None = None,
                       interpret: bool | None = None, num_warps: int = 4,
@@ -344,7 +447,7 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
   ``block_sparse_decode`` walks the visible tokens in blocks of 64 (a
   table of consecutive blocks, split across programs) and also writes each
   visible token's ``scale * q.k * log2(e)`` (-inf when masked) to column
-  ``i + scores_front`` of ``scores``: the selection kernel
+  i of ``scores``: the selection kernel
   (``decode_select.nsa_decode_select``) turns them into block scores with
   the merged log-sum-exp. A cache whose Tc is not a multiple of 16 is
   padded (a copy); ``NSACache`` allocates whole blocks of 64.
@@ -355,8 +458,7 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
     lengths: int [B] in [1, ...], tokens in the cache (the query's
       included).
     cmp_block, cmp_stride: l and d.
-    scores_width: W >= scores_front + Tc, columns of the emitted scores.
-    scores_front: column of token 0.
+    scores_width: W >= Tc, columns of the emitted scores.
     scale: default 1/sqrt(Dk).
     num_splits: programs per (batch, kv head); default
       ``default_num_splits``.
@@ -370,10 +472,10 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
   """
   b, hq, dk = q.shape
   tc_len, hkv = k_cmp.shape[1], k_cmp.shape[2]
-  if scores_width < scores_front + tc_len:
-    raise ValueError(f"{scores_width=} < {scores_front=} + Tc={tc_len}")
   block = _token_block(tc_len)
   padded = tc.round_up(tc_len, block)
+  if scores_width < padded:
+    raise ValueError(f"{scores_width=} < Tc={tc_len} (in steps of {block})")
   k_cmp, v_cmp = (tc.pad_axis(x, 1, padded) for x in (k_cmp, v_cmp))
   num_blocks = padded // block
   # Blocks holding a visible token; the later ones are -1 and never walked.
@@ -387,7 +489,7 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
     num_splits = default_num_splits(b, hkv, num_blocks)
   st = settings(block_size=block, dk=dk, num_slots=num_blocks,
                 num_splits=num_splits, scale=scale, key_stride=cmp_stride,
-                key_offset=cmp_block - 1, scores_front=scores_front,
+                key_offset=cmp_block - 1, emit_scores=True,
                 interpret=interpret, num_warps=num_warps,
                 num_stages=num_stages)
   return _compressed(q, k_cmp, v_cmp, table, lengths, st, scores_width)
@@ -397,7 +499,7 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
 def _compressed(q, k, v, table, lengths, st: _Static, scores_width: int):
   hkv = v.shape[2]
   q4 = grouped_query(q, hkv, tc.next_pow2(q.shape[2], tc.MIN_DOT_DIM))
-  o, lse, scores = launch(q4, k, v, table, lengths, st, scores_width)
+  o, lse, scores = launch(q4, ((k, v, table, st),), lengths, scores_width)
   return (*merged(o, lse, q.shape[1], v.shape[3], q.dtype), scores)
 
 

@@ -55,7 +55,6 @@ class _Scores:
   cmp_stride: int  # d
   sel_block: int  # l'
   group: int  # G, real heads among the Gp rows
-  back: int  # earlier blocks whose tokens also cover a block
   chunk: int  # C, blocks scored per program
 
 
@@ -71,40 +70,55 @@ def _rank(scores, t, rule: _Rule):
                       floor=-jnp.inf, taken=-jnp.inf)[0]
 
 
-def _top_n_kernel(scores_ref, t_ref, out_ref, *, rule: _Rule):
-  """Refs: scores [Ts_p], t [16] (the position, repeated) -> out [n_p]."""
-  out_ref[...] = _rank(scores_ref[...], jnp.max(t_ref[...]), rule)
+def _top_n_kernel(parts_ref, t_ref, out_ref, *, rule: _Rule):
+  """Ranks the sum of a row's score parts, part k shifted by k blocks.
+
+  Refs: parts [P, back + Ts_p] float32 (part k's score of block j at
+  column ``back + j``; the first ``back`` columns are never read as
+  blocks >= 0), t [16] (the position, repeated) -> out [n_p] int32.
+  Block j scores ``sum_k part_k[j - k]`` (0 for j < k).
+  """
+  num_parts, width = parts_ref.shape
+  back = num_parts - 1
+  size = width - back
+  j = jnp.arange(size)
+  scores = parts_ref[0, pl.ds(back, size)]
+  for k in range(1, num_parts):
+    scores += jnp.where(j >= k, parts_ref[k, pl.ds(back - k, size)], 0.0)
+  out_ref[...] = _rank(scores, jnp.max(t_ref[...]), rule)
 
 
 def _scores_kernel(s_ref, lse_ref, t_ref, out_ref, *, sc: _Scores):
-  """Eq. 9 scores of one chunk of blocks of one (row, kv head).
+  """Eq. 9 score parts of one chunk of blocks of one (row, kv head).
 
-  Refs: s [Gp, R, a] float32 (row r holds tokens ``(r - back) * a + m``,
+  Refs: s [Gp, R, a] float32 (row j holds tokens ``j * a + m``,
   ``scale * q.k * log2(e)``), lse [Gp] float32 (natural log; -inf for a
-  head that sees nothing; rows past G are padding), t [16] -> out [C]
-  float32, blocks ``[c * C, (c + 1) * C)`` of chunk c = program 2.
+  head that sees nothing; rows past G are padding), t [16] -> out
+  [back + 1, back + Ts_p] float32 (``_top_n_kernel``'s parts), columns
+  ``back + [c * C, (c + 1) * C)`` for chunk c = program 2.
 
-  Block j's score sums, over the group's heads, ``coverage(i - j*a) * p_i``
-  for the tokens i of blocks j - back .. j: one [Gp, C, a] load per earlier
-  block, so no register shifts are needed.
+  The tokens of block j (``j * a + m``) count in block j + k with weight
+  ``coverage(m - k * a)``: part k sums those over the group's heads. One
+  [Gp, C, a] load and one exp per token; the top-n kernel adds the parts
+  shifted, so no register shifts are needed here.
   """
   t = jnp.max(t_ref[...])
-  size, a = out_ref.shape[0], s_ref.shape[2]
+  size, a = sc.chunk, s_ref.shape[2]
   first = pl.program_id(2) * size
   j = first + jnp.arange(size)[None, :, None]
   m = jnp.arange(a)[None, None, :]
   lse2 = (lse_ref[...] * tc.LOG2E)[:, None, None]  # [Gp, 1, 1]
   real = (jnp.arange(lse2.shape[0]) < sc.group)[:, None, None]
-  acc = jnp.zeros((size,), jnp.float32)
-  for k in range(sc.back + 1):
-    s = s_ref[:, pl.ds(first + sc.back - k, size), :]  # [Gp, C, a]
-    i = (j - k) * a + m
-    seen = (i >= 0) & (i * sc.cmp_stride + sc.cmp_block - 1 <= t)
-    seen &= real & (lse2 > -jnp.inf)
-    p = jnp.where(seen, jnp.exp2(s - lse2), 0.0)
-    w = coverage(m - k * a, 0, sc.cmp_block, sc.cmp_stride, sc.sel_block)
-    acc += jnp.sum(jnp.sum(p * w, axis=2), axis=0)
-  out_ref[...] = acc
+  s = s_ref[:, pl.ds(first, size), :]  # [Gp, C, a]
+  i = j * a + m
+  seen = (i * sc.cmp_stride + sc.cmp_block - 1 <= t) & real
+  seen &= lse2 > -jnp.inf
+  p = jnp.where(seen, jnp.exp2(s - lse2), 0.0)
+  p = jnp.sum(p, axis=0)  # [C, a], the group summed
+  back = out_ref.shape[0] - 1
+  for k in range(back + 1):
+    w = coverage(m[0] - k * a, 0, sc.cmp_block, sc.cmp_stride, sc.sel_block)
+    out_ref[k, pl.ds(back + first, size)] = jnp.sum(p * w, axis=1)
 
 
 def _warps(num_floats: int) -> int:
@@ -126,18 +140,15 @@ def _check_rule(num_selected: int, num_initial: int, num_local: int,
                      f"{num_local=} >= 0, {block_size=} >= 1")
 
 
-def scores_layout(cmp_block: int, cmp_stride: int, sel_block: int,
-                  num_blocks: int, num_tokens: int) -> tuple[int, int]:
-  """(width W, front) of the compressed scores ``nsa_decode_select`` reads.
+def scores_width(cmp_stride: int, sel_block: int, num_blocks: int,
+                 num_tokens: int) -> int:
+  """Columns W of the compressed scores ``nsa_decode_select`` reads.
 
-  Token i sits at column ``i + front``; ``front`` leaves room for the
-  earlier blocks' rows, W covers ``max(Tc, next_pow2(Ts) * a)`` tokens.
+  Token i sits at column i; W covers ``max(Tc, next_pow2(Ts) * a)`` tokens
+  (``num_tokens`` = Tc), a multiple of ``a = sel_block / cmp_stride``.
   """
   a = sel_block // cmp_stride
-  back = -(-(cmp_block // cmp_stride - 1) // a)
-  front = back * a
-  tokens = max(num_tokens, tc.next_pow2(num_blocks) * a)
-  return front + tc.round_up(tokens, a), front
+  return tc.round_up(max(num_tokens, tc.next_pow2(num_blocks) * a), a)
 
 
 def _chunk(group_p: int, ratio: int, ts_p: int) -> int:
@@ -151,13 +162,13 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
                       num_local: int, interpret: bool | None = None):
   """NSA's top-n blocks of each row's query from its compressed scores.
 
-  Two kernels: Eq. 9 block scores of chunks of blocks, the whole group at
-  once (grid (B, Hkv, chunks), so even batch 1 fills the GPU), then
-  ``decode_top_n``'s ranking with NSA's forced blocks.
+  Two kernels: Eq. 9 score parts of chunks of blocks, the whole group at
+  once (grid (B, Hkv, chunks), so even batch 1 fills the GPU), then the
+  ranking of their shifted sum with NSA's forced blocks.
 
   Args:
-    scores: float32 [B, Hkv, Gp, W] from ``compressed_decode`` with
-      ``scores_layout``'s width and front.
+    scores: float32 [B, Hkv, Gp, W] from ``compressed_decode``, W
+      ``scores_width``'s.
     lse: float32 [B, Hkv, Gp], the compressed branch's merged log-sum-exp.
     lengths: int [B], tokens in the cache (the query at ``lengths - 1``).
     cmp_block, cmp_stride, sel_block: l, d, l'.
@@ -173,30 +184,33 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
   _check_rule(num_selected, num_initial, num_local, sel_block)
   b, hkv, group_p, width = scores.shape
   a = sel_block // cmp_stride
-  want, front = scores_layout(cmp_block, cmp_stride, sel_block, num_blocks,
-                              0)
+  want = scores_width(cmp_stride, sel_block, num_blocks, 0)
   if width < want or width % a:
     raise ValueError(f"{scores.shape=}: width must be a multiple of {a} and "
-                     f">= {want} (scores_layout)")
+                     f">= {want} (scores_width)")
   ts_p = tc.next_pow2(num_blocks)
   sc = _Scores(cmp_block=cmp_block, cmp_stride=cmp_stride,
-               sel_block=sel_block, group=num_heads // hkv, back=front // a,
+               sel_block=sel_block, group=num_heads // hkv,
                chunk=_chunk(group_p, a, ts_p))
+  # Tokens of block j also count in blocks j + 1 .. j + back.
+  back = -(-(cmp_block // cmp_stride - 1) // a)
   interpret = tc.resolve_interpret(interpret)
-  block_scores = _block_scores(scores.reshape(b, hkv, group_p, width // a, a),
-                               lse, _positions(lengths, b), sc, ts_p,
-                               interpret)
-  # Columns past Ts are never causal (t < S): no slice needed.
-  return decode_top_n(block_scores, lengths,
-                      block_size=sel_block, num_selected=num_selected,
-                      num_initial=num_initial, num_local=num_local,
-                      interpret=interpret)
+  parts = _score_parts(scores.reshape(b, hkv, group_p, width // a, a), lse,
+                       _positions(lengths, b), sc, back, ts_p, interpret)
+  rule = _Rule(block_size=sel_block, num_blocks=num_blocks,
+               num_selected=num_selected, num_initial=num_initial,
+               num_local=num_local, num_warps=_warps(ts_p),
+               interpret=interpret)
+  return _top_n(parts, _positions(lengths, b), rule)[..., :num_selected]
 
 
-@functools.partial(jax.jit, static_argnames=("sc", "ts_p", "interpret"))
-def _block_scores(scores, lse, t, sc: _Scores, ts_p: int, interpret: bool):
-  """[B, Hkv, Gp, R, a] scores -> float32 [B, Hkv, Ts_p] block scores."""
+@functools.partial(jax.jit,
+                   static_argnames=("sc", "back", "ts_p", "interpret"))
+def _score_parts(scores, lse, t, sc: _Scores, back: int, ts_p: int,
+                 interpret: bool):
+  """[B, Hkv, Gp, R, a] scores -> [B, Hkv, back + 1, back + Ts_p] parts."""
   b, hkv, group_p, rows, a = scores.shape
+  shape = (b, hkv, back + 1, back + ts_p)
   return pl.pallas_call(
       functools.partial(_scores_kernel, sc=sc),
       grid=(b, hkv, ts_p // sc.chunk),
@@ -206,10 +220,11 @@ def _block_scores(scores, lse, t, sc: _Scores, ts_p: int, interpret: bool):
           pl.BlockSpec((None, None, group_p), lambda i, g, c: (i, g, 0)),
           pl.BlockSpec((None, tc.MIN_DOT_DIM), lambda i, g, c: (i, 0)),
       ],
-      out_specs=pl.BlockSpec((None, None, sc.chunk),
-                             lambda i, g, c: (i, g, c)),
-      out_shape=jax.ShapeDtypeStruct((b, hkv, ts_p), jnp.float32),
-      compiler_params=tc.compiler_params(4, 2),
+      # Every chunk writes its columns of the whole row's parts.
+      out_specs=pl.BlockSpec((None, None) + shape[2:],
+                             lambda i, g, c: (i, g, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
+      compiler_params=tc.compiler_params(4, 1),
       interpret=interpret,
       name="nsa_decode_block_scores",
   )(scores, lse, t)
@@ -242,18 +257,21 @@ def decode_top_n(scores, lengths, *, block_size: int, num_selected: int,
                num_local=num_local, num_warps=_warps(n_p),
                interpret=tc.resolve_interpret(interpret))
   padded = tc.pad_axis(scores.astype(jnp.float32), 2, n_p, -jnp.inf)
-  return _top_n(padded, _positions(lengths, b), rule)[..., :num_selected]
+  return _top_n(padded[:, :, None], _positions(lengths, b),
+                rule)[..., :num_selected]
 
 
 @functools.partial(jax.jit, static_argnames=("rule",))
-def _top_n(scores, t, rule: _Rule):
-  b, hkv, width = scores.shape
+def _top_n(parts, t, rule: _Rule):
+  """[B, Hkv, P, back + N_p] score parts -> int32 [B, Hkv, n_p]."""
+  b, hkv = parts.shape[:2]
   n_p = tc.next_pow2(rule.num_selected)
   return pl.pallas_call(
       functools.partial(_top_n_kernel, rule=rule),
       grid=(b, hkv),
       in_specs=[
-          pl.BlockSpec((None, None, width), lambda i, g: (i, g, 0)),
+          pl.BlockSpec((None, None) + parts.shape[2:],
+                       lambda i, g: (i, g, 0, 0)),
           pl.BlockSpec((None, tc.MIN_DOT_DIM), lambda i, g: (i, 0)),
       ],
       out_specs=pl.BlockSpec((None, None, n_p), lambda i, g: (i, g, 0)),
@@ -261,4 +279,4 @@ def _top_n(scores, t, rule: _Rule):
       compiler_params=tc.compiler_params(rule.num_warps, 1),
       interpret=rule.interpret,
       name="decode_top_n",
-  )(scores, t)
+  )(parts, t)

@@ -270,12 +270,12 @@ def _compressed_and_table(q, cache: cache_lib.NSACache, config: NSAConfig,
 
   num_blocks = cache.k.shape[1] // config.sel_block
   blocks = dict(cmp_block=config.cmp_block, cmp_stride=config.cmp_stride)
-  width, front = decode_select.scores_layout(
-      sel_block=config.sel_block, num_blocks=num_blocks,
-      num_tokens=-(-cache.k_cmp.shape[1] // 64) * 64, **blocks)
+  width = decode_select.scores_width(
+      config.cmp_stride, config.sel_block, num_blocks,
+      -(-cache.k_cmp.shape[1] // 64) * 64)
   o_cmp, lse, scores = decode_attention.compressed_decode(
       q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
-      scores_front=front, scale=scale, **blocks)
+      scale=scale, **blocks)
   table = decode_select.nsa_decode_select(
       scores, lse, cache.lengths, sel_block=config.sel_block,
       num_blocks=num_blocks, num_heads=q.shape[1],
@@ -361,19 +361,22 @@ def _window_xla(q, cache, config: NSAConfig, positions, scale):
                             window=config.window)[0]
 
 
-def _window_kernel(q, cache, config: NSAConfig, scale):
-  """Branch 3 of a one-token step through the block-sparse decode kernel.
+def _selected_and_window_kernel(q, cache, table, config: NSAConfig, scale):
+  """Branches 2 and 3 of a one-token step: one block-sparse decode launch.
 
-  Own window K/V: every block of the ring (``ring=True``); shared K/V: the
-  blocks of the raw cache that hold positions ``(t - w, t]``.
+  The selected blocks of the raw cache and the window are two sources of
+  ``pallas_kernels.decode_attention.block_sparse_decode_many``. Window:
+  own K/V, every block of the ring (``ring=True``); shared K/V, the blocks
+  of the raw cache that hold positions ``(t - w, t]``.
 
   Args:
-    q: [B, Hq, Dk]. cache: NSACache. config: NSA settings. scale: or None.
+    q: [B, Hq, Dk]. cache: NSACache. table: int32 [B, Hkv, n], the
+    selection. config: NSA settings. scale: or None.
 
   Returns:
-    [B, Hq, Dv].
+    (o_slc, o_win), each [B, Hq, Dv].
   """
-  import pallas_kernels  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
 
   bs, w = config.sel_block, config.window
   b, hkv = cache.lengths.shape[0], cache.k.shape[2]
@@ -388,10 +391,12 @@ def _window_kernel(q, cache, config: NSAConfig, scale):
     k, v, ring = cache.k_win, cache.v_win, True
     num = k.shape[1] // bs
     blocks = jnp.broadcast_to(jnp.arange(num), (b, num))
-  table = jnp.broadcast_to(blocks[:, None], (b, hkv, blocks.shape[1]))
-  return pallas_kernels.block_sparse_decode(
-      q, k, v, table.astype(jnp.int32), cache.lengths, block_size=bs,
-      scale=scale, window=w, ring=ring)[0]
+  window = jnp.broadcast_to(blocks[:, None], (b, hkv, blocks.shape[1]))
+  sources = [decode_attention.Source(cache.k, cache.v, table),
+             decode_attention.Source(k, v, window.astype(jnp.int32), w, ring)]
+  (o_slc, _), (o_win, _) = decode_attention.block_sparse_decode_many(
+      q, sources, cache.lengths, block_size=bs, scale=scale)
+  return o_slc, o_win
 
 
 def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
@@ -406,12 +411,13 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
       included).
     config: NSA hyper-parameters.
     scale: default 1/sqrt(Dk).
-    impl: "pallas" runs the selected and window branches of a one-token
-      step with the Pallas kernel ``pallas_kernels.block_sparse_decode``
-      (interpret mode without a GPU); "auto" does so on a GPU when l' is a
-      power of two >= 16; otherwise (and for several tokens a step)
-      everything is XLA.
-      "xla" and "reference" are the XLA path.
+    impl: "pallas" runs a one-token step as Pallas kernels (interpret mode
+      without a GPU): the compressed branch with its scores, the block
+      scores and top-n (``_compressed_and_table``), then the selected and
+      window branches in one block-sparse decode launch; "auto" does so on
+      a GPU when l' is a power of two >= 16 and l'/d a power of two;
+      otherwise (and for several tokens a step) everything is XLA. "xla"
+      and "reference" are the XLA path.
 
   Returns:
     [B, Q, Hq, Dv] in q.dtype; NaN for rows past ``max_length``.
@@ -431,12 +437,13 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
         q, cache.k_cmp, cache.v_cmp, lengths, config, scale=scale)
     num_blocks = cache.k.shape[1] // config.sel_block
     table = select_decode_blocks(p_cmp, positions, config, num_blocks, hkv)
-  o_slc = block_sparse_attend(q, cache.k, cache.v, table, lengths,
-                              block_size=config.sel_block, scale=scale,
-                              impl=impl)
   if _use_kernel(impl, nq, config.sel_block):
-    o_win = _window_kernel(q[:, 0], cache, config, scale)[:, None]
+    o_slc, o_win = _selected_and_window_kernel(q[:, 0], cache, table[:, 0],
+                                               config, scale)
+    o_slc, o_win = o_slc[:, None], o_win[:, None]
   else:
+    o_slc = block_sparse_decode(q, cache.k, cache.v, table, lengths,
+                                block_size=config.sel_block, scale=scale)[0]
     o_win = _window_xla(q, cache, config, query_positions(lengths, nq),
                         scale)
   out = ops.combine_branches(gates, o_cmp, o_slc, o_win)

@@ -123,3 +123,26 @@ def test_window_and_ring_modes_equal_the_reference(window, ring):
     want = decode.attention.attend_by_position(
         q[:, None], k, v, pos, (lengths - 1)[:, None], window=window)[0]
     np.testing.assert_allclose(out, want[:, 0], atol=2e-5, rtol=2e-5)
+
+
+def test_two_sources_in_one_launch_equal_separate_calls():
+  # NSA's selected blocks and its window ring: different S, n, window and
+  # ring settings in one grid; each result equals its own call.
+  q, (k, v), _, table, lengths = _inputs(3, 96, 2, 4, 16, 16, 3, seed=7)
+  ring_k, ring_v = k[:, :48], v[:, :48]
+  ring_table = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (3, 2, 3))
+  sources = [kernel.Source(k, v, table, num_splits=2),
+             kernel.Source(ring_k, ring_v, ring_table, window=40, ring=True)]
+  got = jax.jit(lambda q, lengths: kernel.block_sparse_decode_many(
+      q, sources, lengths, block_size=BLOCK, interpret=True))(q, lengths)
+  want = [_kernel(q, k, v, table, lengths, block_size=BLOCK, num_splits=2,
+                  interpret=True),
+          _kernel(q, ring_k, ring_v, ring_table, lengths, block_size=BLOCK,
+                  window=40, ring=True, interpret=True)]
+  for (out, lse), (want_out, want_lse) in zip(got, want):
+    np.testing.assert_allclose(out, want_out, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="sources differ"):
+    kernel.block_sparse_decode_many(
+        q, [sources[0], kernel.Source(k[..., :8], v, table)], lengths,
+        block_size=BLOCK)

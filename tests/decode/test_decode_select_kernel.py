@@ -57,18 +57,17 @@ def _kernels(q, cache, config):
   """Both kernels, as nsa_decode runs them, plus the raw outputs."""
   num_blocks = cache.k.shape[1] // config.sel_block
   blocks = dict(cmp_block=config.cmp_block, cmp_stride=config.cmp_stride)
-  width, front = decode_select.scores_layout(
-      sel_block=config.sel_block, num_blocks=num_blocks,
-      num_tokens=cache.k_cmp.shape[1], **blocks)
+  width = decode_select.scores_width(config.cmp_stride, config.sel_block,
+                                     num_blocks, cache.k_cmp.shape[1])
   o, lse, scores = decode_attention.compressed_decode(
       q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
-      scores_front=front, num_splits=2, interpret=True, **blocks)
+      num_splits=2, interpret=True, **blocks)
   table = decode_select.nsa_decode_select(
       scores, lse, cache.lengths, sel_block=config.sel_block,
       num_blocks=num_blocks, num_heads=q.shape[1],
       num_selected=config.num_selected, num_initial=config.num_initial,
       num_local=config.num_local, interpret=True, **blocks)
-  return o, lse, scores[..., front:], table
+  return o, lse, scores, table
 
 
 # (config, Hq, Hkv, Dk, Dv): G 1 / 2 / 4 / 16, Dk != Dv, b = 1, 2, 4.
@@ -124,7 +123,7 @@ def test_top_n_kernel_equals_forced_top_n():
 def test_scores_too_narrow_are_a_clear_error():
   cache = _cache(TINY, [120], 1, 16, 16)
   scores = jnp.zeros((1, 1, 16, 8), jnp.float32)
-  with pytest.raises(ValueError, match="scores_layout"):
+  with pytest.raises(ValueError, match="scores_width"):
     decode_select.nsa_decode_select(
         scores, jnp.zeros((1, 1, 16)), cache.lengths, cmp_block=8,
         cmp_stride=4, sel_block=16, num_blocks=8, num_heads=4,
@@ -138,14 +137,13 @@ def test_kernels_lower_to_triton(dtype):
   q = jnp.zeros((2, 8, 128), dtype)
   num_blocks = cache.k.shape[1] // config.sel_block
   blocks = dict(cmp_block=config.cmp_block, cmp_stride=config.cmp_stride)
-  width, front = decode_select.scores_layout(
-      sel_block=config.sel_block, num_blocks=num_blocks,
-      num_tokens=cache.k_cmp.shape[1], **blocks)
+  width = decode_select.scores_width(config.cmp_stride, config.sel_block,
+                                     num_blocks, cache.k_cmp.shape[1])
 
   def both(q, cache):
     _, lse, scores = decode_attention.compressed_decode(
         q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
-        scores_front=front, interpret=False, **blocks)
+        interpret=False, **blocks)
     table = decode_select.nsa_decode_select(
         scores, lse, cache.lengths, sel_block=config.sel_block,
         num_blocks=num_blocks, num_heads=8, num_selected=16, num_initial=1,
