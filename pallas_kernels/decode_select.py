@@ -16,6 +16,9 @@ Two entry points:
   ``p = exp(s - lse)`` summed over the GQA group, then top-n.
 * ``decode_top_n``: the same ranking over block scores a caller computed
   (SeerAttention-R's gate probabilities).
+
+Measured on the H100 (64k, Hq 64 / Hkv 4, from a profile): block scores 1.6
+/ 6.6 us and top-n 5.5 / 5.6 us at batch 1 / 16.
 """
 
 from __future__ import annotations
