@@ -94,7 +94,9 @@ def from_cu_seqlens(cu_seqlens, seq_len: int):
     raise ValueError(f"cu_seqlens={values.tolist()} must start at 0, never "
                      f"decrease and end at seq_len={seq_len}")
   t = jnp.arange(seq_len, dtype=cu.dtype)
-  return jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)[None, :]
+  # Unrolled: no XLA while loop (on a GPU its condition syncs the host).
+  return jnp.searchsorted(cu[1:], t, side="right",
+                          method="scan_unrolled").astype(jnp.int32)[None, :]
 
 
 def starts_or_none(segment_ids):

@@ -304,8 +304,11 @@ def _invert_block_table(block_indices, num_blocks, pad):
     key, rows = lax.sort(
         (by_head(blk), by_head(jnp.broadcast_to(t, blk.shape))), num_keys=2)
   positions = tc.pad_axis(rows, 2, rows.shape[-1] + pad)
-  offsets = jax.vmap(jax.vmap(
-      lambda k: jnp.searchsorted(k, boundaries, side="left")))(key)
+  # Unrolled: the default "scan" is an XLA while loop, whose condition the
+  # GPU runtime reads back on the host every iteration; that blocked the
+  # host during each training step (gpu-16k: 196 against 97 ms a step).
+  offsets = jax.vmap(jax.vmap(lambda k: jnp.searchsorted(
+      k, boundaries, side="left", method="scan_unrolled")))(key)
   return offsets.astype(jnp.int32), positions.astype(jnp.int32)
 
 

@@ -1,6 +1,8 @@
 """Branch-2 kernel vs the dense reference: forward, gradients, lowering."""
 
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,3 +256,24 @@ def test_block_k_is_a_deprecated_name_of_block_q_dkv():
                              block_k=16)
   np.testing.assert_array_equal(old, selected_attention(
       q, k, v, idx, block_size=BS, interpret=True, block_q_dkv=16))
+
+
+@pytest.mark.lowering
+def test_backward_has_no_xla_while_loop(monkeypatch):
+  # An XLA while loop outside the kernels (jnp.searchsorted's default scan
+  # did this) makes the GPU runtime read its condition back on the host
+  # every iteration: the host waits for the GPU inside each training step.
+  q, k, v, idx, d_out = _inputs(70, 1, 4, 32, 32, jnp.bfloat16, 3)
+  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
+      q, k, v, idx, block_size=BS, interpret=False)
+  text = u.lower_for_cuda(jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)),
+                          q, k, v).as_text()
+  assert "xla.gpu.triton" in text
+  assert "stablehlo.while" not in text
+  # The other way of sorting the table's transpose (two-key sort, for
+  # (Ts + 1) * T past the packed key's range).
+  monkeypatch.setattr(importlib.import_module(
+      "pallas_kernels.selected_attention"), "PACKED_KEY_LIMIT", 0)
+  text = u.lower_for_cuda(lambda i: _invert_block_table(i, 8, 4),
+                          idx).as_text()
+  assert "stablehlo.sort" in text and "stablehlo.while" not in text
