@@ -20,6 +20,8 @@ from nsa_jax.validation import IMPLS
 
 ATTENTIONS = ("nsa", "full")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Vocabularies up to this size embed by one-hot matmul (TransformerLM._embed).
+ONE_HOT_VOCAB = 1024
 # Per-block rematerialisation (nnx.remat, i.e. jax.checkpoint, around each
 # DecoderBlock): what the backward pass keeps of a block's forward.
 REMAT_POLICIES = {
@@ -288,8 +290,25 @@ class TransformerLM(nnx.Module):
     return layers.lm_decode_step(self, tokens, cache)
 
   def _embed(self, tokens):
-    """Embeddings [B, T, d_model]; ids outside the vocabulary give zeros."""
-    valid = (tokens >= 0) & (tokens < self.config.vocab_size)
+    """Embeddings [B, T, d_model]; ids outside the vocabulary give zeros.
+
+    Vocabularies up to ``ONE_HOT_VOCAB`` look up by a one-hot matmul: its
+    gradient is a matmul too, where a gather's is a scatter-add whose
+    atomics collide on frequent tokens. On an H100 (gpu-16k preset, byte
+    vocabulary, code text) that scatter took 83.5 ms of a 170 ms training
+    step (1.8 ms on uniformly random tokens). The values are the gather's
+    exactly (one term per output, float32 accumulation).
+    """
+    vocab = self.config.vocab_size
+    if vocab <= ONE_HOT_VOCAB:
+      table = self.embed.embedding[...]
+      table = table.astype(self.embed.dtype or table.dtype)
+      one_hot = jax.nn.one_hot(tokens, vocab, dtype=table.dtype)  # 0 if bad
+      return jnp.einsum("btv,vd->btd", one_hot, table,
+                        precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=jnp.float32).astype(
+                            table.dtype)
+    valid = (tokens >= 0) & (tokens < vocab)
     x = self.embed(jnp.where(valid, tokens, 0))
     return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
 

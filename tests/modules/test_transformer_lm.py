@@ -164,6 +164,44 @@ def test_out_of_range_ids_under_jit_embed_as_zeros(attention):
   assert float(jnp.abs(zeros[0, 30]).max()) == 0.0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("vocab", [VOCAB, 1500])  # one-hot, then gather
+def test_embedding_equals_the_table_rows_and_their_gradient(dtype, vocab):
+  # Small vocabularies embed by one-hot matmul (a matmul gradient, not a
+  # colliding scatter): the same values as a gather, bit for bit, and the
+  # same table gradient; ids outside the vocabulary embed as zeros.
+  model = TransformerLM(make_config(vocab_size=vocab, dtype=dtype),
+                        rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, 5, (2, 33)), jnp.int32)  # repeats
+  tokens = tokens.at[0, 3].set(vocab).at[1, 7].set(-1)
+  weight = jnp.asarray(rng.normal(size=(2, 33, 32)), jnp.float32)
+  table = model.embed.embedding[...]
+
+  def gathered(table):
+    valid = (tokens >= 0) & (tokens < vocab)
+    rows = table.astype(model.embed.dtype)[jnp.where(valid, tokens, 0)]
+    return jnp.where(valid[..., None], rows, 0)
+
+  embedded = nnx.jit(lambda m: m._embed(tokens))  # pylint: disable=protected-access
+  got, want = embedded(model), jax.jit(gathered)(table)
+  assert got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+  assert not np.asarray(got[0, 3], np.float32).any()
+  # The table's gradient: the weights summed per valid id (exact in
+  # float32); bfloat16 rounds each cotangent (the gather path also sums in
+  # bfloat16).
+  loss = lambda x: jnp.sum(x.astype(jnp.float32) * weight)
+  got = nnx.jit(nnx.grad(lambda m: loss(m._embed(tokens))))(model)  # pylint: disable=protected-access
+  valid = np.asarray((tokens >= 0) & (tokens < vocab))
+  want = np.zeros(table.shape, np.float32)
+  np.add.at(want, np.asarray(tokens)[valid], np.asarray(weight)[valid])
+  tol = 1e-5 if dtype == "float32" else 0.1
+  np.testing.assert_allclose(got.embed.embedding[...], want, rtol=tol,
+                             atol=tol)
+
+
 def _loss_and_grads(config, tokens):
   model = TransformerLM(config, rngs=nnx.Rngs(0))
 
