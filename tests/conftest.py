@@ -42,16 +42,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # parent is the controlling pytest process): tests compile many identical
 # programs from different Python functions, which jax's in-memory cache,
 # keyed by function, cannot share. Measured on 2 CPU cores: the kernel test
-# files in 136 s instead of 154 s. Removed when the run ends; a cache the
-# user configured is left alone.
+# files in 136 s instead of 154 s. Exported to the environment too, so the
+# scripts and notebooks the tests start share it (the three train_lm.py runs
+# of tests/train/test_resume.py compile the same programs). Removed when the
+# run ends; a cache the user configured is left alone.
 _RUN_PID = os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()
 _JIT_CACHE = os.path.join(tempfile.gettempdir(),
                           f"nsa-jax-test-jit-cache-{_RUN_PID}")
 if not (os.environ.get("JAX_COMPILATION_CACHE_DIR")
         or jax.config.jax_compilation_cache_dir):
-  jax.config.update("jax_compilation_cache_dir", _JIT_CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  _CACHE_SETTINGS = {"jax_compilation_cache_dir": _JIT_CACHE,
+                     "jax_persistent_cache_min_compile_time_secs": 0,
+                     "jax_persistent_cache_min_entry_size_bytes": 0}
+  for _name, _value in _CACHE_SETTINGS.items():
+    jax.config.update(_name, _value)
+    os.environ[_name.upper()] = str(_value)
 
 
 def pytest_sessionfinish(session):

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nsa_jax import NSAConfig
 
@@ -57,27 +58,37 @@ TOLERANCE = {dtype: dict(atol=fwd, rtol=fwd)
              for dtype, (fwd, _) in TOLERANCES.items()}
 
 
+def normal(rng: np.random.Generator, shape, dtype=jnp.float32) -> jax.Array:
+  """Standard normal draws of ``shape`` in ``dtype``, made by NumPy.
+
+  NumPy, not jax.random: on a CPU jax.random compiles one threefry program
+  per shape, which takes longer than most of the tests that use the draws;
+  and ``device_put``, which compiles nothing, where ``jnp.asarray`` compiles
+  a copy per shape.
+  """
+  return jax.device_put(rng.standard_normal(shape).astype(dtype))
+
+
 def make_inputs(case: Case, dtype=jnp.float32, config: NSAConfig = TINY,
                 seed: int = 0):
   """Random q, k, v, k_cmp, v_cmp, gates for ``case`` in ``dtype``."""
-  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  rng = np.random.default_rng(seed)
   tc = config.num_compressed(case.t)
-  normal = lambda key, shape: jax.random.normal(key, shape, dtype)
+  draw = lambda *shape: normal(rng, shape, dtype)
   return dict(
-      q=normal(keys[0], (case.b, case.t, case.hq, case.dk)),
-      k=normal(keys[1], (case.b, case.t, case.hkv, case.dk)),
-      v=normal(keys[2], (case.b, case.t, case.hkv, case.dv)),
-      k_cmp=normal(keys[3], (case.b, tc, case.hkv, case.dk)),
-      v_cmp=normal(keys[4], (case.b, tc, case.hkv, case.dv)),
-      gates=jax.nn.sigmoid(
-          normal(keys[5], (case.b, case.t, case.hq, 3))).astype(dtype),
+      q=draw(case.b, case.t, case.hq, case.dk),
+      k=draw(case.b, case.t, case.hkv, case.dk),
+      v=draw(case.b, case.t, case.hkv, case.dv),
+      k_cmp=draw(case.b, tc, case.hkv, case.dk),
+      v_cmp=draw(case.b, tc, case.hkv, case.dv),
+      gates=jax.device_put((1 / (1 + np.exp(-rng.standard_normal(
+          (case.b, case.t, case.hq, 3))))).astype(dtype)),
   )
 
 
 def random_block_table(case: Case, num_slots: int, block_size: int,
                        seed: int = 0):
   """int32 [B, T, Hkv, n]: distinct random causal blocks, some slots -1."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   table = np.full((case.b, case.t, case.hkv, num_slots), -1, np.int32)
   for b in range(case.b):

@@ -27,12 +27,12 @@ def make_model(attention="nsa", seed=0, **overrides):
   model = TransformerLM(LMConfig(**fields), rngs=nnx.Rngs(seed))
   state = nnx.state(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
+  rng = np.random.default_rng(seed + 1000)  # NumPy: no compilation per shape
   new = []
-  for key, x in zip(keys, leaves):
-    noise = jax.random.normal(key, x.shape, x.dtype)
-    new.append(noise / np.sqrt(x.shape[0]) if x.ndim >= 2 else
-               1.0 + 0.3 * noise)
+  for x in leaves:
+    noise = rng.standard_normal(x.shape)
+    value = noise / np.sqrt(x.shape[0]) if x.ndim >= 2 else 1.0 + 0.3 * noise
+    new.append(jax.device_put(value.astype(x.dtype)))
   nnx.update(model, jax.tree.unflatten(treedef, new))
   return model
 

@@ -9,6 +9,8 @@ from nsa_jax import decode
 from nsa_jax.decode import cache as cache_lib
 from pallas_kernels import decode_attention as kernel
 
+from nsa_cases import normal
+
 BLOCK = 16
 
 # Jitted, settings static: one compiled program per call, where eager calls
@@ -23,11 +25,10 @@ _xla = jax.jit(decode.block_sparse_decode, static_argnames=("block_size",))
 def _inputs(b, size, hkv, group, dk, dv, n, dtype=jnp.float32, seed=0):
   """Random q/k/v, a repeat-free table (some -1, some future blocks), NaN
   and inf garbage past each row's length."""
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (b, hkv * group, dk), dtype)
-  k = jax.random.normal(ks[1], (b, size, hkv, dk), dtype)
-  v = jax.random.normal(ks[2], (b, size, hkv, dv), dtype)
   rng = np.random.default_rng(seed)
+  q = normal(rng, (b, hkv * group, dk), dtype)
+  k = normal(rng, (b, size, hkv, dk), dtype)
+  v = normal(rng, (b, size, hkv, dv), dtype)
   lengths = rng.integers(1, size + 1, b).astype(np.int32)
   lengths[0] = size
   table = np.full((b, hkv, n), -1, np.int32)

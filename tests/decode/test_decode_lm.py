@@ -8,6 +8,7 @@ from decode_testing import make_tokens
 from decode_testing import poison
 from decode_testing import prefill
 from decode_testing import TINY
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,18 +58,25 @@ def test_each_decode_step_equals_full_forward(variant, prompt_len):
   assert int(cache[0].lengths[0]) == TOTAL
 
 
+@nnx.jit
+def _first_layer_branch_inputs(model, tokens):
+  layer = model.layers[0]
+  x = layer.attn_norm(model._embed(tokens))  # pylint: disable=protected-access
+  return layer.attn.branch_inputs(x)
+
+
 @pytest.mark.parametrize("variant", ["nsa", "nsa-shared-kv"])
 def test_compressed_tokens_made_while_decoding_equal_the_full_ones(variant):
   model = make_model(**VARIANTS[variant])
   tokens = make_tokens(1, 40, seed=3)
-  cache = model.init_cache(1, 40)
-  _, cache = prefill(model, tokens[:, :5], cache, None)  # no compressed yet
+  # The cache and prompt of test_each_decode_step_equals_full_forward: the
+  # same prefill and step programs, compiled once for both tests.
+  cache = model.init_cache(1, TOTAL)
+  _, cache = prefill(model, tokens[:, :3], cache, None)  # no compressed yet
   assert not np.asarray(cache[0].k_cmp).any()
-  for t in range(5, 40):
+  for t in range(3, 40):
     _, cache = decode_step(model, tokens[:, t:t + 1], cache)
-  layer = model.layers[0]
-  x = layer.attn_norm(model._embed(tokens))  # pylint: disable=protected-access
-  inputs = layer.attn.branch_inputs(x)
+  inputs = _first_layer_branch_inputs(model, tokens)
   tc = TINY.num_compressed(40)
   assert tc == 9
   chex.assert_trees_all_close(cache[0].k_cmp[:, :tc], inputs["k_cmp"], **TOL)

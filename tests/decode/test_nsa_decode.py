@@ -12,15 +12,17 @@ from nsa_jax.decode import NSACache
 from nsa_jax.selection import top_n_at
 from nsa_jax.selection import top_n_blocks
 
+from nsa_cases import normal
+
 
 def _random_cache(shared_kv, lengths, max_length=80, hkv=2, dk=16, dv=8):
   cache = NSACache.create(len(lengths), max_length, TINY, hkv, dk, dv,
                           shared_kv=shared_kv)
   leaves, treedef = jax.tree.flatten(cache)
-  keys = jax.random.split(jax.random.key(len(lengths)), len(leaves))
-  filled = [jax.random.normal(key, x.shape, x.dtype)
+  rng = np.random.default_rng(len(lengths))
+  filled = [normal(rng, x.shape, x.dtype)
             if jnp.issubdtype(x.dtype, jnp.floating) else x
-            for key, x in zip(keys, leaves)]
+            for x in leaves]
   cache = jax.tree.unflatten(treedef, filled)
   cache = cache.replace(lengths=jnp.asarray(lengths, jnp.int32))
   return poison((cache,))[0]
@@ -30,9 +32,9 @@ def _random_cache(shared_kv, lengths, max_length=80, hkv=2, dk=16, dv=8):
 def test_pallas_branches_equal_xla(shared_kv):
   lengths = [80, 33, 7, 50]
   cache = _random_cache(shared_kv, lengths)
-  ks = jax.random.split(jax.random.key(1), 2)
-  q = jax.random.normal(ks[0], (4, 1, 8, 16))
-  gates = jax.nn.sigmoid(jax.random.normal(ks[1], (4, 1, 8, 3)))
+  rng = np.random.default_rng(1)
+  q = normal(rng, (4, 1, 8, 16))
+  gates = jax.nn.sigmoid(normal(rng, (4, 1, 8, 3)))
   # Jitted, gates an argument: one program per impl for the three gatings.
   run = {impl: jax.jit(lambda q, gates, cache, impl=impl: attn_lib.nsa_decode(
       q, gates, cache, TINY, impl=impl)) for impl in ("xla", "pallas")}

@@ -6,10 +6,13 @@ import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from nsa_jax.modules import dense_attention as da
 from nsa_jax.modules import FullAttention
+
+from nsa_cases import normal
 
 H100 = da.Backend("cuda", (9, 0))
 A100 = da.Backend("cuda", (8, 0))
@@ -55,11 +58,9 @@ def test_current_backend_on_this_machine():
 
 
 def _qkv(t, b=2, hq=4, hkv=2, d=16, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  return (jax.random.normal(ks[0], (b, t, hq, d)),
-          jax.random.normal(ks[1], (b, t, hkv, d)),
-          jax.random.normal(ks[2], (b, t, hkv, d)),
-          jax.random.normal(ks[3], (b, t, hq, d)))
+  rng = np.random.default_rng(seed)
+  return (normal(rng, (b, t, hq, d)), normal(rng, (b, t, hkv, d)),
+          normal(rng, (b, t, hkv, d)), normal(rng, (b, t, hq, d)))
 
 
 XLA = functools.partial(jax.nn.dot_product_attention, implementation="xla")
@@ -115,7 +116,7 @@ def test_full_attention_module_implementation_argument():
                                     rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="implementation='flash'"):
     make("flash")
-  x = jax.random.normal(jax.random.key(1), (2, 20, 32))
+  x = normal(np.random.default_rng(1), (2, 20, 32))
   auto, xla = make("auto")(x), make("xla")(x)
   chex.assert_trees_all_close(auto, xla, rtol=0, atol=0)  # CPU: XLA
   if jax.default_backend() == "cpu":

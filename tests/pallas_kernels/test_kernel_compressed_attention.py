@@ -18,11 +18,11 @@ L, D = 8, 4  # compressed block l and stride d
 
 def _inputs(seq_len, num_kv_heads, group, dk, dv, dtype, seed=0):
   tc = max(0, (seq_len - L) // D + 1)
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = u.normal(ks[0], (2, seq_len, num_kv_heads * group, dk), dtype)
-  k = u.normal(ks[1], (2, tc, num_kv_heads, dk), dtype)
-  v = u.normal(ks[2], (2, tc, num_kv_heads, dv), dtype)
-  d_out = u.normal(ks[3], (2, seq_len, num_kv_heads * group, dv), jnp.float32)
+  rng = np.random.default_rng(seed)
+  q = u.normal(rng, (2, seq_len, num_kv_heads * group, dk), dtype)
+  k = u.normal(rng, (2, tc, num_kv_heads, dk), dtype)
+  v = u.normal(rng, (2, tc, num_kv_heads, dv), dtype)
+  d_out = u.normal(rng, (2, seq_len, num_kv_heads * group, dv), jnp.float32)
   return q, k, v, d_out
 
 

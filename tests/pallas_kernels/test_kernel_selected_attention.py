@@ -26,24 +26,25 @@ def _inputs(seq_len, num_kv_heads, group, dk, dv, dtype, num_slots, seed=0,
   With ``force_initial`` (and ``num_slots`` = all blocks) every position
   but 3 and 20 selects block 0, as NSA's forced initial block.
   """
-  ks = jax.random.split(jax.random.key(seed), 6)
+  rng = np.random.default_rng(seed)
   num_blocks = -(-seq_len // BS)
-  q = u.normal(ks[0], (2, seq_len, num_kv_heads * group, dk), dtype)
-  k = u.normal(ks[1], (2, seq_len, num_kv_heads, dk), dtype)
-  v = u.normal(ks[2], (2, seq_len, num_kv_heads, dv), dtype)
-  d_out = u.normal(ks[3], (2, seq_len, num_kv_heads * group, dv), jnp.float32)
+  q = u.normal(rng, (2, seq_len, num_kv_heads * group, dk), dtype)
+  k = u.normal(rng, (2, seq_len, num_kv_heads, dk), dtype)
+  v = u.normal(rng, (2, seq_len, num_kv_heads, dv), dtype)
+  d_out = u.normal(rng, (2, seq_len, num_kv_heads * group, dv), jnp.float32)
   # Any block, future ones included: the kernel must mask s > t itself.
-  perm = jnp.argsort(jax.random.uniform(ks[4], (2, seq_len, num_kv_heads,
-                                               num_blocks)), axis=-1)
-  idx = perm[..., :num_slots].astype(jnp.int32)
-  drop = jax.random.uniform(ks[5], idx.shape) < 0.3
+  perm = np.argsort(rng.random((2, seq_len, num_kv_heads, num_blocks)),
+                    axis=-1)
+  idx = perm[..., :num_slots].astype(np.int32)
+  drop = rng.random(idx.shape) < 0.3
   if force_initial:
     drop &= idx != 0
-  idx = jnp.where(drop, -1, idx)
+  idx = np.where(drop, -1, idx)
   # Position 3 selects nothing; position 20 only a block wholly in its future.
-  idx = idx.at[:, 3].set(-1)
-  idx = idx.at[:, 20].set(-1).at[:, 20, :, 0].set(2)
-  return q, k, v, idx, d_out
+  idx[:, 3:4] = -1
+  idx[:, 20:21] = -1
+  idx[:, 20:21, :, 0] = 2
+  return q, k, v, jnp.asarray(idx), d_out
 
 
 # Jitted: called eagerly, the kernels' XLA glue runs op by op, each op

@@ -18,11 +18,11 @@ import kernel_test_utils as u
 
 
 def _inputs(seq_len, group, dk, dv, dtype):
-  ks = jax.random.split(jax.random.key(0), 4)
-  q = u.normal(ks[0], (1, seq_len, 2 * group, dk), dtype)
-  k = u.normal(ks[1], (1, seq_len, 2, dk), dtype)
-  v = u.normal(ks[2], (1, seq_len, 2, dv), dtype)
-  d_out = u.normal(ks[3], (1, seq_len, 2 * group, dv), jnp.float32)
+  rng = np.random.default_rng(0)
+  q = u.normal(rng, (1, seq_len, 2 * group, dk), dtype)
+  k = u.normal(rng, (1, seq_len, 2, dk), dtype)
+  v = u.normal(rng, (1, seq_len, 2, dv), dtype)
+  d_out = u.normal(rng, (1, seq_len, 2 * group, dv), jnp.float32)
   return q, k, v, d_out
 
 

@@ -18,6 +18,8 @@ from nsa_jax import ops
 from nsa_jax import parallel
 from nsa_jax.parallel import comm
 
+from nsa_cases import normal
+
 # T = 64, l' = 16, w - 1 = 11: T / P = 32 and 16 put block edges on shard
 # edges, 8 does not (a block spans two shards, the window three). With
 # n = 3 of Ts = 4 blocks the last block's queries rank blocks 1 and 2.
@@ -29,14 +31,14 @@ ARGS = ("q", "k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win")
 
 @functools.cache
 def _inputs(seq_len):
-  keys = jax.random.split(jax.random.key(seq_len), 9)
+  rng = np.random.default_rng(seq_len)
   num_cmp = CFG.num_compressed(seq_len)
   shapes = [(B, seq_len, HQ, D), (B, seq_len, HKV, D), (B, seq_len, HKV, D),
             (B, seq_len, HQ, 3), (B, num_cmp, HKV, D), (B, num_cmp, HKV, D),
             (B, seq_len, HKV, D), (B, seq_len, HKV, D)]
-  arrays = [jax.random.normal(key, shape) for key, shape in zip(keys, shapes)]
+  arrays = [normal(rng, shape) for shape in shapes]
   arrays[3] = jax.nn.sigmoid(arrays[3])
-  cotangent = jax.random.normal(keys[8], (B, seq_len, HQ, D))
+  cotangent = normal(rng, (B, seq_len, HQ, D))
   return tuple(arrays), cotangent
 
 
