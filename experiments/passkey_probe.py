@@ -90,9 +90,14 @@ def main(argv: list[str] | None = None) -> np.ndarray:
                     window=64))
   model = TransformerLM(cfg, rngs=nnx.Rngs(0))
   first_t = args.phases[0][1]
-  optimizer = nnx.Optimizer(model, train.make_optimizer(train.TrainConfig(
-      steps=steps, batch_size=args.batch_size, seq_len=first_t, lr=args.lr,
-      warmup_steps=args.warmup_steps)), wrt=nnx.Param)
+  try:
+    schedule = train.TrainConfig(
+        steps=steps, batch_size=args.batch_size, seq_len=first_t, lr=args.lr,
+        warmup_steps=args.warmup_steps)
+  except ValueError as e:
+    parser.error(str(e))
+  optimizer = nnx.Optimizer(model, train.make_optimizer(schedule),
+                            wrt=nnx.Param)
   step, start, losses = 0, time.time(), []
   for n, seq_len, kind in args.phases:
     batch_size = (args.batch_size * first_t // seq_len if args.const_tokens
