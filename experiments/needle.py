@@ -5,7 +5,9 @@
 
 For every attention type trained by ``train_lm.py`` in ``--workdir`` it loads
 its newest good checkpoint, scores ``--samples`` passkey examples per
-cell, prints the grid and writes ``<workdir>/needle.png`` and
+cell, prints the grid and the share of each key digit predicted (first
+digit right and the rest near chance: the model finds the needle but does
+not copy the key) and writes ``<workdir>/needle.png`` and
 ``needle.json``.
 """
 
@@ -52,20 +54,25 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
   if args.samples < 1:
     parser.error(f"--samples must be >= 1, got {args.samples}")
   workdir = pathlib.Path(args.workdir)
-  grids = {}
+  grids, digits = {}, {}
   for name, model in train_lib.runs.load_runs_or_exit(workdir,
                                                        args.attention):
-    grid = train_lib.accuracy_grid(model, args.lengths, args.depths,
-                                   samples=args.samples, seed=args.seed)
-    grids[name] = grid
+    hits = train_lib.hits_grid(model, args.lengths, args.depths,
+                               samples=args.samples, seed=args.seed)
+    grid = grids[name] = hits.all(-1).mean(-1)
+    digits[name] = hits.mean((0, 1, 2))
     print(f"\n{name}: accuracy, rows = depth, columns = context length")
     print("depth  " + " ".join(f"{t:>6d}" for t in args.lengths))
     for depth, row in zip(args.depths, grid):
       print(f"{depth:5.2f}  " + " ".join(f"{v:6.2f}" for v in row))
+    print("each key digit, share predicted over all cells: "
+          + " ".join(f"{v:.2f}" for v in digits[name]))
   (workdir / "needle.json").write_text(json.dumps(
       {"lengths": args.lengths, "depths": args.depths,
        "samples": args.samples,
-       "accuracy": {k: v.tolist() for k, v in grids.items()}}, indent=1))
+       "accuracy": {k: v.tolist() for k, v in grids.items()},
+       "digit_accuracy": {k: v.tolist() for k, v in digits.items()}},
+      indent=1))
   png = train_lib.plot_heatmaps(
       grids, args.lengths, args.depths,
       args.out or workdir / "needle.png",

@@ -17,7 +17,9 @@ from nsa_jax.train.optim import make_schedule
 from nsa_jax.train.plotting import plot_heatmaps
 from nsa_jax.train.plotting import plot_runs
 from nsa_jax.train.retrieval import accuracy_grid
+from nsa_jax.train.retrieval import hits_grid
 from nsa_jax.train.retrieval import passkey_accuracy
+from nsa_jax.train.retrieval import passkey_hits
 from nsa_jax.train.steps import eval_step
 from nsa_jax.train.steps import masked_loss_sum
 from nsa_jax.train.steps import predict_step
