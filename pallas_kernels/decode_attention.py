@@ -26,7 +26,6 @@ class _Static:
   ring: bool  # the cache is a ring buffer: slot x holds t - ((t - x) mod S)
   key_stride: int  # slot x holds position x * key_stride + key_offset
   key_offset: int
-  emit_scores: bool  # also write each key's score at column x
   num_warps: int
   num_stages: int
   interpret: bool
@@ -144,13 +143,14 @@ def combine(o, lse):
       jnp.where(seen, total, 1.0)), -jnp.inf)
 
 
-def grouped_query(q, num_kv_heads: int, dk_p: int):
-  """[B, Hq, Dk] -> [B, Hkv, Gp, Dk_p], G padded to a power of two >= 16."""
-  b, hq, _ = q.shape
+def grouped_query(q, num_kv_heads: int):
+  """[B, Hq, Dk] -> [B, Hkv, Gp, Dk_p] (``tc.group_heads`` of one position):
+  G padded to a power of two >= 16, Dk to one >= 16."""
+  b, hq, dk = q.shape
   group = hq // num_kv_heads
-  group_p = tc.next_pow2(group, tc.MIN_DOT_DIM)
-  return tc.pad_axis(tc.pad_axis(q.reshape(b, num_kv_heads, group, -1), 2,
-                                 group_p), 3, dk_p)
+  return tc.group_heads(q[:, None], num_kv_heads, 1,
+                        tc.next_pow2(group, tc.MIN_DOT_DIM),
+                        tc.next_pow2(dk, tc.MIN_DOT_DIM))[:, 0]
 
 
 def launch(q4, sources, lengths, scores_width: int | None = None):
@@ -163,8 +163,7 @@ def launch(q4, sources, lengths, scores_width: int | None = None):
       settings may differ; Dk, Dv and the launch settings of the first
       apply to all).
     lengths: int [B], tokens in the cache (the query's included).
-    scores_width: W, columns of the emitted scores (one source whose
-      settings have ``emit_scores``).
+    scores_width: W, columns of the emitted scores (one source only).
 
   Returns:
     (o [B, Hkv, splits, Gp, Dv_p] float32 normalised per split, lse
@@ -237,7 +236,7 @@ def _decode(q, arrays, lengths, sts: tuple[_Static, ...]):
   """arrays: (k, v, table) per source -> ((out, lse) per source)."""
   b, hq, dk = q.shape
   hkv, dv = arrays[0][1].shape[2:]
-  q4 = grouped_query(q, hkv, tc.next_pow2(dk, tc.MIN_DOT_DIM))
+  q4 = grouped_query(q, hkv)
   o, lse = launch(q4, tuple((*a, st) for a, st in zip(arrays, sts)), lengths)
   results, start = [], 0
   for st in sts:
@@ -251,7 +250,6 @@ def _decode(q, arrays, lengths, sts: tuple[_Static, ...]):
 def settings(*, block_size: int, dk: int, num_slots: int, num_splits: int,
              scale: float | None, window: int | None = None,
              ring: bool = False, key_stride: int = 1, key_offset: int = 0,
-             emit_scores: bool = False,
              interpret: bool | None = None, num_warps: int = 4,
              num_stages: int = 2) -> _Static:
   """The kernel's static settings for ``num_slots`` table slots a row."""
@@ -260,7 +258,7 @@ def settings(*, block_size: int, dk: int, num_slots: int, num_splits: int,
                  slots_per_split=tc.next_pow2(-(-num_slots // num_splits)),
                  num_splits=num_splits, window=window, ring=bool(ring),
                  key_stride=key_stride, key_offset=key_offset,
-                 emit_scores=emit_scores, num_warps=num_warps,
+                 num_warps=num_warps,
                  num_stages=num_stages,
                  interpret=tc.resolve_interpret(interpret))
 
@@ -437,6 +435,12 @@ def _token_block(num_tokens: int) -> int:
   return 64
 
 
+def compressed_columns(num_tokens: int) -> int:
+  """Score columns ``compressed_decode`` may write for Tc tokens: Tc,
+  rounded up to a whole step of 64 when it is padded."""
+  return tc.round_up(num_tokens, _token_block(num_tokens))
+
+
 def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
                       cmp_stride: int, scores_width: int,
                       scale: float | None = None,
@@ -476,7 +480,7 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
   b, hq, dk = q.shape
   tc_len, hkv = k_cmp.shape[1], k_cmp.shape[2]
   block = _token_block(tc_len)
-  padded = tc.round_up(tc_len, block)
+  padded = compressed_columns(tc_len)
   if scores_width < padded:
     raise ValueError(f"{scores_width=} < Tc={tc_len} (in steps of {block})")
   k_cmp, v_cmp = (tc.pad_axis(x, 1, padded) for x in (k_cmp, v_cmp))
@@ -492,7 +496,7 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
     num_splits = default_num_splits(b, hkv, num_blocks)
   st = settings(block_size=block, dk=dk, num_slots=num_blocks,
                 num_splits=num_splits, scale=scale, key_stride=cmp_stride,
-                key_offset=cmp_block - 1, emit_scores=True,
+                key_offset=cmp_block - 1,
                 interpret=interpret, num_warps=num_warps,
                 num_stages=num_stages)
   return _compressed(q, k_cmp, v_cmp, table, lengths, st, scores_width)
@@ -501,7 +505,7 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
 @functools.partial(jax.jit, static_argnames=("st", "scores_width"))
 def _compressed(q, k, v, table, lengths, st: _Static, scores_width: int):
   hkv = v.shape[2]
-  q4 = grouped_query(q, hkv, tc.next_pow2(q.shape[2], tc.MIN_DOT_DIM))
+  q4 = grouped_query(q, hkv)
   o, lse, scores = launch(q4, ((k, v, table, st),), lengths, scores_width)
   return (*merged(o, lse, q.shape[1], v.shape[3], q.dtype), scores)
 

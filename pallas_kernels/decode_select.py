@@ -198,13 +198,14 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
   # Tokens of block j also count in blocks j + 1 .. j + back.
   back = -(-(cmp_block // cmp_stride - 1) // a)
   interpret = tc.resolve_interpret(interpret)
+  t = _positions(lengths, b)
   parts = _score_parts(scores.reshape(b, hkv, group_p, width // a, a), lse,
-                       _positions(lengths, b), sc, back, ts_p, interpret)
+                       t, sc, back, ts_p, interpret)
   rule = _Rule(block_size=sel_block, num_blocks=num_blocks,
                num_selected=num_selected, num_initial=num_initial,
                num_local=num_local, num_warps=_warps(ts_p),
                interpret=interpret)
-  return _top_n(parts, _positions(lengths, b), rule)[..., :num_selected]
+  return _top_n(parts, t, rule)[..., :num_selected]
 
 
 @functools.partial(jax.jit,

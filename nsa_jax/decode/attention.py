@@ -272,7 +272,7 @@ def _compressed_and_table(q, cache: cache_lib.NSACache, config: NSAConfig,
   blocks = dict(cmp_block=config.cmp_block, cmp_stride=config.cmp_stride)
   width = decode_select.scores_width(
       config.cmp_stride, config.sel_block, num_blocks,
-      -(-cache.k_cmp.shape[1] // 64) * 64)
+      decode_attention.compressed_columns(cache.k_cmp.shape[1]))
   o_cmp, lse, scores = decode_attention.compressed_decode(
       q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
       scale=scale, **blocks)
