@@ -24,10 +24,9 @@ from pallas_kernels.block_scores import default_launch
 from pallas_kernels.block_scores import padded_scores
 from pallas_kernels.block_scores import ScoreLaunch
 
-# Ranking values: forced blocks rank above every score, non-causal blocks
-# below every score (scores are sums of probabilities, >= 0), and a block
-# already taken below those.
-_FORCED = float("inf")
+# Ranking values (forced blocks rank +inf, ``forced_ranking``): non-causal
+# blocks below every score (scores are sums of probabilities, >= 0), and a
+# block already taken below those.
 _NOT_CAUSAL = -1.0
 _TAKEN = -2.0
 # Bytes of float32 scores held at once; longer sequences are ranked in
@@ -59,21 +58,45 @@ def _top_n_kernel(scores_ref, *refs, st: _TopN):
   the spec does) and marks that block taken.
   """
   starts_ref, (out_ref,) = group_tiles.split_starts(refs, st.documents)
-  rows, sel_pad = scores_ref.shape
+  rows = scores_ref.shape[0]
   n_p = out_ref.shape[-1]
   t = st.q_offset + pl.program_id(1) * rows + jnp.arange(rows)
   own = lax.div(t, st.sel_block)[:, None]  # [rows, 1]
-  j = jnp.arange(sel_pad)[None, :]  # [1, Ts_p]
-  if starts_ref is None:
-    first, causal = 0, (j <= own) & (j < st.num_blocks)
-  else:
-    first = lax.div(starts_ref[...], st.sel_block)[:, None]  # [rows, 1]
-    causal = (j <= own) & (j >= first) & (j < st.num_blocks)
-  forced = causal & ((j < first + st.num_initial) | (j > own - st.num_local))
-  ranked = jnp.where(forced, _FORCED,
-                     jnp.where(causal, scores_ref[...], _NOT_CAUSAL))
+  first = (None if starts_ref is None else
+           lax.div(starts_ref[...], st.sel_block)[:, None])  # [rows, 1]
+  ranked = forced_ranking(scores_ref[...], own, first,
+                          num_blocks=st.num_blocks,
+                          num_initial=st.num_initial,
+                          num_local=st.num_local, floor=_NOT_CAUSAL)
   out_ref[...] = top_n_rounds(ranked, st.num_selected, n_p,
                               floor=_NOT_CAUSAL, taken=_TAKEN)
+
+
+def forced_ranking(scores, own, first, *, num_blocks: int, num_initial: int,
+                   num_local: int, floor: float):
+  """Ranking values of the top-n rule (``selection.forced_top_n``).
+
+  Args:
+    scores: float32 [rows, N] block scores.
+    own: int [rows, 1] (or scalar): each row's own block ``t // l'``.
+    first: int [rows, 1]: the block of the row's document start, or None
+      (block 0).
+    num_blocks, num_initial, num_local: the rule.
+    floor: the value of blocks that are no candidates.
+
+  Returns:
+    float32 [rows, N]: +inf for forced blocks (f .. f + num_initial - 1 and
+    the num_local ending at own), the score for the other candidates
+    (f .. own, below num_blocks), ``floor`` elsewhere.
+  """
+  j = jnp.arange(scores.shape[-1])[None, :]
+  causal = (j <= own) & (j < num_blocks)
+  if first is None:
+    first = 0
+  else:
+    causal &= j >= first
+  forced = causal & ((j < first + num_initial) | (j > own - num_local))
+  return jnp.where(forced, jnp.inf, jnp.where(causal, scores, floor))
 
 
 def top_n_rounds(ranked, num_selected: int, n_p: int, *, floor: float,

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from pallas_kernels import triton_compat as tc
 from pallas_kernels.block_scores import check_block_sizes
 from pallas_kernels.block_scores import coverage
+from pallas_kernels.block_select import forced_ranking
 from pallas_kernels.block_select import top_n_rounds
 
 
@@ -63,14 +64,13 @@ class _Scores:
 
 def _rank(scores, t, rule: _Rule):
   """int32 [n_p] top-n of one row of block scores [Ts_p] for position t."""
-  j = jnp.arange(scores.shape[0])
-  own = lax.div(t, rule.block_size)
-  causal = (j <= own) & (j < rule.num_blocks)
-  forced = causal & ((j < rule.num_initial) | (j > own - rule.num_local))
-  ranked = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
+  ranked = forced_ranking(scores[None, :], lax.div(t, rule.block_size), None,
+                          num_blocks=rule.num_blocks,
+                          num_initial=rule.num_initial,
+                          num_local=rule.num_local, floor=-jnp.inf)
   n_p = tc.next_pow2(rule.num_selected)
-  return top_n_rounds(ranked[None, :], rule.num_selected, n_p,
-                      floor=-jnp.inf, taken=-jnp.inf)[0]
+  return top_n_rounds(ranked, rule.num_selected, n_p, floor=-jnp.inf,
+                      taken=-jnp.inf)[0]
 
 
 def _top_n_kernel(parts_ref, t_ref, out_ref, *, rule: _Rule):
