@@ -164,6 +164,30 @@ _FWD_ROWS = {"compressed": {128: 128}}
 SELECTED_MIN_SEGMENT = 256
 SELECTED_MAX_SEGMENTS = 8
 
+# The selected kernel's dQ from its dK/dV pass (``selected_attention(
+# dq_from_blocks=...)``): for groups up to this size (the dQ kernel's tiles
+# then mix positions that chose different blocks), while the buffer of
+# per-(query, slot) shares stays within this many bytes. Measured on an
+# H100 (bf16, n = 16, l' = 64, block tables of random inputs), selected
+# forward+backward, dQ kernel -> dQ from blocks: Hq 8 / Hkv 2 / D 64 at
+# B 4 x 16k 8.78 -> 6.26 ms, B 1 x 64k 10.53 -> 7.42 ms; Hq 32 / Hkv 8 /
+# D 128 at 16k 15.0 -> 11.6 ms (a 2 GiB buffer); Hq 64 / Hkv 4 / D 128 at
+# 16k 13.4 -> 12.9 ms, too little for its 4.3 GB buffer, so G = 16 keeps
+# the dQ kernel.
+SELECTED_DQ_BLOCKS_MAX_GROUP = 8
+SELECTED_DQ_PARTS_MAX_BYTES = 2 ** 31
+
+
+def selected_dq_from_blocks(*, group: int, parts_bytes: int) -> bool:
+  """Whether the selected kernel takes dQ from its dK/dV pass.
+
+  Args:
+    group: G, query heads per kv head.
+    parts_bytes: size of the shares buffer, B * T * Hq * n * Dk_p * itemsize.
+  """
+  return (group <= SELECTED_DQ_BLOCKS_MAX_GROUP
+          and parts_bytes <= SELECTED_DQ_PARTS_MAX_BYTES)
+
 
 def _bucket(head_dim: int) -> int:
   for bucket in (64, 128):

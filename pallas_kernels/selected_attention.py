@@ -34,6 +34,7 @@ class _Static:
   interpret: bool
   documents: bool  # document starts are an input (group_tiles.split_starts)
   offset: bool  # the query offset is an input (group_tiles.split_offset)
+  dq_from_blocks: bool  # dQ partials from the dK/dV pass, no dQ kernel
 
   @property
   def num_segments(self) -> int:
@@ -212,13 +213,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   in registers: no atomics, no T x T memory. A segment past the list's end
   runs no step and writes zeros; XLA sums the segments.
 
+  With ``dq_from_blocks`` each step also stores its queries' share of dQ,
+  dS K (unscaled), at the list entries it walked: entry e of the inverted
+  table gets the [Gp, Dk] rows of query ``positions[e]`` against this
+  block. The entries are contiguous, so the store is too; ``_sum_dq_parts``
+  adds a query's n entries. This replaces the dQ kernel's second walk over
+  the blocks (see ``dq_from_blocks``).
+
   Refs: q [Tp, Gp, Dk], k [l', Dk], v [l', Dv], do [Tp, Gp, Dv],
   m / log2l / delta [Tp, Gp], offsets [Ts + 1], positions [T * n + pad],
   (starts [Tp]), (offset [1]) -> float32 dk [l', Dk], dv [l', Dv] (this
-  segment's share). Positions are query rows; row r is query o + r.
+  segment's share), (dq parts [T * n + pad, Gp, Dk] in q's dtype).
+  Positions are query rows; row r is query o + r.
   """
   starts_ref, refs = group_tiles.split_starts(refs, st.documents)
-  offset_ref, (dk_ref, dv_ref) = group_tiles.split_offset(refs, st.offset)
+  offset_ref, outs = group_tiles.split_offset(refs, st.offset)
+  dk_ref, dv_ref, dq_parts_ref = (outs if st.dq_from_blocks
+                                  else (*outs, None))
   offset = group_tiles.read_offset(offset_ref)
   _, group_p, dk = q_ref.shape
   block_pos = st.launch.block_q_dkv
@@ -252,6 +263,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
     dv_acc = dv_acc + tc.dot(p.astype(do.dtype), do, trans_a=True)
     dk_acc = dk_acc + tc.dot(ds.astype(q.dtype), q, trans_a=True)
+    if dq_parts_ref is not None:
+      part = tc.dot(ds.astype(k.dtype), k).reshape(block_pos, group_p, dk)
+      tc.store_rows(dq_parts_ref, start, part, valid)
     return dk_acc, dv_acc
 
   num_steps = lax.div(jnp.maximum(hi - lo, 0) + block_pos - 1,
@@ -270,7 +284,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
 PACKED_KEY_LIMIT = 2**31
 
 
-def _invert_block_table(block_indices, num_blocks, pad):
+def _invert_block_table(block_indices, num_blocks, pad, entries=False):
   """Per (batch, kv head): which query positions selected each block.
 
   A repeated slot is dropped (as in the forward's union loop), so each list
@@ -283,11 +297,14 @@ def _invert_block_table(block_indices, num_blocks, pad):
     num_blocks: Ts.
     pad: trailing entries added to ``positions`` so fixed-size chunk loads
       past the last list stay in bounds.
+    entries: also return where each slot went.
 
   Returns:
     offsets int32 [B, Hkv, Ts + 1] and positions int32 [B, Hkv, T*n + pad]:
     the positions that selected block j are positions[offsets[j]:
     offsets[j+1]], ascending (a CSR matrix of the block table's transpose).
+    With ``entries``, a third int32 [B, Hkv, T, n]: the index into
+    ``positions`` of each slot (t, i), -1 for an empty or repeated slot.
   """
   batch, seq_len, hkv, n = block_indices.shape
   t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None, None]
@@ -297,19 +314,55 @@ def _invert_block_table(block_indices, num_blocks, pad):
   blk = jnp.where((block_indices >= 0) & ~repeat, block_indices, num_blocks)
   by_head = lambda x: x.transpose(0, 2, 1, 3).reshape(batch, hkv, -1)
   boundaries = jnp.arange(num_blocks + 1, dtype=jnp.int32)
+  # The slot each sorted entry came from, carried through the sort only
+  # when asked for.
+  payload = ((jnp.broadcast_to(jnp.arange(seq_len * n, dtype=jnp.int32),
+                               (batch, hkv, seq_len * n)),)
+             if entries else ())
   if (num_blocks + 1) * seq_len < PACKED_KEY_LIMIT:
-    key = jnp.sort(by_head(blk * seq_len + t), axis=-1)
+    key, *slot = lax.sort((by_head(blk * seq_len + t), *payload), num_keys=1)
     rows, boundaries = key % seq_len, boundaries * seq_len
   else:
-    key, rows = lax.sort(
-        (by_head(blk), by_head(jnp.broadcast_to(t, blk.shape))), num_keys=2)
+    key, rows, *slot = lax.sort(
+        (by_head(blk), by_head(jnp.broadcast_to(t, blk.shape)), *payload),
+        num_keys=2)
   positions = tc.pad_axis(rows, 2, rows.shape[-1] + pad)
   # Unrolled: the default "scan" is an XLA while loop, whose condition the
   # GPU runtime reads back on the host every iteration; that blocked the
   # host during each training step (gpu-16k: 196 against 97 ms a step).
   offsets = jax.vmap(jax.vmap(lambda k: jnp.searchsorted(
       k, boundaries, side="left", method="scan_unrolled")))(key)
-  return offsets.astype(jnp.int32), positions.astype(jnp.int32)
+  if not entries:
+    return offsets.astype(jnp.int32), positions.astype(jnp.int32)
+  # Invert the sort's permutation: a scatter to distinct indices.
+  where = jax.vmap(jax.vmap(lambda s: jnp.zeros_like(s).at[s].set(
+      jnp.arange(s.size, dtype=jnp.int32), unique_indices=True)))(slot[0])
+  where = where.reshape(batch, hkv, seq_len, n)
+  kept = by_head(blk < num_blocks).reshape(batch, hkv, seq_len, n)
+  return (offsets.astype(jnp.int32), positions.astype(jnp.int32),
+          jnp.where(kept, where, -1))
+
+
+def _sum_dq_parts(parts, entries, scale: float):
+  """dQ from the dK/dV pass's per-entry shares (``dq_from_blocks``).
+
+  Args:
+    parts: [B, Hkv, T*n + pad, Gp, Dk] dS K of each inverted-table entry.
+    entries: int32 [B, Hkv, T, n] from ``_invert_block_table``.
+    scale: softmax scale.
+
+  Returns:
+    float32 [B, T, Hkv, Gp, Dk]: the sum of each query's entries, times
+    ``scale``.
+  """
+  batch, hkv, seq_len, n = entries.shape
+  flat = jnp.maximum(entries, 0).reshape(batch, hkv, seq_len * n)
+  rows = jax.vmap(jax.vmap(lambda p, i: p[i]))(parts, flat)
+  kept = (entries >= 0).reshape(batch, hkv, seq_len * n, 1, 1)
+  # where, not a product: entries nobody wrote hold whatever memory held.
+  rows = jnp.where(kept, rows.astype(jnp.float32), 0.0)
+  dq = rows.reshape(batch, hkv, seq_len, n, *parts.shape[-2:]).sum(3)
+  return (dq * scale).transpose(0, 2, 1, 3, 4)
 
 
 def _pad_inputs(q, k, v, block_indices, st: _Static):
@@ -378,16 +431,40 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
 def _bwd(q, k, v, block_indices, starts, offset, out, m, log2l, union, d_out,
          st: _Static):
   q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
-  batch, seq_pad, hkv, group_p, dk_p = q5.shape
-  keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
-  block_q, block_pos = st.launch.block_q, st.launch.block_q_dkv
+  seq_pad, dv_p = q5.shape[1], v_p.shape[-1]
   do5, delta4 = group_tiles.delta_rows(out, d_out, q5, dv_p)
-  params = tc.compiler_params(st.launch.num_warps, st.launch.num_stages)
-  starts_spec, starts_arg = group_tiles.starts_input(
-      starts, seq_pad, group_tiles.starts_spec(block_q))
   offset_spec, offset_arg = group_tiles.offset_input(offset)
+  residuals = (do5, m, log2l, delta4)
+  if not st.dq_from_blocks:
+    starts_spec, starts_arg = group_tiles.starts_input(
+        starts, seq_pad, group_tiles.starts_spec(st.launch.block_q))
+    dq = _dq_pass(q5, k_p, v_p, idx, union, residuals,
+                  starts_spec + offset_spec, starts_arg + offset_arg, st)
+  starts_spec, starts_arg = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.whole_starts_spec(seq_pad))
+  dk, dv, dq_parts, entries = _dkv_pass(
+      q5, k_p, v_p, block_indices, residuals, starts_spec + offset_spec,
+      starts_arg + offset_arg, st)
+  if st.dq_from_blocks:
+    dq = _sum_dq_parts(dq_parts, entries, st.scale)
+  dq = tc.ungroup_heads(dq, st.seq_len, st.group, q.shape[-1]).astype(q.dtype)
+  keys, dim_k, dim_v = k.shape[1], k.shape[-1], v.shape[-1]
+  return (dq, dk[:, :keys, :, :dim_k].astype(k.dtype),
+          dv[:, :keys, :, :dim_v].astype(v.dtype))
 
-  dq = pl.pallas_call(
+
+def _dq_pass(q5, k_p, v_p, idx, union, residuals, extra_specs, extra_args,
+             st: _Static):
+  """dQ [B, Tp, Hkv, Gp, Dk] by the query-tile kernel (the forward's grid).
+
+  ``residuals`` are (dO, m, log2l, delta) in the grouped layout;
+  ``extra_specs``/``extra_args`` the optional starts and offset inputs.
+  """
+  batch, seq_pad, hkv, group_p, dk_p = q5.shape
+  keys_pad, dv_p = k_p.shape[1], v_p.shape[-1]
+  block_q = st.launch.block_q
+  rows = group_tiles.group_spec(block_q, group_p)
+  return pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(batch, seq_pad // block_q, hkv),
       in_specs=[group_tiles.group_spec(block_q, group_p, dk_p),
@@ -396,22 +473,40 @@ def _bwd(q, k, v, block_indices, starts, offset, out, m, log2l, union, d_out,
                 group_tiles.group_spec(block_q, idx.shape[-1]),
                 _union_spec(union.shape[-1]),
                 group_tiles.group_spec(block_q, group_p, dv_p),
-                group_tiles.group_spec(block_q, group_p),
-                group_tiles.group_spec(block_q, group_p),
-                group_tiles.group_spec(block_q, group_p)] + starts_spec
-      + offset_spec,
+                rows, rows, rows] + extra_specs,
       out_specs=group_tiles.group_spec(block_q, group_p, dk_p),
-      out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
-      compiler_params=params,
+      out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
+      compiler_params=tc.compiler_params(st.launch.num_warps,
+                                         st.launch.num_stages),
       interpret=st.interpret,
       name="nsa_selected_attention_dq",
-  )(q5, k_p, v_p, idx, union, do5, m, log2l, delta4, *starts_arg,
-    *offset_arg)
+  )(q5, k_p, v_p, idx, union, *residuals, *extra_args)
 
+
+def _dkv_pass(q5, k_p, v_p, block_indices, residuals, extra_specs,
+              extra_args, st: _Static):
+  """dK, dV by the block-major kernel, and its dQ parts when asked.
+
+  Args:
+    q5, k_p, v_p: the padded, grouped inputs.
+    block_indices: int32 [B, T, Hkv, n], the unpadded table.
+    residuals: (dO, m, log2l, delta) in the grouped layout.
+    extra_specs, extra_args: the optional starts (whole rows) and offset.
+    st: static settings.
+
+  Returns:
+    (dK float32 [B, Tk_p, Hkv, Dk_p], dV float32 [B, Tk_p, Hkv, Dv_p],
+    dQ parts [B, Hkv, T*n + pad, Gp, Dk_p] and their table entries
+    [B, Hkv, T, n]) with ``st.dq_from_blocks``, else the last two None.
+  """
+  batch, seq_pad, hkv, group_p, dk_p = q5.shape
+  keys_pad, dv_p = k_p.shape[1], v_p.shape[-1]
   num_blocks = keys_pad // st.block_size
   num_segments = st.num_segments
-  offsets, positions = _invert_block_table(block_indices, num_blocks,
-                                           block_pos)
+  inverted = _invert_block_table(block_indices, num_blocks,
+                                 st.launch.block_q_dkv,
+                                 entries=st.dq_from_blocks)
+  offsets, positions = inverted[:2]
 
   def whole(*block):  # all query positions of one (batch, kv head)
     return pl.BlockSpec((None, seq_pad, None) + block,
@@ -430,36 +525,43 @@ def _bwd(q, k, v, block_indices, starts, offset, out, m, log2l, union, d_out,
     return pl.BlockSpec((None, None, size), lambda b, j, g: (b, g, 0))
 
   partial_keys = keys_pad * num_segments
-  starts_spec, _ = group_tiles.starts_input(
-      starts, seq_pad, group_tiles.whole_starts_spec(seq_pad))
-  dk, dv = pl.pallas_call(
+  out_specs = [partial_block(dk_p), partial_block(dv_p)]
+  out_shape = [
+      jax.ShapeDtypeStruct((batch, partial_keys, hkv, dk_p), jnp.float32),
+      jax.ShapeDtypeStruct((batch, partial_keys, hkv, dv_p), jnp.float32),
+  ]
+  if st.dq_from_blocks:
+    num_entries = positions.shape[-1]
+    # Every program of a (batch, kv head) stores its own entries' rows.
+    out_specs.append(pl.BlockSpec((None, None, num_entries, group_p, dk_p),
+                                  lambda b, j, g: (b, g, 0, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct(
+        (batch, hkv, num_entries, group_p, dk_p), q5.dtype))
+  dk, dv, *dq_parts = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
       grid=(batch, num_blocks * num_segments, hkv),
       in_specs=[whole(group_p, dk_p), key_block(dk_p), key_block(dv_p),
                 whole(group_p, dv_p), whole(group_p), whole(group_p),
                 whole(group_p),
                 table(offsets.shape[-1]), table(positions.shape[-1])]
-      + starts_spec + offset_spec,
-      out_specs=[partial_block(dk_p), partial_block(dv_p)],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, partial_keys, hkv, dk_p), jnp.float32),
-          jax.ShapeDtypeStruct((batch, partial_keys, hkv, dv_p), jnp.float32),
-      ],
-      compiler_params=params,
+      + extra_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=tc.compiler_params(st.launch.num_warps,
+                                         st.launch.num_stages),
       interpret=st.interpret,
       name="nsa_selected_attention_dkv",
-  )(q5, k_p, v_p, do5, m, log2l, delta4, offsets, positions, *starts_arg,
-    *offset_arg)
+  )(q5, k_p, v_p, *residuals, offsets, positions, *extra_args)
 
-  def sum_segments(x, like):
+  def sum_segments(x):
     # [B, Ts * segs * l', Hkv, D] -> [B, Ts, segs, l', Hkv, D]: a fixed-order
     # sum over segments, deterministic.
     x = x.reshape(batch, num_blocks, num_segments, st.block_size, hkv, -1)
-    x = jnp.sum(x, axis=2).reshape(batch, keys_pad, hkv, -1)
-    return x[:, :like.shape[1], :, :like.shape[-1]].astype(like.dtype)
+    return jnp.sum(x, axis=2).reshape(batch, keys_pad, hkv, -1)
 
-  dq = tc.ungroup_heads(dq, st.seq_len, st.group, q.shape[-1])
-  return dq, sum_segments(dk, k), sum_segments(dv, v)
+  if not st.dq_from_blocks:
+    return sum_segments(dk), sum_segments(dv), None, None
+  return sum_segments(dk), sum_segments(dv), dq_parts[0], inverted[2]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -597,7 +699,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                        num_stages: int | None = None,
                        block_k: int | None = None,
                        doc_starts=None,
-                       q_offset=0):
+                       q_offset=0,
+                       dq_from_blocks: bool | None = None):
   """NSA branch 2 (section 3.3.2) with the kernel design of section 3.4.
 
   One program per (batch, tile of ``block_q`` query positions, kv head) loads
@@ -614,7 +717,13 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   Backward: dQ on the forward's grid; dK/dV KV-block-major over an inverted
   block table (sorted in XLA), deterministic and without atomics. Atomic adds
   were not used: every query adds into the forced initial block, so their
-  contention would serialise at that block.
+  contention would serialise at that block. For small groups dQ comes from
+  the dK/dV pass instead (``dq_from_blocks``): that pass already has each
+  (query, block) pair's dS, so one more matmul gives the pair's share of dQ,
+  stored per entry of the inverted table and summed per query in XLA. It
+  saves the dQ kernel's walk over the tile union, where at G <= 8 most
+  rows are masked (a tile's positions chose different blocks), for a
+  buffer of n shares per query row.
 
   The same skew unbalances the KV-block-major programs: block 0's list holds
   all T positions, the average one about T * n / Ts (64x less at T = 64k,
@@ -666,6 +775,10 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
       integer scalar array (traced inside ``shard_map``). Any other value
       than the int 0 is a kernel input; not with ``window`` or
       ``doc_starts``.
+    dq_from_blocks: dQ from the dK/dV pass (True) or from the dQ kernel
+      (False); None: ``launch_config.selected_dq_from_blocks``. The shares
+      are stored in q's dtype, so in bf16 dQ carries up to n roundings to
+      bf16 (each 2^-9 relative) instead of one.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
@@ -740,12 +853,18 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   if doc_starts is not None and doc_starts.shape != (batch, seq_len):
     raise ValueError(f"{doc_starts.shape=} must be [B, T] = "
                      f"{(batch, seq_len)}")
+  if dq_from_blocks is None:
+    dq_from_blocks = launch_config.selected_dq_from_blocks(
+        group=group, parts_bytes=batch * seq_len * num_heads
+        * block_indices.shape[-1] * tc.next_pow2(head_dim, tc.MIN_DOT_DIM)
+        * jnp.dtype(q.dtype).itemsize)
   st = _Static(block_size=block_size, window=window,
                scale=head_dim ** -0.5 if scale is None else float(scale),
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],
                launch=launch, segment=dkv_segment,
                interpret=tc.resolve_interpret(interpret),
-               documents=doc_starts is not None, offset=shifted)
+               documents=doc_starts is not None, offset=shifted,
+               dq_from_blocks=bool(dq_from_blocks))
   if 0 in q.shape or 0 in v.shape:  # nothing to attend: no empty launch
     return jnp.zeros((batch, seq_len, num_heads, v.shape[-1]), q.dtype)
   block_indices = valid_block_indices(block_indices,

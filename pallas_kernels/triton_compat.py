@@ -13,6 +13,7 @@ import math
 
 import jax
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
@@ -111,3 +112,18 @@ def ungroup_heads(x: jax.Array, seq_len: int, num_heads_per_group: int,
     x = x[..., :head_dim]
   b, t, hkv, g = x.shape[:4]
   return x.reshape(b, t, hkv * g, *x.shape[4:])
+
+
+def store_rows(ref, start, value, valid):
+  """ref[start + i] = value[i] for the rows i with valid[i]; others untouched.
+
+  Args:
+    ref: a Pallas ref whose leading axis is indexed.
+    start: int32 scalar, first row.
+    value: [R, ...] the rows (cast to ref's dtype).
+    valid: bool [R].
+  """
+  mask = jnp.broadcast_to(valid.reshape((-1,) + (1,) * (value.ndim - 1)),
+                          value.shape)
+  plgpu.store(ref.at[pl.ds(start, value.shape[0])],
+              value.astype(ref.dtype), mask=mask)

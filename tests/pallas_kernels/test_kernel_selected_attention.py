@@ -95,15 +95,39 @@ class SelectedAttentionCases:
     u.assert_close(grads, ref_grads, dtype, "grad")
     assert np.all(np.asarray(grads[0][:, 3]) == 0)
 
-  def test_dkv_segments(self):
-    """Block 0's list of 48 positions spans segments of 16 (the last empty)."""
+  @pytest.mark.parametrize("dq_from_blocks", [True, False])
+  def test_dkv_segments(self, dq_from_blocks):
+    """Block 0's list of 48 positions spans segments of 16 (the last empty).
+
+    With ``dq_from_blocks`` the dQ shares of a gather step past its
+    segment's end must not overwrite the next segment's entries.
+    """
     q, k, v, idx, d_out = _inputs(50, 1, 2, 16, 16, jnp.float32, 4,
                                   force_initial=True)
     assert int(jnp.sum(jnp.any(idx[0, :, 0] == 0, -1))) == 48
-    kernel = _kernel(idx, self.INTERPRET, block_q_dkv=8, dkv_segment=16)
-    u.assert_close(u.output_and_grads(kernel, d_out)(q, k, v)[1][1:],
-                   u.output_and_grads(_ref(idx), d_out)(q, k, v)[1][1:],
+    kernel = _kernel(idx, self.INTERPRET, block_q_dkv=8, dkv_segment=16,
+                     dq_from_blocks=dq_from_blocks)
+    u.assert_close(u.output_and_grads(kernel, d_out)(q, k, v)[1],
+                   u.output_and_grads(_ref(idx), d_out)(q, k, v)[1],
                    jnp.float32, "grad")
+
+  @pytest.mark.parametrize(
+      "seq_len,group,dk,dv,dtype,dq_from_blocks",
+      [
+          (37, 16, 16, 16, jnp.float32, True),  # G=16, which defaults to False
+          (37, 4, 16, 32, jnp.bfloat16, False),  # G=4, which defaults to True
+          (20, 2, 24, 16, jnp.float32, True),  # T < 2 blocks, Dk != Dv
+      ])
+  def test_both_dq_passes(self, seq_len, group, dk, dv, dtype,
+                          dq_from_blocks):
+    """dQ from the dK/dV pass and from the dQ kernel, each where the
+    default would pick the other."""
+    q, k, v, idx, d_out = _inputs(seq_len, 1, group, dk, dv, dtype, 3)
+    got = u.output_and_grads(
+        _kernel(idx, self.INTERPRET, dq_from_blocks=dq_from_blocks),
+        d_out)(q, k, v)
+    u.assert_close(got, u.output_and_grads(_ref(idx), d_out)(q, k, v),
+                   dtype, "grad")
 
   def test_window_mask(self):
     q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
@@ -184,6 +208,31 @@ def test_inverted_block_table_drops_repeats():
   np.testing.assert_array_equal(positions[0, 0, :4], [0, 2, 1, 2])
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_inverted_block_table_entries(monkeypatch, packed):
+  """Each kept slot (t, i) points at its own entry: positions[e] == t in
+  block idx[t, i]'s list; empty and repeated slots get -1."""
+  if not packed:  # the two-key sort, for tables past the packed key's range
+    monkeypatch.setattr(importlib.import_module(
+        "pallas_kernels.selected_attention"), "PACKED_KEY_LIMIT", 0)
+  _, _, _, idx, _ = _inputs(37, 2, 1, 16, 16, jnp.float32, 3)
+  idx = idx.at[:, 5, :, 1].set(idx[:, 5, :, 0])  # a repeated slot
+  offsets, positions, entries = map(
+      np.asarray, _invert_block_table(idx, 3, pad=4, entries=True))
+  idx = np.asarray(idx)
+  assert entries.shape == (2, 2, 37, 3)
+  for b in range(2):
+    for g in range(2):
+      for t in range(37):
+        for i in range(3):
+          e, blk = entries[b, g, t, i], idx[b, t, g, i]
+          if blk < 0 or blk in idx[b, t, g, :i]:
+            assert e == -1
+          else:
+            assert positions[b, g, e] == t
+            assert offsets[b, g, blk] <= e < offsets[b, g, blk + 1]
+
+
 @pytest.mark.parametrize("block_q", [1, 2, 4])
 def test_tile_unions_are_each_tiles_distinct_blocks_ascending(block_q):
   rng = np.random.default_rng(0)
@@ -201,6 +250,8 @@ def test_tile_unions_are_each_tiles_distinct_blocks_ascending(block_q):
         assert (got[len(want):] == -1).all()
 
 
+# The default dQ pass differs by group (``selected_dq_from_blocks``): G = 1
+# and 4 lower the dK/dV kernel with dQ shares, G = 16 the dQ kernel.
 @pytest.mark.lowering
 @pytest.mark.parametrize("entry", launch_config.table_entries("selected"))
 @pytest.mark.parametrize("group,dk,dv", [(1, 24, 16), (4, 192, 128),
