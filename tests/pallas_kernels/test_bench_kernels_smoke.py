@@ -1,5 +1,6 @@
 """experiments/bench_kernels.py --smoke runs end to end; rows accumulate."""
 
+import importlib.util
 import json
 import math
 import os
@@ -51,3 +52,20 @@ def test_table_overlap_counts_shared_and_distinct_blocks():
                              (1 / 2 + 2 / 3 + 2 / 3) / 3)
   # Tiles {t0, t1} and {t2, t3}: distinct blocks {0, 1} and {0, 1, 2, 3}.
   assert overlap["distinct_per_tile"] == (2 + 4) / 2
+
+
+def test_selected_dq_bench_runs_both_passes(capsys):
+  bench = _script("bench_selected_dq")
+  (row,) = bench.main(["--cases", "1x192:4/1/16", "--iters", "1", "--reps",
+                       "1"])
+  assert row[False] > 0 and row[True] > 0
+  assert row["max_diff"] <= 0.02 * row["max_dq"]  # bf16 shares
+  assert "| 1 x 192 |" in capsys.readouterr().out
+
+
+def _script(name):
+  path = os.path.join(ROOT, "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

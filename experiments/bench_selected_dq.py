@@ -1,0 +1,104 @@
+"""The selected kernel's two dQ passes, timed on the same inputs.
+
+For each case (B x T, Hq / Hkv / D): the forward, and forward+backward with
+dQ from the dQ kernel and from the dK/dV pass
+(``selected_attention(dq_from_blocks=False / True)``), bf16, block tables
+picked by NSA's own selection from random inputs, plus the size of the
+shares buffer and the largest difference between the two dQs. Prints a
+markdown table (BENCHMARKS.md, "dQ from the dK/dV pass").
+
+  PYTHONPATH=. python experiments/bench_selected_dq.py
+  PYTHONPATH=. python experiments/bench_selected_dq.py --cases 4x16384:8/2/64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import benchmark
+from nsa_jax import ops
+from nsa_jax.config import NSAConfig
+import pallas_kernels as pk
+from pallas_kernels.selected_attention import selected_attention
+
+DEFAULT_CASES = ("4x16384:8/2/64,2x32768:8/2/64,1x65536:8/2/64,"
+                 "1x16384:32/8/128,1x16384:64/4/128")
+
+
+def parse_case(text: str):
+  """'BxT:Hq/Hkv/D' -> (batch, seq_len, Shape)."""
+  sizes, heads = text.split(":")
+  batch, seq_len = (int(x) for x in sizes.split("x"))
+  hq, hkv, dim = (int(x) for x in heads.split("/"))
+  return batch, seq_len, benchmark.Shape(hq, hkv, dim, dim)
+
+
+def block_table(x, config: NSAConfig):
+  """NSA's selection [B, T, Hkv, n] for random inputs ``x``."""
+  _, lse = ops.compressed_attention(
+      x["q"], x["k_cmp"], x["v_cmp"], block_size=config.cmp_block,
+      stride=config.cmp_stride, impl="pallas")
+  return pk.select_blocks(
+      x["q"], x["k_cmp"], lse, cmp_block=config.cmp_block,
+      cmp_stride=config.cmp_stride, sel_block=config.sel_block,
+      num_selected=config.num_selected, num_initial=config.num_initial,
+      num_local=config.num_local)
+
+
+def measure(batch: int, seq_len: int, shape, config: NSAConfig, *,
+            iters: int, reps: int, dtype=jnp.bfloat16) -> dict:
+  """Times and dQ difference of one case."""
+  x = benchmark.make_inputs(shape, seq_len, config, dtype, batch=batch)
+  q, k, v = x["q"], x["k"], x["v"]
+  idx = block_table(x, config)
+
+  def attend(q, k, v, idx, dq_from_blocks=None):
+    return selected_attention(q, k, v, idx, block_size=config.sel_block,
+                              dq_from_blocks=dq_from_blocks)
+
+  row = dict(batch=batch, seq_len=seq_len, shape=shape,
+             fwd=benchmark.time_ms(attend, q, k, v, idx, iters=iters,
+                                   reps=reps))
+  dq = {}
+  for from_blocks in (False, True):
+    grad = benchmark.fwd_bwd(
+        lambda q, k, v, idx, f=from_blocks: attend(q, k, v, idx, f), (0,))
+    row[from_blocks] = benchmark.time_ms(grad, q, k, v, idx, iters=iters,
+                                         reps=reps)
+    dq[from_blocks] = jax.jit(grad)(q, k, v, idx)[0].astype(jnp.float32)
+  row["max_diff"] = float(jnp.max(jnp.abs(dq[True] - dq[False])))
+  row["max_dq"] = float(jnp.max(jnp.abs(dq[False])))
+  row["buffer_gb"] = (batch * seq_len * shape.hq * config.num_selected
+                      * shape.dk * jnp.dtype(dtype).itemsize / 1e9)
+  return row
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", default=DEFAULT_CASES,
+                      help="comma-separated BxT:Hq/Hkv/D")
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--reps", type=int, default=3)
+  args = parser.parse_args(argv)
+  config = NSAConfig.paper()
+  print(f"device: {jax.devices()[0].device_kind}")
+  print("| shape | B x T | forward ms | fwd+bwd, dQ kernel | fwd+bwd, dQ "
+        "from blocks | shares buffer | max dQ difference (max dQ) |")
+  print("|---|---|---|---|---|---|---|")
+  rows = []
+  for case in args.cases.split(","):
+    batch, seq_len, shape = parse_case(case)
+    row = measure(batch, seq_len, shape, config, iters=args.iters,
+                  reps=args.reps)
+    rows.append(row)
+    print(f"| {shape} | {batch} x {seq_len} | {row['fwd']:.2f} | "
+          f"{row[False]:.2f} | {row[True]:.2f} | {row['buffer_gb']:.1f} GB | "
+          f"{row['max_diff']:.2g} ({row['max_dq']:.2g}) |", flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
