@@ -24,15 +24,20 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
                              f" {_DEVICES_FLAG}=8").strip()
 
 # The suite's time is mostly XLA compiling tiny programs (Pallas kernels in
-# interpret mode above all), not running them: without LLVM's optimisations
-# the CPU backend compiles them about twice as fast. Results differ from the
-# optimised build only in rounding (a few ulp: no fast math either way).
-# Set in the environment, so the notebooks and scripts the tests start
-# inherit it; a level the user set is kept. Not on a machine with an NVIDIA
-# driver: there the GPU tests should compile what users run.
-_OPT_FLAG = "--xla_backend_optimization_level"
-if _OPT_FLAG not in os.environ["XLA_FLAGS"] and not shutil.which("nvidia-smi"):
-  os.environ["XLA_FLAGS"] += f" {_OPT_FLAG}=0"
+# interpret mode above all), not running them. Two XLA:CPU settings halve
+# it each: no LLVM optimisations, and the older elemental fusion emitters
+# instead of the MLIR ones (test_ops.py and test_numerics.py on one core:
+# 166 s -> 89 s of CPU with the second). Results differ from the default
+# build only in rounding (a few ulp: no fast math either way). Set in the
+# environment, so the notebooks and scripts the tests start inherit them; a
+# value the user set is kept. Not on a machine with an NVIDIA driver: there
+# the GPU tests should compile what users run.
+_FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": "0",
+                       "--xla_cpu_use_fusion_emitters": "false"}
+if not shutil.which("nvidia-smi"):
+  for _flag, _value in _FAST_COMPILE_FLAGS.items():
+    if _flag not in os.environ["XLA_FLAGS"]:
+      os.environ["XLA_FLAGS"] += f" {_flag}={_value}"
 
 # References compute float32 matmuls at full precision on every backend (a
 # GPU's default is TF32, about 1e-3 off), so kernels are held to float32.
