@@ -11,6 +11,8 @@ device 0 alone, as before.
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -37,10 +39,28 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 _FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": "0",
                        "--xla_cpu_use_fusion_emitters": "false",
                        "--xla_cpu_parallel_codegen_split_count": "1"}
-if not shutil.which("nvidia-smi"):
-  for _flag, _value in _FAST_COMPILE_FLAGS.items():
-    if _flag not in os.environ["XLA_FLAGS"]:
-      os.environ["XLA_FLAGS"] += f" {_flag}={_value}"
+
+
+def _xla_starts_with(flags: list[str]) -> bool:
+  """Whether jax's CPU backend starts with ``flags`` added to XLA_FLAGS.
+
+  XLA aborts the process on a flag it does not know, and a later jaxlib may
+  drop one of these, so they are tried first in a child process: 0.8 s,
+  once a run (the xdist workers inherit the result in XLA_FLAGS).
+  """
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": " ".join([os.environ["XLA_FLAGS"], *flags])}
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                        env=env, capture_output=True, check=False
+                        ).returncode == 0
+
+
+_NEW_FLAGS = [f"{flag}={value}" for flag, value in _FAST_COMPILE_FLAGS.items()
+              if flag not in os.environ["XLA_FLAGS"]]
+if _NEW_FLAGS and not shutil.which("nvidia-smi"):
+  if not _xla_starts_with(_NEW_FLAGS):  # one by one only then
+    _NEW_FLAGS = [f for f in _NEW_FLAGS if _xla_starts_with([f])]
+  os.environ["XLA_FLAGS"] = " ".join([os.environ["XLA_FLAGS"], *_NEW_FLAGS])
 
 # References compute float32 matmuls at full precision on every backend (a
 # GPU's default is TF32, about 1e-3 off), so kernels are held to float32.
