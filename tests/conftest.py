@@ -11,6 +11,8 @@ device 0 alone, as before.
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -24,15 +26,41 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
                              f" {_DEVICES_FLAG}=8").strip()
 
 # The suite's time is mostly XLA compiling tiny programs (Pallas kernels in
-# interpret mode above all), not running them: without LLVM's optimisations
-# the CPU backend compiles them about twice as fast. Results differ from the
-# optimised build only in rounding (a few ulp: no fast math either way).
-# Set in the environment, so the notebooks and scripts the tests start
-# inherit it; a level the user set is kept. Not on a machine with an NVIDIA
-# driver: there the GPU tests should compile what users run.
-_OPT_FLAG = "--xla_backend_optimization_level"
-if _OPT_FLAG not in os.environ["XLA_FLAGS"] and not shutil.which("nvidia-smi"):
-  os.environ["XLA_FLAGS"] += f" {_OPT_FLAG}=0"
+# interpret mode above all), not running them. Two XLA:CPU settings halve
+# it each: no LLVM optimisations, and the older elemental fusion emitters
+# instead of the MLIR ones (test_ops.py and test_numerics.py on one core:
+# 166 s -> 89 s of CPU with the second). A third saves CPU where two
+# workers share two cores: code generated in one piece, not split for
+# parallel LLVM threads (about 15% less CPU per compile). Results differ
+# from the default build only in rounding (a few ulp: no fast math either
+# way). Set in the environment, so the notebooks and scripts the tests
+# start inherit them; a value the user set is kept. Not on a machine with
+# an NVIDIA driver: there the GPU tests should compile what users run.
+_FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": "0",
+                       "--xla_cpu_use_fusion_emitters": "false",
+                       "--xla_cpu_parallel_codegen_split_count": "1"}
+
+
+def _xla_starts_with(flags: list[str]) -> bool:
+  """Whether jax's CPU backend starts with ``flags`` added to XLA_FLAGS.
+
+  XLA aborts the process on a flag it does not know, and a later jaxlib may
+  drop one of these, so they are tried first in a child process: 0.8 s,
+  once a run (the xdist workers inherit the result in XLA_FLAGS).
+  """
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": " ".join([os.environ["XLA_FLAGS"], *flags])}
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                        env=env, capture_output=True, check=False
+                        ).returncode == 0
+
+
+_NEW_FLAGS = [f"{flag}={value}" for flag, value in _FAST_COMPILE_FLAGS.items()
+              if flag not in os.environ["XLA_FLAGS"]]
+if _NEW_FLAGS and not shutil.which("nvidia-smi"):
+  if not _xla_starts_with(_NEW_FLAGS):  # one by one only then
+    _NEW_FLAGS = [f for f in _NEW_FLAGS if _xla_starts_with([f])]
+  os.environ["XLA_FLAGS"] = " ".join([os.environ["XLA_FLAGS"], *_NEW_FLAGS])
 
 # References compute float32 matmuls at full precision on every backend (a
 # GPU's default is TF32, about 1e-3 off), so kernels are held to float32.
