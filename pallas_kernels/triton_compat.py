@@ -125,5 +125,8 @@ def store_rows(ref, start, value, valid):
   """
   mask = jnp.broadcast_to(valid.reshape((-1,) + (1,) * (value.ndim - 1)),
                           value.shape)
-  plgpu.store(ref.at[pl.ds(start, value.shape[0])],
-              value.astype(ref.dtype), mask=mask)
+  # Every start int32, also under x64 (where a bare 0 would be int64 and the
+  # interpreter's dynamic slice refuses mixed index types).
+  index = (pl.ds(jnp.asarray(start, jnp.int32), value.shape[0]),) + tuple(
+      pl.ds(jnp.int32(0), size) for size in value.shape[1:])
+  plgpu.store(ref.at[index], value.astype(ref.dtype), mask=mask)
