@@ -19,9 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import benchmark
-from nsa_jax import ops
 from nsa_jax.config import NSAConfig
-import pallas_kernels as pk
 from pallas_kernels.selected_attention import selected_attention
 
 DEFAULT_CASES = ("4x16384:8/2/64,2x32768:8/2/64,1x65536:8/2/64,"
@@ -36,24 +34,12 @@ def parse_case(text: str):
   return batch, seq_len, benchmark.Shape(hq, hkv, dim, dim)
 
 
-def block_table(x, config: NSAConfig):
-  """NSA's selection [B, T, Hkv, n] for random inputs ``x``."""
-  _, lse = ops.compressed_attention(
-      x["q"], x["k_cmp"], x["v_cmp"], block_size=config.cmp_block,
-      stride=config.cmp_stride, impl="pallas")
-  return pk.select_blocks(
-      x["q"], x["k_cmp"], lse, cmp_block=config.cmp_block,
-      cmp_stride=config.cmp_stride, sel_block=config.sel_block,
-      num_selected=config.num_selected, num_initial=config.num_initial,
-      num_local=config.num_local)
-
-
 def measure(batch: int, seq_len: int, shape, config: NSAConfig, *,
             iters: int, reps: int, dtype=jnp.bfloat16) -> dict:
   """Times and dQ difference of one case."""
   x = benchmark.make_inputs(shape, seq_len, config, dtype, batch=batch)
   q, k, v = x["q"], x["k"], x["v"]
-  idx = block_table(x, config)
+  idx = benchmark.nsa_selection(x, config)[1]
 
   def attend(q, k, v, idx, dq_from_blocks=None):
     return selected_attention(q, k, v, idx, block_size=config.sel_block,

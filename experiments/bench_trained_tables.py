@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import benchmark
-from nsa_jax import ops
 from nsa_jax import train
 from nsa_jax.data import corpus as corpus_lib
 from nsa_jax.data import iterators
@@ -72,11 +71,7 @@ def trained_inputs(workdir: str, layer: int, seq_len: int, batch: int):
 
 def tables(inputs, config):
   """The Pallas block table of q against the compressed keys of ``inputs``."""
-  q, k_cmp, v_cmp = inputs["q"], inputs["k_cmp"], inputs["v_cmp"]
-  _, lse = ops.compressed_attention(q, k_cmp, v_cmp,
-                                    block_size=config.cmp_block,
-                                    stride=config.cmp_stride, impl="pallas")
-  return ops.select_blocks(q, k_cmp, lse, config, impl="pallas")
+  return benchmark.nsa_selection(inputs, config)[1]
 
 
 def main(argv=None):

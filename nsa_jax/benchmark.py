@@ -57,6 +57,17 @@ def make_inputs(shape: Shape, seq_len: int, config: NSAConfig, dtype,
       gates=jax.nn.sigmoid(normal(ks[5], (batch, seq_len, shape.hq, 3))))
 
 
+def nsa_selection(x, config: NSAConfig):
+  """(lse [B, T, Hq], block table [B, T, Hkv, n]) of NSA's own selection
+  for inputs ``x`` (``make_inputs`` or a layer's branch inputs): the
+  compressed branch's lse, then the Pallas block selection."""
+  _, lse = ops.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"],
+                                    block_size=config.cmp_block,
+                                    stride=config.cmp_stride, impl="pallas")
+  return lse, ops.select_blocks(x["q"], x["k_cmp"], lse, config,
+                                impl="pallas")
+
+
 def time_ms(fn, *args, iters: int = 5, reps: int = 3) -> float:
   """Median milliseconds per call of ``jax.jit(fn)(*args)``."""
   fn = jax.jit(fn)
@@ -245,10 +256,7 @@ def profile_ops(shape: Shape, seq_len: int, config: NSAConfig, dtype, *,
   x = make_inputs(shape, seq_len, config, dtype)
   q, k, v, k_cmp, v_cmp, gates = (x[n] for n in (
       "q", "k", "v", "k_cmp", "v_cmp", "gates"))
-  _, lse = ops.compressed_attention(q, k_cmp, v_cmp,
-                                    block_size=config.cmp_block,
-                                    stride=config.cmp_stride, impl="pallas")
-  idx = ops.select_blocks(q, k_cmp, lse, config, impl="pallas")
+  lse, idx = nsa_selection(x, config)
   flops = kernel_flops(shape, seq_len, config)
   cmp = lambda q, kc, vc: ops.compressed_attention(
       q, kc, vc, block_size=config.cmp_block, stride=config.cmp_stride,
@@ -384,10 +392,7 @@ def tune(shape: Shape, seq_len: int, config: NSAConfig, dtype, *,
   from pallas_kernels import triton_compat as tc  # pylint: disable=g-import-not-at-top
   x = make_inputs(shape, seq_len, config, dtype)
   q, k, v, k_cmp, v_cmp = (x[n] for n in ("q", "k", "v", "k_cmp", "v_cmp"))
-  _, lse = ops.compressed_attention(q, k_cmp, v_cmp,
-                                    block_size=config.cmp_block,
-                                    stride=config.cmp_stride, impl="pallas")
-  idx = ops.select_blocks(q, k_cmp, lse, config, impl="pallas")
+  lse, idx = nsa_selection(x, config)
   group_p = tc.next_pow2(shape.hq // shape.hkv)
   positions = lambda rows: max(1, rows // group_p)
 
