@@ -571,6 +571,8 @@ def _selected_attention(q, k, v, block_indices, starts, offset, st: _Static):
 
 def _vjp_fwd(q, k, v, block_indices, starts, offset, st: _Static):
   out, m, log2l, union = _fwd(q, k, v, block_indices, starts, offset, st)
+  if st.dq_from_blocks:  # only the dQ kernel walks the tile unions again
+    union = None
   return out, (q, k, v, block_indices, starts, offset, out, m, log2l, union)
 
 
