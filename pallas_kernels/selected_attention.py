@@ -35,6 +35,7 @@ class _Static:
   documents: bool  # document starts are an input (group_tiles.split_starts)
   offset: bool  # the query offset is an input (group_tiles.split_offset)
   dq_from_blocks: bool  # dQ partials from the dK/dV pass, no dQ kernel
+  fwd_from_blocks: bool  # forward by block-major partials, merged in XLA
 
   @property
   def num_segments(self) -> int:
@@ -278,6 +279,66 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   dv_ref[...] = dv_acc
 
 
+def _fwd_parts_kernel(q_ref, k_ref, v_ref, offsets_ref, positions_ref, *refs,
+                      st: _Static):
+  """Attention of one selection block's queries to it, one segment of them.
+
+  The forward's block-major form (``fwd_from_blocks``), on the dK/dV grid:
+  the queries that selected block j are gathered ``block_q_dkv`` positions
+  at a time (all Gp heads each), as in ``_dkv_kernel``, and each (query,
+  block) entry of the inverted table gets the softmax of the query over
+  the block's visible keys alone: its output normalised by its own sum,
+  the row max of its raw dots and that sum. ``_merge_fwd_parts`` combines
+  a query's n entries by their log-sum-exp.
+
+  Refs: q [Tp, Gp, Dk], k [l', Dk], v [l', Dv], offsets [Ts + 1],
+  positions [T * n + pad], (starts [Tp]), (offset [1]) -> o [T * n + pad,
+  Gp, Dv] in q's dtype, m [T * n + pad, Gp] float32 (-inf for no visible
+  key), l [T * n + pad, Gp] float32.
+  """
+  starts_ref, refs = group_tiles.split_starts(refs, st.documents)
+  offset_ref, (o_ref, m_ref, l_ref) = group_tiles.split_offset(
+      refs, st.offset)
+  offset = group_tiles.read_offset(offset_ref)
+  _, group_p, dk = q_ref.shape
+  block_pos = st.launch.block_q_dkv
+  rows = block_pos * group_p
+  num_segments = _I32(st.num_segments)
+  blk = lax.div(pl.program_id(1), num_segments)
+  seg = lax.rem(pl.program_id(1), num_segments)
+  k = k_ref[...]
+  v = v_ref[...]
+  c = jnp.float32(st.scale * tc.LOG2E)
+  key_pos = blk * st.block_size + jnp.arange(st.block_size, dtype=_I32)
+  lo = offsets_ref[blk] + seg * st.segment
+  hi = jnp.minimum(offsets_ref[blk + 1], lo + st.segment)
+
+  def body(step, carry):
+    start = lo + step * block_pos
+    valid = start + jnp.arange(block_pos, dtype=_I32) < hi
+    pos = jnp.where(valid, positions_ref[pl.ds(start, block_pos)], 0)
+    q = q_ref[pos].reshape(rows, dk)  # gather: [block_pos, Gp, Dk]
+    lower = None if starts_ref is None else group_tiles.to_rows(
+        starts_ref[pos], group_p)
+    t = pos if offset is None else pos + offset
+    mask = group_tiles.to_rows(valid, group_p)[:, None] & _key_mask(
+        group_tiles.to_rows(t, group_p), lower, key_pos, st)
+    s = jnp.where(mask, tc.dot(q, k, trans_b=True), -jnp.inf)
+    m = jnp.max(s, axis=1)
+    m_safe = jnp.where(m == -jnp.inf, jnp.float32(0), m)
+    p = jnp.exp2((s - m_safe[:, None]) * c)  # 0 where masked
+    l = jnp.sum(p, axis=1)
+    o = tc.dot(p.astype(v.dtype), v) / jnp.where(l > 0, l, 1.0)[:, None]
+    tc.store_rows(o_ref, start, o.reshape(block_pos, group_p, -1), valid)
+    tc.store_rows(m_ref, start, m.reshape(block_pos, group_p), valid)
+    tc.store_rows(l_ref, start, l.reshape(block_pos, group_p), valid)
+    return carry
+
+  num_steps = lax.div(jnp.maximum(hi - lo, 0) + block_pos - 1,
+                      _I32(block_pos))
+  lax.fori_loop(_I32(0), num_steps, body, _I32(0))
+
+
 # Sort keys block * T + t are packed into one int32 while they fit (one sort
 # operand, the common case); past it (e.g. T = 2^20 keys of l' = 64, or one
 # shard's 2^17 queries against them) the table sorts (block, t) pairs.
@@ -343,6 +404,47 @@ def _invert_block_table(block_indices, num_blocks, pad, entries=False):
           jnp.where(kept, where, -1))
 
 
+def _merge_fwd_parts(o_parts, m_parts, l_parts, entries, seq_pad: int,
+                     st: _Static):
+  """A query's n per-block softmaxes, combined by their log-sum-exp.
+
+  Args:
+    o_parts: [B, Hkv, T*n + pad, Gp, Dv] per-entry outputs (normalised).
+    m_parts, l_parts: float32 [B, Hkv, T*n + pad, Gp] per-entry raw-dot max
+      (-inf: no visible key) and sum.
+    entries: int32 [B, Hkv, T, n] from ``_invert_block_table``.
+    seq_pad: Tp, the residuals' padded length.
+    st: static settings.
+
+  Returns:
+    (out [B, Tp, Hkv, Gp, Dv] float32, m and log2l float32 [B, Tp, Hkv,
+    Gp]): as ``online_softmax.finalize`` gives them (0, 0, 0 for a row that
+    sees no key).
+  """
+  batch, hkv, seq_len, n = entries.shape
+  flat = jnp.maximum(entries, 0).reshape(batch, hkv, seq_len * n)
+  take = jax.vmap(jax.vmap(lambda x, i: x[i]))
+  shape = (batch, hkv, seq_len, n, o_parts.shape[3])
+  kept = (entries >= 0)[..., None]  # [B, Hkv, T, n, 1]
+  # where, not products: entries nobody wrote hold whatever memory held.
+  m_e = jnp.where(kept, take(m_parts, flat).reshape(shape), -jnp.inf)
+  l_e = jnp.where(kept, take(l_parts, flat).reshape(shape), 0.0)
+  m = jnp.max(m_e, axis=3)  # [B, Hkv, T, Gp]
+  seen = m > -jnp.inf
+  m_safe = jnp.where(seen, m, 0.0)
+  c = jnp.float32(st.scale * tc.LOG2E)
+  w = jnp.where(m_e > -jnp.inf,
+                l_e * jnp.exp2((m_e - m_safe[:, :, :, None]) * c), 0.0)
+  l = jnp.sum(w, axis=3)
+  o_e = take(o_parts, flat).reshape(*shape, o_parts.shape[-1])
+  o_e = jnp.where(kept[..., None], o_e.astype(jnp.float32), 0.0)
+  l_safe = jnp.where(l > 0, l, 1.0)
+  out = jnp.sum(w[..., None] * o_e, axis=3) / l_safe[..., None]
+  to_rows = lambda x: tc.pad_axis(jnp.moveaxis(x, 1, 2), 1, seq_pad)
+  return (to_rows(out), to_rows(jnp.where(seen, m, 0.0)),
+          to_rows(jnp.log2(l_safe)))
+
+
 def _sum_dq_parts(parts, entries, scale: float):
   """dQ from the dK/dV pass's per-entry shares (``dq_from_blocks``).
 
@@ -398,7 +500,15 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   batch, seq_pad, hkv, group_p, dk_p = q5.shape
   keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
   block_q = st.launch.block_q
-  union = tile_unions(idx, block_q)
+  # The tile unions serve the query-tile kernels only.
+  union = (None if st.fwd_from_blocks and st.dq_from_blocks
+           else tile_unions(idx, block_q))
+  if st.fwd_from_blocks:
+    out, m, log2l = _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts,
+                                     offset, st)
+    out = tc.ungroup_heads(out.astype(q.dtype), st.seq_len, st.group,
+                           st.head_dim_v)
+    return out, m, log2l, union
   rows_shape = jax.ShapeDtypeStruct((batch, seq_pad, hkv, group_p),
                                     jnp.float32)
   starts_spec, starts_arg = group_tiles.starts_input(
@@ -426,6 +536,57 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   )(q5, k_p, v_p, idx, union, *starts_arg, *offset_arg)
   out = tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v)
   return out, m, log2l, union
+
+
+def _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts, offset,
+                     st: _Static):
+  """The forward by ``_fwd_parts_kernel`` and ``_merge_fwd_parts``.
+
+  Returns:
+    (out float32 [B, Tp, Hkv, Gp, Dv], m, log2l float32 [B, Tp, Hkv, Gp]).
+  """
+  batch, seq_pad, hkv, group_p, dk_p = q5.shape
+  keys_pad, dv_p = v_p.shape[1], v_p.shape[-1]
+  num_blocks = keys_pad // st.block_size
+  num_segments = st.num_segments
+  offsets, positions, entries = _invert_block_table(
+      block_indices, num_blocks, st.launch.block_q_dkv, entries=True)
+  num_entries = positions.shape[-1]
+  starts_spec, starts_arg = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.whole_starts_spec(seq_pad))
+  offset_spec, offset_arg = group_tiles.offset_input(offset)
+
+  def key_block(dim):  # grid axis 1 is block * num_segments + segment
+    return pl.BlockSpec((None, st.block_size, None, dim),
+                        lambda b, j, g: (b, lax.div(j, _I32(num_segments)), g,
+                                         0))
+
+  def table(size):
+    return pl.BlockSpec((None, None, size), lambda b, j, g: (b, g, 0))
+
+  def parts(*block):  # every program of a (batch, kv head) stores its own
+    return pl.BlockSpec((None, None, num_entries) + block,
+                        lambda b, j, g: (b, g, 0) + (0,) * len(block))
+
+  parts_shape = lambda *block, dtype=jnp.float32: jax.ShapeDtypeStruct(
+      (batch, hkv, num_entries) + block, dtype)
+  o_parts, m_parts, l_parts = pl.pallas_call(
+      functools.partial(_fwd_parts_kernel, st=st),
+      grid=(batch, num_blocks * num_segments, hkv),
+      in_specs=[pl.BlockSpec((None, seq_pad, None, group_p, dk_p),
+                             lambda b, j, g: (b, 0, g, 0, 0)),
+                key_block(dk_p), key_block(dv_p),
+                table(offsets.shape[-1]), table(num_entries)]
+      + starts_spec + offset_spec,
+      out_specs=[parts(group_p, dv_p), parts(group_p), parts(group_p)],
+      out_shape=[parts_shape(group_p, dv_p, dtype=q5.dtype),
+                 parts_shape(group_p), parts_shape(group_p)],
+      compiler_params=tc.compiler_params(st.launch.num_warps,
+                                         st.launch.num_stages),
+      interpret=st.interpret,
+      name="nsa_selected_attention_fwd_blocks",
+  )(q5, k_p, v_p, offsets, positions, *starts_arg, *offset_arg)
+  return _merge_fwd_parts(o_parts, m_parts, l_parts, entries, seq_pad, st)
 
 
 def _bwd(q, k, v, block_indices, starts, offset, out, m, log2l, union, d_out,
@@ -702,7 +863,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                        block_k: int | None = None,
                        doc_starts=None,
                        q_offset=0,
-                       dq_from_blocks: bool | None = None):
+                       dq_from_blocks: bool | None = None,
+                       fwd_from_blocks: bool = False):
   """NSA branch 2 (section 3.3.2) with the kernel design of section 3.4.
 
   One program per (batch, tile of ``block_q`` query positions, kv head) loads
@@ -781,6 +943,9 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
       (False); None: ``launch_config.selected_dq_from_blocks``. The shares
       are stored in q's dtype, so in bf16 dQ carries up to n roundings to
       bf16 (each 2^-9 relative) instead of one.
+    fwd_from_blocks: the forward block-major (per-(query, block) partial
+      softmaxes merged by log-sum-exp) instead of the query-tile kernel.
+      Experimental: not yet timed on a GPU, so never the default.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
@@ -866,7 +1031,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                launch=launch, segment=dkv_segment,
                interpret=tc.resolve_interpret(interpret),
                documents=doc_starts is not None, offset=shifted,
-               dq_from_blocks=bool(dq_from_blocks))
+               dq_from_blocks=bool(dq_from_blocks),
+               fwd_from_blocks=bool(fwd_from_blocks))
   if 0 in q.shape or 0 in v.shape:  # nothing to attend: no empty launch
     return jnp.zeros((batch, seq_len, num_heads, v.shape[-1]), q.dtype)
   block_indices = valid_block_indices(block_indices,

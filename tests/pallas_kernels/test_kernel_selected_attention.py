@@ -129,6 +129,27 @@ class SelectedAttentionCases:
     u.assert_close(got, u.output_and_grads(_ref(idx), d_out)(q, k, v),
                    dtype, "grad")
 
+  @pytest.mark.parametrize(
+      "seq_len,num_kv_heads,group,dk,dv,dtype,dq_from_blocks",
+      [
+          (37, 2, 1, 16, 16, jnp.float32, True),
+          (50, 1, 4, 24, 16, jnp.float32, False),  # with the dQ kernel
+          (37, 2, 4, 16, 32, jnp.bfloat16, True),
+          (20, 1, 16, 16, 24, jnp.float32, True),  # T < 2 blocks
+      ])
+  def test_block_major_forward(self, seq_len, num_kv_heads, group, dk, dv,
+                               dtype, dq_from_blocks):
+    q, k, v, idx, d_out = _inputs(seq_len, num_kv_heads, group, dk, dv, dtype,
+                                  3)
+    out, grads = u.output_and_grads(
+        _kernel(idx, self.INTERPRET, fwd_from_blocks=True,
+                dq_from_blocks=dq_from_blocks), d_out)(q, k, v)
+    ref_out, ref_grads = u.output_and_grads(_ref(idx), d_out)(q, k, v)
+    u.assert_close(out, ref_out, dtype)
+    assert np.all(np.asarray(out[:, 3]) == 0)  # nothing selected
+    u.assert_finite(grads)
+    u.assert_close(grads, ref_grads, dtype, "grad")
+
   def test_window_mask(self):
     q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
     window = 9
