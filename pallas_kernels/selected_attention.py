@@ -488,6 +488,35 @@ def _union_spec(size: int) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, None, size), lambda b, i, g: (b, i, g, 0))
 
 
+# BlockSpecs of the block-major grid (batch, block * segment, kv head) of
+# the dK/dV pass and the block-major forward.
+
+
+def _whole_rows_spec(seq_pad: int, *block: int) -> pl.BlockSpec:
+  """All query positions [B, Tp, Hkv, *block] of one (batch, kv head)."""
+  return pl.BlockSpec((None, seq_pad, None) + block,
+                      lambda b, j, g: (b, 0, g) + (0,) * len(block))
+
+
+def _key_block_spec(st: _Static, dim: int) -> pl.BlockSpec:
+  """The program's selection block of [B, Tk_p, Hkv, dim] keys."""
+  segments = st.num_segments  # a Python int: index maps capture no array
+  return pl.BlockSpec((None, st.block_size, None, dim),
+                      lambda b, j, g: (b, lax.div(j, _I32(segments)), g, 0))
+
+
+def _table_spec(size: int) -> pl.BlockSpec:
+  """A whole [B, Hkv, size] row of the inverted table."""
+  return pl.BlockSpec((None, None, size), lambda b, j, g: (b, g, 0))
+
+
+def _entries_spec(num_entries: int, *block: int) -> pl.BlockSpec:
+  """Per-entry results [B, Hkv, E, *block]: every program of a (batch, kv
+  head) stores its own entries."""
+  return pl.BlockSpec((None, None, num_entries) + block,
+                      lambda b, j, g: (b, g, 0) + (0,) * len(block))
+
+
 def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   """Forward launch.
 
@@ -556,29 +585,18 @@ def _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts, offset,
       starts, seq_pad, group_tiles.whole_starts_spec(seq_pad))
   offset_spec, offset_arg = group_tiles.offset_input(offset)
 
-  def key_block(dim):  # grid axis 1 is block * num_segments + segment
-    return pl.BlockSpec((None, st.block_size, None, dim),
-                        lambda b, j, g: (b, lax.div(j, _I32(num_segments)), g,
-                                         0))
-
-  def table(size):
-    return pl.BlockSpec((None, None, size), lambda b, j, g: (b, g, 0))
-
-  def parts(*block):  # every program of a (batch, kv head) stores its own
-    return pl.BlockSpec((None, None, num_entries) + block,
-                        lambda b, j, g: (b, g, 0) + (0,) * len(block))
-
   parts_shape = lambda *block, dtype=jnp.float32: jax.ShapeDtypeStruct(
       (batch, hkv, num_entries) + block, dtype)
   o_parts, m_parts, l_parts = pl.pallas_call(
       functools.partial(_fwd_parts_kernel, st=st),
       grid=(batch, num_blocks * num_segments, hkv),
-      in_specs=[pl.BlockSpec((None, seq_pad, None, group_p, dk_p),
-                             lambda b, j, g: (b, 0, g, 0, 0)),
-                key_block(dk_p), key_block(dv_p),
-                table(offsets.shape[-1]), table(num_entries)]
+      in_specs=[_whole_rows_spec(seq_pad, group_p, dk_p),
+                _key_block_spec(st, dk_p), _key_block_spec(st, dv_p),
+                _table_spec(offsets.shape[-1]), _table_spec(num_entries)]
       + starts_spec + offset_spec,
-      out_specs=[parts(group_p, dv_p), parts(group_p), parts(group_p)],
+      out_specs=[_entries_spec(num_entries, group_p, dv_p),
+                 _entries_spec(num_entries, group_p),
+                 _entries_spec(num_entries, group_p)],
       out_shape=[parts_shape(group_p, dv_p, dtype=q5.dtype),
                  parts_shape(group_p), parts_shape(group_p)],
       compiler_params=tc.compiler_params(st.launch.num_warps,
@@ -669,21 +687,9 @@ def _dkv_pass(q5, k_p, v_p, block_indices, residuals, extra_specs,
                                  entries=st.dq_from_blocks)
   offsets, positions = inverted[:2]
 
-  def whole(*block):  # all query positions of one (batch, kv head)
-    return pl.BlockSpec((None, seq_pad, None) + block,
-                        lambda b, j, g: (b, 0, g) + (0,) * len(block))
-
-  def key_block(dim):  # grid axis 1 is block * num_segments + segment
-    return pl.BlockSpec((None, st.block_size, None, dim),
-                        lambda b, j, g: (b, lax.div(j, _I32(num_segments)), g,
-                                         0))
-
   def partial_block(dim):  # one [l', dim] slot per (block, segment)
     return pl.BlockSpec((None, st.block_size, None, dim),
                         lambda b, j, g: (b, j, g, 0))
-
-  def table(size):
-    return pl.BlockSpec((None, None, size), lambda b, j, g: (b, g, 0))
 
   partial_keys = keys_pad * num_segments
   out_specs = [partial_block(dk_p), partial_block(dv_p)]
@@ -693,18 +699,17 @@ def _dkv_pass(q5, k_p, v_p, block_indices, residuals, extra_specs,
   ]
   if st.dq_from_blocks:
     num_entries = positions.shape[-1]
-    # Every program of a (batch, kv head) stores its own entries' rows.
-    out_specs.append(pl.BlockSpec((None, None, num_entries, group_p, dk_p),
-                                  lambda b, j, g: (b, g, 0, 0, 0)))
+    out_specs.append(_entries_spec(num_entries, group_p, dk_p))
     out_shape.append(jax.ShapeDtypeStruct(
         (batch, hkv, num_entries, group_p, dk_p), q5.dtype))
   dk, dv, *dq_parts = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
       grid=(batch, num_blocks * num_segments, hkv),
-      in_specs=[whole(group_p, dk_p), key_block(dk_p), key_block(dv_p),
-                whole(group_p, dv_p), whole(group_p), whole(group_p),
-                whole(group_p),
-                table(offsets.shape[-1]), table(positions.shape[-1])]
+      in_specs=[_whole_rows_spec(seq_pad, group_p, dk_p),
+                _key_block_spec(st, dk_p), _key_block_spec(st, dv_p),
+                _whole_rows_spec(seq_pad, group_p, dv_p)]
+      + [_whole_rows_spec(seq_pad, group_p)] * 3
+      + [_table_spec(offsets.shape[-1]), _table_spec(positions.shape[-1])]
       + extra_specs,
       out_specs=out_specs,
       out_shape=out_shape,

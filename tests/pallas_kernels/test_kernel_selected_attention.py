@@ -150,6 +150,23 @@ class SelectedAttentionCases:
     u.assert_finite(grads)
     u.assert_close(grads, ref_grads, dtype, "grad")
 
+  @pytest.mark.parametrize("case", ["documents", "window", "offset"])
+  def test_block_major_forward_masks(self, case):
+    """Documents, window and query offset: the block-major forward and its
+    gradients equal the query-tile kernel's."""
+    q, k, v, idx, d_out = _inputs(70, 1, 4, 16, 16, jnp.float32, 3)
+    kwargs = {"documents": dict(doc_starts=jnp.asarray(
+                  np.repeat([[0, 30, 55]] * 2, [30, 25, 15], axis=1),
+                  jnp.int32)),
+              "window": dict(window=20),
+              "offset": dict(q_offset=40)}[case]
+    if case == "offset":  # queries 40..69 against all 70 keys
+      q, idx, d_out = q[:, 40:], idx[:, 40:], d_out[:, 40:]
+    run = lambda fwd: u.output_and_grads(  # pylint: disable=g-long-lambda
+        _kernel(idx, self.INTERPRET, fwd_from_blocks=fwd, **kwargs),
+        d_out)(q, k, v)
+    u.assert_close(run(True), run(False), jnp.float32, "grad")
+
   def test_window_mask(self):
     q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
     window = 9
