@@ -58,6 +58,15 @@ def measure(batch: int, seq_len: int, shape, config: NSAConfig, *,
     row[from_blocks] = benchmark.time_ms(grad, q, k, v, idx, iters=iters,
                                          reps=reps)
     dq[from_blocks] = jax.jit(grad)(q, k, v, idx)[0].astype(jnp.float32)
+  # The block-major forward (experimental), alone and with block-major dQ.
+  blocks = lambda q, k, v, idx: selected_attention(  # noqa: E731
+      q, k, v, idx, block_size=config.sel_block, fwd_from_blocks=True,
+      dq_from_blocks=True)
+  row["fwd_blocks"] = benchmark.time_ms(blocks, q, k, v, idx, iters=iters,
+                                        reps=reps)
+  row["all_blocks"] = benchmark.time_ms(
+      benchmark.fwd_bwd(blocks, (0, 1, 2)), q, k, v, idx, iters=iters,
+      reps=reps)
   row["max_diff"] = float(jnp.max(jnp.abs(dq[True] - dq[False])))
   row["max_dq"] = float(jnp.max(jnp.abs(dq[False])))
   row["buffer_gb"] = (batch * seq_len * shape.hq * config.num_selected
@@ -75,8 +84,9 @@ def main(argv=None) -> list[dict]:
   config = NSAConfig.paper()
   print(f"device: {jax.devices()[0].device_kind}")
   print("| shape | B x T | forward ms | fwd+bwd, dQ kernel | fwd+bwd, dQ "
-        "from blocks | shares buffer | max dQ difference (max dQ) |")
-  print("|---|---|---|---|---|---|---|")
+        "from blocks | shares buffer | max dQ difference (max dQ) | "
+        "block-major forward | block-major fwd+bwd |")
+  print("|---|---|---|---|---|---|---|---|---|")
   rows = []
   for case in args.cases.split(","):
     batch, seq_len, shape = parse_case(case)
@@ -85,7 +95,8 @@ def main(argv=None) -> list[dict]:
     rows.append(row)
     print(f"| {shape} | {batch} x {seq_len} | {row['fwd']:.2f} | "
           f"{row[False]:.2f} | {row[True]:.2f} | {row['buffer_gb']:.1f} GB | "
-          f"{row['max_diff']:.2g} ({row['max_dq']:.2g}) |", flush=True)
+          f"{row['max_diff']:.2g} ({row['max_dq']:.2g}) | "
+          f"{row['fwd_blocks']:.2f} | {row['all_blocks']:.2f} |", flush=True)
   return rows
 
 
