@@ -164,29 +164,38 @@ _FWD_ROWS = {"compressed": {128: 128}}
 SELECTED_MIN_SEGMENT = 256
 SELECTED_MAX_SEGMENTS = 8
 
-# The selected kernel's dQ from its dK/dV pass (``selected_attention(
-# dq_from_blocks=...)``): for groups up to this size (the dQ kernel's tiles
-# then mix positions that chose different blocks), while the buffer of
-# per-(query, slot) shares stays within this many bytes. Measured on an
-# H100 (bf16, n = 16, l' = 64, block tables of random inputs), selected
-# forward+backward, dQ kernel -> dQ from blocks: Hq 8 / Hkv 2 / D 64 at
-# B 4 x 16k 8.78 -> 6.26 ms, B 1 x 64k 10.53 -> 7.42 ms; Hq 32 / Hkv 8 /
-# D 128 at 16k 15.0 -> 11.6 ms (a 2 GiB buffer); Hq 64 / Hkv 4 / D 128 at
-# 16k 13.4 -> 12.9 ms, too little for its 4.3 GB buffer, so G = 16 keeps
-# the dQ kernel.
-SELECTED_DQ_BLOCKS_MAX_GROUP = 8
-SELECTED_DQ_PARTS_MAX_BYTES = 2 ** 31
+# The selected kernel's block-major passes (``selected_attention(
+# fwd_from_blocks=..., dq_from_blocks=...)``): for groups up to this size
+# (the query-tile kernels' tiles then mix positions that chose different
+# blocks, and every row of a tile computes every block of its union), while
+# the per-(query, slot) buffer of the pass stays within this many bytes.
+# Measured on an H100 (bf16, n = 16, l' = 64, block tables of random
+# inputs, experiments/bench_selected_passes.py). dQ from the dK/dV pass,
+# selected forward+backward, dQ kernel -> dQ from blocks: Hq 8 / Hkv 2 /
+# D 64 at B 4 x 16k 8.85 -> 6.23 ms, B 1 x 64k 10.58 -> 7.48 ms; Hq 32 /
+# Hkv 8 / D 128 at 16k 15.1 -> 11.7 ms (a 2 GiB buffer); Hq 64 / Hkv 4 /
+# D 128 at 16k 13.7 -> 13.0 ms, too little for its 4.3 GB buffer. The
+# block-major forward, query tiles -> blocks: 3.61 -> 2.28 ms, 4.07 ->
+# 3.32 ms, 6.16 -> 3.91 ms; at G = 16 4.52 -> 6.69 ms (slower: one-position
+# tiles mask nothing). So G = 16 keeps both query-tile kernels. The byte
+# cap is just above the largest buffer measured faster (2.2 GB: forward
+# partials of Hq 32 / Hkv 8 / D 128 at 16k); nothing larger was measured
+# at G <= 8, and the buffer is memory a training step holds.
+SELECTED_BLOCK_MAJOR_MAX_GROUP = 8
+SELECTED_PARTS_MAX_BYTES = 5 * 2 ** 29
 
 
-def selected_dq_from_blocks(*, group: int, parts_bytes: int) -> bool:
-  """Whether the selected kernel takes dQ from its dK/dV pass.
+def selected_block_major(*, group: int, parts_bytes: int) -> bool:
+  """Whether a pass of the selected kernel runs block-major.
 
   Args:
     group: G, query heads per kv head.
-    parts_bytes: size of the shares buffer, B * T * Hq * n * Dk_p * itemsize.
+    parts_bytes: size of that pass's per-(query, slot) buffer: dQ shares
+      B * T * Hq * n * Dk_p * itemsize, or forward partials B * T * Hq * n *
+      (Dv_p * itemsize + 8).
   """
-  return (group <= SELECTED_DQ_BLOCKS_MAX_GROUP
-          and parts_bytes <= SELECTED_DQ_PARTS_MAX_BYTES)
+  return (group <= SELECTED_BLOCK_MAJOR_MAX_GROUP
+          and parts_bytes <= SELECTED_PARTS_MAX_BYTES)
 
 
 def _bucket(head_dim: int) -> int:

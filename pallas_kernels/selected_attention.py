@@ -869,7 +869,7 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                        doc_starts=None,
                        q_offset=0,
                        dq_from_blocks: bool | None = None,
-                       fwd_from_blocks: bool = False):
+                       fwd_from_blocks: bool | None = None):
   """NSA branch 2 (section 3.3.2) with the kernel design of section 3.4.
 
   One program per (batch, tile of ``block_q`` query positions, kv head) loads
@@ -881,7 +881,12 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   G >= 16 the table picks ``block_q = 1``: the paper's design exactly. Smaller
   groups tile neighbouring positions, whose block sets overlap heavily (the
   forced initial and local blocks at least); rows whose position did not
-  select a block are masked out of it.
+  select a block are masked out of it. At G <= 8 most of those rows are
+  masked, so there the forward runs block-major instead
+  (``fwd_from_blocks``): on the dK/dV pass's grid, each program gathers the
+  queries that selected its block and stores, per (query, block) entry of
+  the inverted table, the softmax over that block alone (output, row max,
+  sum); XLA merges a query's n entries by their log-sum-exp.
 
   Backward: dQ on the forward's grid; dK/dV KV-block-major over an inverted
   block table (sorted in XLA), deterministic and without atomics. Atomic adds
@@ -945,12 +950,13 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
       than the int 0 is a kernel input; not with ``window`` or
       ``doc_starts``.
     dq_from_blocks: dQ from the dK/dV pass (True) or from the dQ kernel
-      (False); None: ``launch_config.selected_dq_from_blocks``. The shares
+      (False); None: ``launch_config.selected_block_major``. The shares
       are stored in q's dtype, so in bf16 dQ carries up to n roundings to
       bf16 (each 2^-9 relative) instead of one.
-    fwd_from_blocks: the forward block-major (per-(query, block) partial
-      softmaxes merged by log-sum-exp) instead of the query-tile kernel.
-      Experimental: not yet timed on a GPU, so never the default.
+    fwd_from_blocks: the forward block-major (True: per-(query, block)
+      softmaxes on the dK/dV grid, merged by log-sum-exp in XLA) or by the
+      query-tile kernel (False); None: ``launch_config.selected_block_major``.
+      The partial outputs are stored in q's dtype before the merge.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
@@ -1025,11 +1031,17 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   if doc_starts is not None and doc_starts.shape != (batch, seq_len):
     raise ValueError(f"{doc_starts.shape=} must be [B, T] = "
                      f"{(batch, seq_len)}")
+  # Per-(query, slot) rows of the block-major passes: B * T * Hq * n.
+  slot_rows = batch * seq_len * num_heads * block_indices.shape[-1]
+  itemsize = jnp.dtype(q.dtype).itemsize
   if dq_from_blocks is None:
-    dq_from_blocks = launch_config.selected_dq_from_blocks(
-        group=group, parts_bytes=batch * seq_len * num_heads
-        * block_indices.shape[-1] * tc.next_pow2(head_dim, tc.MIN_DOT_DIM)
-        * jnp.dtype(q.dtype).itemsize)
+    dq_from_blocks = launch_config.selected_block_major(
+        group=group, parts_bytes=slot_rows * itemsize
+        * tc.next_pow2(head_dim, tc.MIN_DOT_DIM))
+  if fwd_from_blocks is None:
+    fwd_from_blocks = launch_config.selected_block_major(
+        group=group, parts_bytes=slot_rows * (
+            itemsize * tc.next_pow2(v.shape[-1], tc.MIN_DOT_DIM) + 8))
   st = _Static(block_size=block_size, window=window,
                scale=head_dim ** -0.5 if scale is None else float(scale),
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],

@@ -54,12 +54,15 @@ def test_table_overlap_counts_shared_and_distinct_blocks():
   assert overlap["distinct_per_tile"] == (2 + 4) / 2
 
 
-def test_selected_dq_bench_runs_both_passes(capsys):
-  bench = _script("bench_selected_dq")
+def test_selected_passes_bench_runs_every_path(capsys):
+  bench = _script("bench_selected_passes")
   (row,) = bench.main(["--cases", "1x192:4/1/16", "--iters", "1", "--reps",
                        "1"])
-  assert row[False] > 0 and row[True] > 0
-  assert row["max_diff"] <= 0.02 * row["max_dq"]  # bf16 shares
+  for name in ("fwd_tiles", "fwd_blocks", *bench.PATHS):
+    assert row[name] > 0
+  # bf16 partials and shares: a few roundings more than the query tiles.
+  assert 0 < row["max_out"] and row["out_diff"] <= 0.02 * row["max_out"]
+  assert 0 < row["max_dq"] and row["dq_diff"] <= 0.02 * row["max_dq"]
   assert "| 1 x 192 |" in capsys.readouterr().out
 
 
