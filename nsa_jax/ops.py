@@ -542,5 +542,10 @@ def combine_branches(gates, o_cmp, o_slc, o_win):
   """
   acc = jnp.promote_types(o_cmp.dtype, jnp.float32)
   g = gates.astype(acc)[..., None]  # [B, T, Hq, 3, 1]
-  stacked = jnp.stack([o_cmp, o_slc, o_win], axis=3).astype(acc)
-  return (g * stacked).sum(axis=3).astype(o_cmp.dtype)
+  # Three products, not a stack: a stacked [B, T, Hq, 3, Dv] copy of the
+  # branch outputs would be written in the forward and kept for the gates'
+  # gradient, where the branch outputs themselves serve.
+  out = g[..., 0, :] * o_cmp.astype(acc)
+  out = out + g[..., 1, :] * o_slc.astype(acc)
+  out = out + g[..., 2, :] * o_win.astype(acc)
+  return out.astype(o_cmp.dtype)
