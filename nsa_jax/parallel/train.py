@@ -12,6 +12,8 @@
   train_step(...)     ``nsa_jax.train.steps.train_step_fn`` compiled with
   eval_step(...)      NSA layers sharded (``attention.activate``) and the
                       updated state pinned to its shards
+  train_step_fn       the same, uncompiled (``steps.SplitTrainStep`` takes
+                      it)
 
 The loop (``nsa_jax.train.loop.train(..., parallel=...)``) and orbax
 checkpoints take sharded state as it is: a checkpoint restores onto the
@@ -46,7 +48,8 @@ class Parallelism:
                context: ContextParallel = ContextParallel()):
     self.mesh, self.context = mesh, context
     self.batch_sharding = NamedSharding(mesh, rules.batch_spec(mesh))
-    self.train_step = nnx.jit(self._pinned(steps.train_step_fn),
+    self.train_step_fn = self._pinned(steps.train_step_fn)
+    self.train_step = nnx.jit(self.train_step_fn,
                               static_argnames=("grad_accum",))
     self.eval_step = nnx.jit(self._pinned(steps.eval_step_fn))
 

@@ -23,4 +23,5 @@ from nsa_jax.train.retrieval import passkey_hits
 from nsa_jax.train.steps import eval_step
 from nsa_jax.train.steps import masked_loss_sum
 from nsa_jax.train.steps import predict_step
+from nsa_jax.train.steps import SplitTrainStep
 from nsa_jax.train.steps import train_step

@@ -194,8 +194,6 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
   optimizer = nnx.Optimizer(model, optim.make_optimizer(cfg), wrt=nnx.Param)
   if parallel is not None:
     parallel.shard(optimizer)
-  train_step = (steps_lib.train_step if parallel is None
-                else parallel.train_step)
   schedule = optim.make_schedule(cfg)
   ckpt = checkpoint_lib.Checkpointer(
       workdir / "checkpoints", config=run_config, keep=cfg.keep_checkpoints,
@@ -264,11 +262,18 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
       window_s += spent
     seg_start = None
 
+  # One jax.jit call a step on the split state; the model and optimizer
+  # objects are brought up to date before eval, saves and the return.
+  train_step = steps_lib.SplitTrainStep(
+      model, optimizer, grad_accum=cfg.grad_accum,
+      step_fn=(steps_lib.train_step_fn if parallel is None
+               else parallel.train_step_fn))
+
   try:
     for step in range(start, cfg.steps):
       batch = _to_device(next(train_data), vocab_size, parallel)
       t0 = time.perf_counter()
-      out = train_step(model, optimizer, batch, grad_accum=cfg.grad_accum)
+      out = train_step(batch)
       done = step + 1
       is_last = done == cfg.steps
       if not compiled:
@@ -284,6 +289,8 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
       do_save = (cfg.ckpt_every and done % cfg.ckpt_every == 0) or is_last
       if do_log or do_eval or do_save:
         close_segment(out)
+      if do_eval or do_save:
+        train_step.sync()
       if do_log:
         loss = float(out["loss"])
         tokens_per_s = (window_steps * cfg.tokens_per_step / window_s
@@ -321,6 +328,7 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
         seg_start = time.perf_counter()
     ckpt.wait()
   finally:
+    train_step.sync()  # also after an error or interrupt mid-run
     bar.close()
     writer.close()
     ckpt.close()

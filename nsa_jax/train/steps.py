@@ -92,6 +92,50 @@ def train_step_fn(model: nnx.Module, optimizer: nnx.Optimizer,
 train_step = nnx.jit(train_step_fn, static_argnames=("grad_accum",))
 
 
+class SplitTrainStep:
+  """``train_step_fn`` on the split state of a model and its optimizer.
+
+  ``nnx.jit`` walks the object graph of its module arguments on every call,
+  in Python: for a ``gpu-*`` NSA model (459 state arrays) that took longer
+  than the H100 takes to run the step, so the host fell behind the device.
+  Here the graph is split once; each step is one ``jax.jit`` call on the
+  state, which is donated and replaced by the updated state.
+
+  The model and optimizer objects are stale between ``sync`` calls (their
+  arrays were donated: reading one raises "Array has been deleted"), so
+  call ``sync`` before evaluating, checkpointing or returning them.
+
+  Args:
+    model: the NNX module trained.
+    optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+    grad_accum: micro-batches per step (see ``train_step_fn``).
+    step_fn: ``train_step_fn`` or a wrapper of it with the same signature
+      (``nsa_jax.parallel.Parallelism.train_step_fn`` pins the state to a
+      mesh).
+  """
+
+  def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, *,
+               grad_accum: int = 1, step_fn=train_step_fn):
+    self._nodes = (model, optimizer)
+    graphdef, self._state = nnx.split(self._nodes)
+
+    def on_state(state, batch):
+      model, optimizer = nnx.merge(graphdef, state)
+      out = step_fn(model, optimizer, batch, grad_accum=grad_accum)
+      return nnx.state((model, optimizer)), out
+
+    self._step = jax.jit(on_state, donate_argnums=0)
+
+  def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """One step; returns ``loss`` and ``grad_norm`` as ``train_step_fn``."""
+    self._state, out = self._step(self._state, batch)
+    return out
+
+  def sync(self) -> None:
+    """Writes the current state into the model and optimizer objects."""
+    nnx.update(self._nodes, self._state)
+
+
 def eval_step_fn(model: nnx.Module, batch: dict[str, jax.Array]
                  ) -> tuple[jax.Array, jax.Array]:
   """Summed masked loss and scored-token count of ``batch`` (float32)."""
