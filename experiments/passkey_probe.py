@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
     parser.error(str(e))
   optimizer = nnx.Optimizer(model, train.make_optimizer(schedule),
                             wrt=nnx.Param)
+  train_step = train.SplitTrainStep(model, optimizer)
   step, start, losses = 0, time.time(), []
   for n, seq_len, kind in args.phases:
     batch_size = (args.batch_size * first_t // seq_len if args.const_tokens
@@ -107,12 +108,12 @@ def main(argv: list[str] | None = None) -> np.ndarray:
       batch = next(it)
       if args.score == "all" or kind == "code":
         batch["mask"] = np.ones_like(batch["mask"])
-      out = train.train_step(model, optimizer,
-                             {k: jnp.asarray(v) for k, v in batch.items()})
+      out = train_step({k: jnp.asarray(v) for k, v in batch.items()})
       losses.append(float(out["loss"]))
       step += 1
       if step % args.eval_every and step != steps:
         continue
+      train_step.sync()
       held = data.SyntheticIterator("passkey", 16, seq_len, seed=999)
       loss_sum, count = train.eval_step(
           model, {k: jnp.asarray(v) for k, v in held.batch_at(0).items()})
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
             f"{float(loss_sum / count):.3f}, accuracy "
             + ", ".join(f"{t}: {a:.2f}" for t, a in acc.items())
             + f" ({time.time() - start:.0f} s)", flush=True)
+  train_step.sync()
   hits = train.hits_grid(model, args.eval_lengths, _DEPTHS,
                          samples=args.samples, seed=5)
   for j, t in enumerate(args.eval_lengths):

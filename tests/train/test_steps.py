@@ -1,8 +1,8 @@
 """Tests of the jit-compiled train and eval steps."""
 
 import chex
-import jax
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
