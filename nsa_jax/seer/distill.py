@@ -36,6 +36,7 @@ from nsa_jax.seer.oracle import attention_oracle
 from nsa_jax.train import checkpoint as checkpoint_lib
 from nsa_jax.train import metrics as metrics_lib
 from nsa_jax.train import optim
+from nsa_jax.train import steps as steps_lib
 from nsa_jax.train.config import TrainConfig
 
 
@@ -114,10 +115,10 @@ def distill_loss(lm: SeerLM, tokens, *, loss_start: float,
   return total / len(lm.model.layers)
 
 
-@nnx.jit(static_argnames=("loss_start", "impl"))
-def distill_step(lm: SeerLM, optimizer: nnx.Optimizer, tokens, *,
-                 loss_start: float, impl: str = "auto"):
-  """One optimizer step of the gates.
+def distill_step_fn(lm: SeerLM, optimizer: nnx.Optimizer, tokens, *,
+                    loss_start: float, impl: str = "auto"):
+  """One optimizer step of the gates (uncompiled: ``distill`` runs it
+  through ``steps.SplitTrainStep``).
 
   Args:
     lm: the SeerLM; only its ``GATE_PARAMS`` change.
@@ -250,6 +251,10 @@ def distill(lm: SeerLM, cfg: TrainConfig, data: StepIterator,
   show_bar = cfg.progress and sys.stderr.isatty()
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc="distill",
                   unit="step", disable=not show_bar, dynamic_ncols=True)
+  # One jax.jit call a step; lm and optimizer are synced before eval, saves
+  # and the return (the frozen model is not donated).
+  step_fn = steps_lib.SplitTrainStep(lm, optimizer, step_fn=distill_step_fn,
+                                     loss_start=loss_start, impl=impl)
   try:
     if start == 0 and eval_data:
       kl = evaluate()
@@ -258,8 +263,7 @@ def distill(lm: SeerLM, cfg: TrainConfig, data: StepIterator,
     for step in range(start, cfg.steps):
       tokens = jnp.asarray(next(data)["inputs"])
       began = time.perf_counter()
-      out = distill_step(lm, optimizer, tokens, loss_start=loss_start,
-                         impl=impl)
+      out = step_fn(tokens)
       jax.block_until_ready(out)
       if step > start:  # the first step of a session compiles
         train_s += time.perf_counter() - began
@@ -272,19 +276,24 @@ def distill(lm: SeerLM, cfg: TrainConfig, data: StepIterator,
         bar.set_postfix(kl=f"{row['kl']:.4f}")
         if not show_bar and (done % (cfg.log_every * 10) == 0 or last):
           log(f"[distill] step {done}/{cfg.steps} kl {row['kl']:.4f}")
-      if eval_data and ((cfg.eval_every and done % cfg.eval_every == 0)
-                        or last):
+      do_eval = eval_data and ((cfg.eval_every and done % cfg.eval_every == 0)
+                               or last)
+      do_save = (cfg.ckpt_every and done % cfg.ckpt_every == 0) or last
+      if do_eval or do_save:
+        step_fn.sync()
+      if do_eval:
         kl = evaluate()
         writer.write({"kind": "eval", "step": done, "kl": kl,
                       "train_s": train_s})
         if not show_bar:
           log(f"[distill] step {done} held-out KL {kl:.4f}")
-      if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or last:
+      if do_save:
         ckpt.save(done, lm.gates, optimizer, rng, data.state(),
                   extra={"train_s": train_s})
       bar.update(1)
     ckpt.wait()
   finally:
+    step_fn.sync()  # also after an error or interrupt mid-run
     bar.close()
     writer.close()
     ckpt.close()

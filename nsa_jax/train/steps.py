@@ -93,47 +93,56 @@ train_step = nnx.jit(train_step_fn, static_argnames=("grad_accum",))
 
 
 class SplitTrainStep:
-  """``train_step_fn`` on the split state of a model and its optimizer.
+  """A train step on the split state of a model and its optimizer.
 
   ``nnx.jit`` walks the object graph of its module arguments on every call,
   in Python: for a ``gpu-*`` NSA model (459 state arrays) that took longer
   than the H100 takes to run the step, so the host fell behind the device.
   Here the graph is split once; each step is one ``jax.jit`` call on the
-  state, which is donated and replaced by the updated state.
+  state. The state the optimizer updates (the ``wrt`` parameters and the
+  optimizer's own) is donated and replaced; the rest (frozen weights, which
+  other objects may share) is passed through untouched.
 
   The model and optimizer objects are stale between ``sync`` calls (their
-  arrays were donated: reading one raises "Array has been deleted"), so
-  call ``sync`` before evaluating, checkpointing or returning them.
+  updated arrays were donated: reading one raises "Array has been
+  deleted"), so call ``sync`` before evaluating, checkpointing or returning
+  them.
 
   Args:
     model: the NNX module trained.
-    optimizer: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
-    grad_accum: micro-batches per step (see ``train_step_fn``).
-    step_fn: ``train_step_fn`` or a wrapper of it with the same signature
+    optimizer: ``nnx.Optimizer(model, tx, wrt=...)``.
+    step_fn: ``step_fn(model, optimizer, batch, **step_kwargs) -> outputs``
+      updating both in place: ``train_step_fn`` (default), a wrapper of it
       (``nsa_jax.parallel.Parallelism.train_step_fn`` pins the state to a
-      mesh).
+      mesh) or another (``nsa_jax.seer.distill.distill_step_fn``).
+    **step_kwargs: static keyword arguments of ``step_fn`` (e.g.
+      ``grad_accum``).
   """
 
   def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, *,
-               grad_accum: int = 1, step_fn=train_step_fn):
+               step_fn=train_step_fn, **step_kwargs):
     self._nodes = (model, optimizer)
-    graphdef, self._state = nnx.split(self._nodes)
+    updated = nnx.Any(optimizer.wrt, nnx.OptState)
+    graphdef, self._updated, self._rest = nnx.split(self._nodes, updated,
+                                                    ...)
 
-    def on_state(state, batch):
-      model, optimizer = nnx.merge(graphdef, state)
-      out = step_fn(model, optimizer, batch, grad_accum=grad_accum)
-      return nnx.state((model, optimizer)), out
+    def on_state(updated_state, rest, batch):
+      model, optimizer = nnx.merge(graphdef, updated_state, rest)
+      out = step_fn(model, optimizer, batch, **step_kwargs)
+      _, updated_state, rest = nnx.split((model, optimizer), updated, ...)
+      return updated_state, rest, out
 
     self._step = jax.jit(on_state, donate_argnums=0)
 
-  def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """One step; returns ``loss`` and ``grad_norm`` as ``train_step_fn``."""
-    self._state, out = self._step(self._state, batch)
+  def __call__(self, batch):
+    """One step; returns what ``step_fn`` returns."""
+    self._updated, self._rest, out = self._step(self._updated, self._rest,
+                                                batch)
     return out
 
   def sync(self) -> None:
     """Writes the current state into the model and optimizer objects."""
-    nnx.update(self._nodes, self._state)
+    nnx.update(self._nodes, self._updated, self._rest)
 
 
 def eval_step_fn(model: nnx.Module, batch: dict[str, jax.Array]

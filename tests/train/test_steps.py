@@ -104,3 +104,24 @@ def test_split_train_step_continues_after_sync(make_lm):
   assert train.evaluate(model, [batch]) < first  # the synced model is updated
   losses = [float(step(batch)["loss"]) for _ in range(5)]
   assert losses[-1] < first
+
+
+def test_split_train_step_leaves_frozen_arrays_alone(make_lm):
+  """Only what the optimizer updates is donated: a frozen weight shared
+  with another object stays readable, and unchanged, after steps."""
+  model = make_lm("full")
+  optimizer = nnx.Optimizer(
+      model, optax.adam(1e-2),
+      wrt=nnx.All(nnx.Param, nnx.PathContains("mlp")))
+  frozen = model.embed.embedding[...]  # e.g. a dense model sharing it
+  before = np.asarray(frozen)
+  trained = np.asarray(model.layers[0].mlp.down.kernel[...])
+  step = train.SplitTrainStep(model, optimizer)
+  for seed in range(2):
+    step(_batch(seed=seed))
+  np.testing.assert_array_equal(np.asarray(frozen), before)
+  step.sync()
+  np.testing.assert_array_equal(np.asarray(model.embed.embedding[...]),
+                                before)
+  assert not np.array_equal(
+      np.asarray(model.layers[0].mlp.down.kernel[...]), trained)
