@@ -202,6 +202,48 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, do_ref, m_ref,
   dq_ref[...] = (dq * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
+def _list_segment(offsets_ref, st: _Static):
+  """A block-major program's selection block and its part of the block's
+  query list (grid axis 1 is block * num_segments + segment).
+
+  Returns:
+    (key positions int32 [l'], lo, hi): the program walks list entries
+    [lo, hi) of the inverted table.
+  """
+  num_segments = _I32(st.num_segments)
+  blk = lax.div(pl.program_id(1), num_segments)
+  seg = lax.rem(pl.program_id(1), num_segments)
+  key_pos = blk * st.block_size + jnp.arange(st.block_size, dtype=_I32)
+  lo = offsets_ref[blk] + seg * st.segment
+  hi = jnp.minimum(offsets_ref[blk + 1], lo + st.segment)
+  return key_pos, lo, hi
+
+
+def _gather_step(step, lo, hi, q_ref, positions_ref, starts_ref, offset,
+                 key_pos, st: _Static):
+  """One gather step of a block-major program: the next ``block_q_dkv``
+  positions of its list and their queries, all Gp heads each.
+
+  Returns:
+    (start: the step's first list entry, valid bool [block_q_dkv]: entries
+    before hi, pos int32 [block_q_dkv]: their query rows (0 past hi), q
+    [block_q_dkv * Gp, Dk], mask bool [block_q_dkv * Gp, l']: the keys each
+    row sees, causal and within its document).
+  """
+  block_pos = st.launch.block_q_dkv
+  _, group_p, dk = q_ref.shape
+  start = lo + step * block_pos
+  valid = start + jnp.arange(block_pos, dtype=_I32) < hi
+  pos = jnp.where(valid, positions_ref[pl.ds(start, block_pos)], 0)
+  q = q_ref[pos].reshape(block_pos * group_p, dk)  # gather
+  lower = None if starts_ref is None else group_tiles.to_rows(
+      starts_ref[pos], group_p)
+  t = pos if offset is None else pos + offset
+  mask = group_tiles.to_rows(valid, group_p)[:, None] & _key_mask(
+      group_tiles.to_rows(t, group_p), lower, key_pos, st)
+  return start, valid, pos, q, mask
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
                 offsets_ref, positions_ref, *refs, st: _Static):
   """Partial dK, dV of one selection block from one segment of its queries.
@@ -235,30 +277,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, m_ref, log2l_ref, delta_ref,
   _, group_p, dk = q_ref.shape
   block_pos = st.launch.block_q_dkv
   rows = block_pos * group_p
-  num_segments = _I32(st.num_segments)
-  blk = lax.div(pl.program_id(1), num_segments)
-  seg = lax.rem(pl.program_id(1), num_segments)
+  key_pos, lo, hi = _list_segment(offsets_ref, st)
   k = k_ref[...]
   v = v_ref[...]
-  key_pos = blk * st.block_size + jnp.arange(st.block_size, dtype=_I32)
-  lo = offsets_ref[blk] + seg * st.segment
-  hi = jnp.minimum(offsets_ref[blk + 1], lo + st.segment)
 
   def body(step, carry):
     dk_acc, dv_acc = carry
-    start = lo + step * block_pos
-    valid = start + jnp.arange(block_pos, dtype=_I32) < hi
-    pos = jnp.where(valid, positions_ref[pl.ds(start, block_pos)], 0)
-    q = q_ref[pos].reshape(rows, dk)  # gather: [block_pos, Gp, Dk]
+    start, valid, pos, q, mask = _gather_step(
+        step, lo, hi, q_ref, positions_ref, starts_ref, offset, key_pos, st)
     do = do_ref[pos].reshape(rows, v.shape[-1])
     m = m_ref[pos].reshape(rows)
     log2l = log2l_ref[pos].reshape(rows)
     delta = delta_ref[pos].reshape(rows)
-    lower = None if starts_ref is None else group_tiles.to_rows(
-        starts_ref[pos], group_p)
-    t = pos if offset is None else pos + offset
-    mask = group_tiles.to_rows(valid, group_p)[:, None] & _key_mask(
-        group_tiles.to_rows(t, group_p), lower, key_pos, st)
     s = tc.dot(q, k, trans_b=True)  # [rows, l'] raw dots
     p = online_softmax.probabilities(s, mask, m, log2l, st.scale * tc.LOG2E)
     ds = p * (tc.dot(do, v, trans_b=True) - delta[:, None])
@@ -300,29 +330,16 @@ def _fwd_parts_kernel(q_ref, k_ref, v_ref, offsets_ref, positions_ref, *refs,
   offset_ref, (o_ref, m_ref, l_ref) = group_tiles.split_offset(
       refs, st.offset)
   offset = group_tiles.read_offset(offset_ref)
-  _, group_p, dk = q_ref.shape
+  group_p = q_ref.shape[1]
   block_pos = st.launch.block_q_dkv
-  rows = block_pos * group_p
-  num_segments = _I32(st.num_segments)
-  blk = lax.div(pl.program_id(1), num_segments)
-  seg = lax.rem(pl.program_id(1), num_segments)
+  key_pos, lo, hi = _list_segment(offsets_ref, st)
   k = k_ref[...]
   v = v_ref[...]
   c = jnp.float32(st.scale * tc.LOG2E)
-  key_pos = blk * st.block_size + jnp.arange(st.block_size, dtype=_I32)
-  lo = offsets_ref[blk] + seg * st.segment
-  hi = jnp.minimum(offsets_ref[blk + 1], lo + st.segment)
 
   def body(step, carry):
-    start = lo + step * block_pos
-    valid = start + jnp.arange(block_pos, dtype=_I32) < hi
-    pos = jnp.where(valid, positions_ref[pl.ds(start, block_pos)], 0)
-    q = q_ref[pos].reshape(rows, dk)  # gather: [block_pos, Gp, Dk]
-    lower = None if starts_ref is None else group_tiles.to_rows(
-        starts_ref[pos], group_p)
-    t = pos if offset is None else pos + offset
-    mask = group_tiles.to_rows(valid, group_p)[:, None] & _key_mask(
-        group_tiles.to_rows(t, group_p), lower, key_pos, st)
+    start, valid, _, q, mask = _gather_step(
+        step, lo, hi, q_ref, positions_ref, starts_ref, offset, key_pos, st)
     s = jnp.where(mask, tc.dot(q, k, trans_b=True), -jnp.inf)
     m = jnp.max(s, axis=1)
     m_safe = jnp.where(m == -jnp.inf, jnp.float32(0), m)
