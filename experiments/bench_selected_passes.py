@@ -7,7 +7,7 @@ query-tile, with dQ from the dK/dV pass, and with both block-major
 (``dq_from_blocks``), bf16, block tables picked by NSA's own selection
 from random inputs. Also the largest output and dQ differences between
 the paths and the size of the per-(query, slot) buffers. Prints a markdown
-table (BENCHMARKS.md, "Block-major passes at small groups").
+table (BENCHMARKS.md, "Block-major forward at small groups").
 
   PYTHONPATH=. python experiments/bench_selected_passes.py
   PYTHONPATH=. python experiments/bench_selected_passes.py \
