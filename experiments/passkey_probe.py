@@ -8,7 +8,8 @@ memory, through phases ``STEPS:T[:code]``: passkey examples of T tokens
 (``code``: the stdlib code corpus, every token scored). Every
 ``--eval-every`` steps it prints the train loss, the key-digit loss of 16
 held-out examples and the passkey accuracy; at the end the share of each
-key digit predicted per length and depth (``nsa_jax.train.passkey_hits``).
+key digit predicted per length and depth (``nsa_jax.train.passkey_hits``),
+and with ``--plot`` a heatmap of the whole-key accuracy (length x depth).
 No checkpoints; for real runs use ``train_lm.py --data passkey``.
 """
 
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> np.ndarray:
   parser.add_argument("--eval-every", type=int, default=100)
   parser.add_argument("--samples", type=int, default=16,
                       help="examples per (length, depth) at the end")
+  parser.add_argument("--plot", default=None,
+                      help="PNG path for the final accuracy heatmap")
   args = parser.parse_args(argv)
   if not 0 <= args.mqar_rows < args.batch_size:
     parser.error(f"--mqar-rows must be in [0, {args.batch_size})")
@@ -133,6 +136,13 @@ def main(argv: list[str] | None = None) -> np.ndarray:
       print(f"T {t} depth {depth:.2f}: accuracy "
             f"{hits[i, j].all(-1).mean():.2f}, each digit "
             + " ".join(f"{v:.2f}" for v in hits[i, j].mean(0)))
+  if args.plot:
+    phases = ", ".join(f"{n} steps at T={t}" for n, t, _ in args.phases)
+    path = train.plot_heatmaps(
+        {args.attention: hits.all(-1).mean(-1)}, args.eval_lengths, _DEPTHS,
+        args.plot, title=f"passkey probe: {phases}; {args.samples} keys a "
+        "cell")
+    print(f"wrote {path}")
   return hits
 
 

@@ -8,14 +8,15 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_probe_trains_evaluates_and_scores(capsys):
+def test_probe_trains_evaluates_and_scores(capsys, tmp_path):
   path = ROOT / "experiments" / "passkey_probe.py"
   spec = importlib.util.spec_from_file_location("passkey_probe", path)
   probe = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(probe)
   hits = probe.main(["--phases", "4:128", "--batch-size", "2",
                      "--eval-every", "2", "--eval-lengths", "128",
-                     "--samples", "1", "--warmup-steps", "1"])
+                     "--samples", "1", "--warmup-steps", "1",
+                     "--plot", str(tmp_path / "heat.png")])
   out = capsys.readouterr().out
   # Evaluations after steps 2 and 4 read the synced model: finite losses.
   lines = [l for l in out.splitlines() if l.startswith("step ")]
@@ -23,3 +24,4 @@ def test_probe_trains_evaluates_and_scores(capsys):
   assert all("nan" not in l for l in lines)
   assert hits.shape == (5, 1, 1, 5) and hits.dtype == bool
   assert np.isin(hits, (True, False)).all()
+  assert (tmp_path / "heat.png").stat().st_size > 0
