@@ -290,6 +290,8 @@ def train(model: nnx.Module, cfg: TrainConfig, train_data: StepIterator,
       if do_log or do_eval or do_save:
         close_segment(out)
       if do_eval or do_save:
+        # The next step donates these arrays again: orbax's save copies
+        # them to the host before it returns (async saves write after).
         train_step.sync()
       if do_log:
         loss = float(out["loss"])
