@@ -96,8 +96,9 @@ class SplitTrainStep:
   """A train step on the split state of a model and its optimizer.
 
   ``nnx.jit`` walks the object graph of its module arguments on every call,
-  in Python: for a ``gpu-*`` NSA model (459 state arrays) that took longer
-  than the H100 takes to run the step, so the host fell behind the device.
+  in Python: for a ``gpu-*`` NSA model (459 state arrays) 87 ms a call on a
+  development CPU; on the H100 a synchronous step took 105 ms for 72.5 ms
+  of kernels, and the host fell behind the device now and then.
   Here the graph is split once; each step is one ``jax.jit`` call on the
   state. The state the optimizer updates (the ``wrt`` parameters and the
   optimizer's own) is donated and replaced; the rest (frozen weights, which
