@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from nsa_jax import benchmark
 from nsa_jax.config import NSAConfig
+from pallas_kernels import launch_config
 from pallas_kernels.selected_attention import selected_attention
 
 DEFAULT_CASES = ("4x16384:8/2/64,2x32768:8/2/64,1x65536:8/2/64,"
@@ -75,10 +76,11 @@ def measure(batch: int, seq_len: int, shape, config: NSAConfig, *,
   row["dq_diff"] = max(_max_diff(outs[n][1], outs["tiles"][1])
                        for n in ("dq_blocks", "blocks"))
   row["max_dq"] = float(jnp.max(jnp.abs(outs["tiles"][1])))
-  slots = batch * seq_len * shape.hq * config.num_selected
-  itemsize = jnp.dtype(dtype).itemsize
-  row["dq_buffer_gb"] = slots * shape.dk * itemsize / 1e9
-  row["fwd_buffer_gb"] = slots * (shape.dv * itemsize + 8) / 1e9
+  buffer_gb = lambda dim, forward: launch_config.selected_parts_bytes(  # noqa: E731
+      slots=batch * seq_len * shape.hq * config.num_selected, dim=dim,
+      itemsize=jnp.dtype(dtype).itemsize, forward=forward) / 1e9
+  row["dq_buffer_gb"] = buffer_gb(shape.dk, False)
+  row["fwd_buffer_gb"] = buffer_gb(shape.dv, True)
   return row
 
 

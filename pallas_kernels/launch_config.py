@@ -185,14 +185,26 @@ SELECTED_BLOCK_MAJOR_MAX_GROUP = 8
 SELECTED_PARTS_MAX_BYTES = 5 * 2 ** 29
 
 
+def selected_parts_bytes(*, slots: int, dim: int, itemsize: int,
+                         forward: bool) -> int:
+  """Size of a block-major pass's per-(query, slot) buffer.
+
+  Args:
+    slots: B * T * Hq * n.
+    dim: the padded head dim of the rows stored (Dk_p for dQ shares, Dv_p
+      for forward partials).
+    itemsize: bytes of q's dtype, in which the rows are stored.
+    forward: forward partials also store a float32 max and sum a row.
+  """
+  return slots * (dim * itemsize + (8 if forward else 0))
+
+
 def selected_block_major(*, group: int, parts_bytes: int) -> bool:
   """Whether a pass of the selected kernel runs block-major.
 
   Args:
     group: G, query heads per kv head.
-    parts_bytes: size of that pass's per-(query, slot) buffer: dQ shares
-      B * T * Hq * n * Dk_p * itemsize, or forward partials B * T * Hq * n *
-      (Dv_p * itemsize + 8).
+    parts_bytes: ``selected_parts_bytes`` of that pass.
   """
   return (group <= SELECTED_BLOCK_MAJOR_MAX_GROUP
           and parts_bytes <= SELECTED_PARTS_MAX_BYTES)

@@ -421,6 +421,23 @@ def _invert_block_table(block_indices, num_blocks, pad, entries=False):
           jnp.where(kept, where, -1))
 
 
+def _entry_rows(parts, entries):
+  """Each slot's row of a per-entry buffer, by the slot's table entry.
+
+  Args:
+    parts: [B, Hkv, T*n + pad, ...] rows stored per inverted-table entry.
+    entries: int32 [B, Hkv, T, n] from ``_invert_block_table`` (-1: none;
+      those slots get entry 0's row, for the caller to mask).
+
+  Returns:
+    [B, Hkv, T, n, ...].
+  """
+  batch, hkv, seq_len, n = entries.shape
+  flat = jnp.maximum(entries, 0).reshape(batch, hkv, seq_len * n)
+  rows = jax.vmap(jax.vmap(lambda x, i: x[i]))(parts, flat)
+  return rows.reshape(batch, hkv, seq_len, n, *parts.shape[3:])
+
+
 def _merge_fwd_parts(o_parts, m_parts, l_parts, entries, seq_pad: int,
                      st: _Static):
   """A query's n per-block softmaxes, combined by their log-sum-exp.
@@ -438,14 +455,10 @@ def _merge_fwd_parts(o_parts, m_parts, l_parts, entries, seq_pad: int,
     Gp]): as ``online_softmax.finalize`` gives them (0, 0, 0 for a row that
     sees no key).
   """
-  batch, hkv, seq_len, n = entries.shape
-  flat = jnp.maximum(entries, 0).reshape(batch, hkv, seq_len * n)
-  take = jax.vmap(jax.vmap(lambda x, i: x[i]))
-  shape = (batch, hkv, seq_len, n, o_parts.shape[3])
   kept = (entries >= 0)[..., None]  # [B, Hkv, T, n, 1]
   # where, not products: entries nobody wrote hold whatever memory held.
-  m_e = jnp.where(kept, take(m_parts, flat).reshape(shape), -jnp.inf)
-  l_e = jnp.where(kept, take(l_parts, flat).reshape(shape), 0.0)
+  m_e = jnp.where(kept, _entry_rows(m_parts, entries), -jnp.inf)
+  l_e = jnp.where(kept, _entry_rows(l_parts, entries), 0.0)
   m = jnp.max(m_e, axis=3)  # [B, Hkv, T, Gp]
   seen = m > -jnp.inf
   m_safe = jnp.where(seen, m, 0.0)
@@ -453,8 +466,8 @@ def _merge_fwd_parts(o_parts, m_parts, l_parts, entries, seq_pad: int,
   w = jnp.where(m_e > -jnp.inf,
                 l_e * jnp.exp2((m_e - m_safe[:, :, :, None]) * c), 0.0)
   l = jnp.sum(w, axis=3)
-  o_e = take(o_parts, flat).reshape(*shape, o_parts.shape[-1])
-  o_e = jnp.where(kept[..., None], o_e.astype(jnp.float32), 0.0)
+  o_e = jnp.where(kept[..., None],
+                  _entry_rows(o_parts, entries).astype(jnp.float32), 0.0)
   l_safe = jnp.where(l > 0, l, 1.0)
   out = jnp.sum(w[..., None] * o_e, axis=3) / l_safe[..., None]
   to_rows = lambda x: tc.pad_axis(jnp.moveaxis(x, 1, 2), 1, seq_pad)
@@ -474,14 +487,10 @@ def _sum_dq_parts(parts, entries, scale: float):
     float32 [B, T, Hkv, Gp, Dk]: the sum of each query's entries, times
     ``scale``.
   """
-  batch, hkv, seq_len, n = entries.shape
-  flat = jnp.maximum(entries, 0).reshape(batch, hkv, seq_len * n)
-  rows = jax.vmap(jax.vmap(lambda p, i: p[i]))(parts, flat)
-  kept = (entries >= 0).reshape(batch, hkv, seq_len * n, 1, 1)
+  kept = (entries >= 0)[..., None, None]
   # where, not a product: entries nobody wrote hold whatever memory held.
-  rows = jnp.where(kept, rows.astype(jnp.float32), 0.0)
-  dq = rows.reshape(batch, hkv, seq_len, n, *parts.shape[-2:]).sum(3)
-  return (dq * scale).transpose(0, 2, 1, 3, 4)
+  rows = jnp.where(kept, _entry_rows(parts, entries).astype(jnp.float32), 0.0)
+  return (rows.sum(3) * scale).transpose(0, 2, 1, 3, 4)
 
 
 def _pad_inputs(q, k, v, block_indices, st: _Static):
@@ -1048,17 +1057,16 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   if doc_starts is not None and doc_starts.shape != (batch, seq_len):
     raise ValueError(f"{doc_starts.shape=} must be [B, T] = "
                      f"{(batch, seq_len)}")
-  # Per-(query, slot) rows of the block-major passes: B * T * Hq * n.
-  slot_rows = batch * seq_len * num_heads * block_indices.shape[-1]
-  itemsize = jnp.dtype(q.dtype).itemsize
+  parts_bytes = lambda dim, forward: launch_config.selected_parts_bytes(  # noqa: E731
+      slots=batch * seq_len * num_heads * block_indices.shape[-1],
+      dim=tc.next_pow2(dim, tc.MIN_DOT_DIM),
+      itemsize=jnp.dtype(q.dtype).itemsize, forward=forward)
   if dq_from_blocks is None:
     dq_from_blocks = launch_config.selected_block_major(
-        group=group, parts_bytes=slot_rows * itemsize
-        * tc.next_pow2(head_dim, tc.MIN_DOT_DIM))
+        group=group, parts_bytes=parts_bytes(head_dim, False))
   if fwd_from_blocks is None:
     fwd_from_blocks = launch_config.selected_block_major(
-        group=group, parts_bytes=slot_rows * (
-            itemsize * tc.next_pow2(v.shape[-1], tc.MIN_DOT_DIM) + 8))
+        group=group, parts_bytes=parts_bytes(v.shape[-1], True))
   st = _Static(block_size=block_size, window=window,
                scale=head_dim ** -0.5 if scale is None else float(scale),
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],

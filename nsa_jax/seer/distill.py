@@ -253,8 +253,9 @@ def distill(lm: SeerLM, cfg: TrainConfig, data: StepIterator,
                   unit="step", disable=not show_bar, dynamic_ncols=True)
   # One jax.jit call a step; lm and optimizer are synced before eval, saves
   # and the return (the frozen model is not donated).
-  step_fn = steps_lib.SplitTrainStep(lm, optimizer, step_fn=distill_step_fn,
-                                     loss_start=loss_start, impl=impl)
+  distill_step = steps_lib.SplitTrainStep(
+      lm, optimizer, step_fn=distill_step_fn, loss_start=loss_start,
+      impl=impl)
   try:
     if start == 0 and eval_data:
       kl = evaluate()
@@ -263,7 +264,7 @@ def distill(lm: SeerLM, cfg: TrainConfig, data: StepIterator,
     for step in range(start, cfg.steps):
       tokens = jnp.asarray(next(data)["inputs"])
       began = time.perf_counter()
-      out = step_fn(tokens)
+      out = distill_step(tokens)
       jax.block_until_ready(out)
       if step > start:  # the first step of a session compiles
         train_s += time.perf_counter() - began
@@ -280,7 +281,7 @@ def distill(lm: SeerLM, cfg: TrainConfig, data: StepIterator,
                                or last)
       do_save = (cfg.ckpt_every and done % cfg.ckpt_every == 0) or last
       if do_eval or do_save:
-        step_fn.sync()
+        distill_step.sync()
       if do_eval:
         kl = evaluate()
         writer.write({"kind": "eval", "step": done, "kl": kl,
@@ -293,7 +294,7 @@ def distill(lm: SeerLM, cfg: TrainConfig, data: StepIterator,
       bar.update(1)
     ckpt.wait()
   finally:
-    step_fn.sync()  # also after an error or interrupt mid-run
+    distill_step.sync()  # also after an error or interrupt mid-run
     bar.close()
     writer.close()
     ckpt.close()
