@@ -6,7 +6,9 @@ fwd_from_blocks=False / True)``), and forward+backward with both passes
 query-tile, with dQ from the dK/dV pass, and with both block-major
 (``dq_from_blocks``), bf16, block tables picked by NSA's own selection
 from random inputs. Also the largest output and dQ differences between
-the paths and the size of the per-(query, slot) buffers. Prints a markdown
+the paths, the size of the per-(query, slot) buffers and the query chunks
+the forced block-major forward takes for its buffer
+(``launch_config.selected_fwd_chunks``). Prints a markdown
 table (BENCHMARKS.md, "Block-major forward at small groups").
 
   PYTHONPATH=. python experiments/bench_selected_passes.py
@@ -27,7 +29,7 @@ from pallas_kernels import launch_config
 from pallas_kernels.selected_attention import selected_attention
 
 DEFAULT_CASES = ("4x16384:8/2/64,2x32768:8/2/64,1x65536:8/2/64,"
-                 "1x16384:32/8/128,1x16384:64/4/128")
+                 "1x16384:32/8/128,1x65536:32/8/128,1x16384:64/4/128")
 # (forward block-major, dQ from blocks) of the forward+backward columns.
 PATHS = {"tiles": (False, False), "dq_blocks": (False, True),
          "blocks": (True, True)}
@@ -81,6 +83,10 @@ def measure(batch: int, seq_len: int, shape, config: NSAConfig, *,
       itemsize=jnp.dtype(dtype).itemsize, forward=forward) / 1e9
   row["dq_buffer_gb"] = buffer_gb(shape.dk, False)
   row["fwd_buffer_gb"] = buffer_gb(shape.dv, True)
+  row["fwd_chunks"] = launch_config.selected_fwd_chunks(
+      launch_config.selected_parts_bytes(
+          slots=batch * seq_len * shape.hq * config.num_selected,
+          dim=shape.dv, itemsize=jnp.dtype(dtype).itemsize, forward=True))
   return row
 
 
@@ -95,7 +101,7 @@ def main(argv=None) -> list[dict]:
   print(f"device: {jax.devices()[0].device_kind}")
   print("| shape | B x T | forward: query tiles | forward: block-major | "
         "fwd+bwd: query tiles | fwd+bwd: dQ from blocks | fwd+bwd: "
-        "block-major | buffers fwd / dQ | max out diff (max out) | "
+        "block-major | buffers fwd (chunks) / dQ | max out diff (max out) | "
         "max dQ diff (max dQ) |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   rows = []
@@ -107,7 +113,8 @@ def main(argv=None) -> list[dict]:
     print(f"| {shape} | {batch} x {seq_len} | {row['fwd_tiles']:.2f} | "
           f"{row['fwd_blocks']:.2f} | {row['tiles']:.2f} | "
           f"{row['dq_blocks']:.2f} | {row['blocks']:.2f} | "
-          f"{row['fwd_buffer_gb']:.1f} / {row['dq_buffer_gb']:.1f} GB | "
+          f"{row['fwd_buffer_gb']:.1f} ({row['fwd_chunks']}) / "
+          f"{row['dq_buffer_gb']:.1f} GB | "
           f"{row['out_diff']:.2g} ({row['max_out']:.2g}) | "
           f"{row['dq_diff']:.2g} ({row['max_dq']:.2g}) |", flush=True)
   return rows

@@ -210,6 +210,12 @@ def selected_block_major(*, group: int, parts_bytes: int) -> bool:
           and parts_bytes <= SELECTED_PARTS_MAX_BYTES)
 
 
+def selected_fwd_chunks(parts_bytes: int) -> int:
+  """Query chunks of the block-major forward: its partials buffer, split
+  by query position, stays within ``SELECTED_PARTS_MAX_BYTES`` a chunk."""
+  return max(1, -(-parts_bytes // SELECTED_PARTS_MAX_BYTES))
+
+
 def _bucket(head_dim: int) -> int:
   for bucket in (64, 128):
     if head_dim <= bucket:

@@ -36,6 +36,7 @@ class _Static:
   offset: bool  # the query offset is an input (group_tiles.split_offset)
   dq_from_blocks: bool  # dQ partials from the dK/dV pass, no dQ kernel
   fwd_from_blocks: bool  # forward by block-major partials, merged in XLA
+  fwd_chunks: int = 1  # query chunks of the block-major forward
 
   @property
   def num_segments(self) -> int:
@@ -559,8 +560,8 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   union = (None if st.fwd_from_blocks and st.dq_from_blocks
            else tile_unions(idx, block_q))
   if st.fwd_from_blocks:
-    out, m, log2l = _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts,
-                                     offset, st)
+    out, m, log2l = _fwd_blocks_chunked(q5, k_p, v_p, block_indices, starts,
+                                        offset, st)
     out = tc.ungroup_heads(out.astype(q.dtype), st.seq_len, st.group,
                            st.head_dim_v)
     return out, m, log2l, union
@@ -591,6 +592,37 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   )(q5, k_p, v_p, idx, union, *starts_arg, *offset_arg)
   out = tc.ungroup_heads(out, st.seq_len, st.group, st.head_dim_v)
   return out, m, log2l, union
+
+
+def _fwd_blocks_chunked(q5, k_p, v_p, block_indices, starts, offset,
+                        st: _Static):
+  """The block-major forward in ``st.fwd_chunks`` query chunks.
+
+  Chunk [a, b) runs ``_fwd_blocks_pass`` on its own rows of q, the block
+  table and the document starts, against all keys, with query offset
+  (offset or 0) + a, so each chunk's partials buffer is a chunk's share.
+  The inverted table of a chunk lists only its queries, and its programs
+  walk at most its own length (``launch_config.selected_segment``).
+
+  Returns:
+    (out float32 [B, Tp, Hkv, Gp, Dv], m, log2l float32 [B, Tp, Hkv, Gp]).
+  """
+  if st.fwd_chunks == 1:
+    return _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts, offset, st)
+  seq_len, seq_pad = block_indices.shape[1], q5.shape[1]
+  size = tc.round_up(-(-seq_len // st.fwd_chunks), tc.MIN_DOT_DIM)
+  base = jnp.zeros((1,), _I32) if offset is None else offset
+  parts = []
+  for a in range(0, seq_len, size):
+    b = a + size if a + size < seq_len else seq_pad  # the last takes the pad
+    rows = min(b, seq_len) - a
+    st_c = dataclasses.replace(
+        st, seq_len=rows, offset=True,
+        segment=launch_config.selected_segment(rows, st.launch.block_q_dkv))
+    parts.append(_fwd_blocks_pass(
+        q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
+        None if starts is None else starts[:, a:a + rows], base + a, st_c))
+  return tuple(jnp.concatenate(x, axis=1) for x in zip(*parts))
 
 
 def _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts, offset,
@@ -982,7 +1014,10 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
     fwd_from_blocks: the forward block-major (True: per-(query, block)
       softmaxes on the dK/dV grid, merged by log-sum-exp in XLA) or by the
       query-tile kernel (False); None: ``launch_config.selected_block_major``.
-      The partial outputs are stored in q's dtype before the merge.
+      The partial outputs are stored in q's dtype before the merge. When
+      forced (True) with a partials buffer over the rule's byte cap, it
+      runs in query chunks within the cap
+      (``launch_config.selected_fwd_chunks``).
 
   Returns:
     [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
@@ -1074,7 +1109,9 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                interpret=tc.resolve_interpret(interpret),
                documents=doc_starts is not None, offset=shifted,
                dq_from_blocks=bool(dq_from_blocks),
-               fwd_from_blocks=bool(fwd_from_blocks))
+               fwd_from_blocks=bool(fwd_from_blocks),
+               fwd_chunks=launch_config.selected_fwd_chunks(
+                   parts_bytes(v.shape[-1], True)))
   if 0 in q.shape or 0 in v.shape:  # nothing to attend: no empty launch
     return jnp.zeros((batch, seq_len, num_heads, v.shape[-1]), q.dtype)
   block_indices = valid_block_indices(block_indices,

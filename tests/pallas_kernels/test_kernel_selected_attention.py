@@ -170,6 +170,34 @@ class SelectedAttentionCases:
         d_out)(q, k, v)
     u.assert_close(run(True), run(False), jnp.float32, "grad")
 
+  @pytest.mark.parametrize("case", ["plain", "documents", "window", "offset"])
+  def test_block_major_forward_in_chunks(self, monkeypatch, case):
+    """A partials cap of a few rows splits the block-major forward into
+    query chunks (the last one shorter, with the padding): output and
+    gradients equal the query-tile kernel's."""
+    q, k, v, idx, d_out = _inputs(70, 1, 4, 16, 16, jnp.float32, 3)
+    kwargs = {"plain": {},
+              "documents": dict(doc_starts=jnp.asarray(
+                  np.repeat([[0, 30, 55]] * 2, [30, 25, 15], axis=1),
+                  jnp.int32)),
+              "window": dict(window=20),
+              "offset": dict(q_offset=22)}[case]
+    if case == "offset":  # queries 22..69 against all 70 keys
+      q, idx, d_out = q[:, 22:], idx[:, 22:], d_out[:, 22:]
+    # Forward partials of 2 x 70 x 4 x 3 slots x (16 x 4 + 8) bytes: a
+    # 35 kB cap asks for 4 chunks; rounded to 32 positions they are 32, 32
+    # and 6 with the padding (offset case: 3 of 16).
+    monkeypatch.setattr(launch_config, "SELECTED_PARTS_MAX_BYTES", 35_000)
+    assert launch_config.selected_fwd_chunks(2 * 70 * 4 * 3 * 72) == 4
+    run = lambda fwd: u.output_and_grads(  # pylint: disable=g-long-lambda
+        _kernel(idx, self.INTERPRET, fwd_from_blocks=fwd, **kwargs),
+        d_out)(q, k, v)
+    jaxpr = str(jax.make_jaxpr(_kernel(idx, self.INTERPRET,
+                                       fwd_from_blocks=True, **kwargs))(
+                                           q, k, v))
+    assert jaxpr.count("pallas_call[") == 3
+    u.assert_close(run(True), run(False), jnp.float32, "grad")
+
   def test_window_mask(self):
     q, k, v, idx, d_out = _inputs(37, 1, 2, 16, 24, jnp.float32, 3)
     window = 9
@@ -383,3 +411,15 @@ def test_backward_has_no_xla_while_loop(monkeypatch):
   text = u.lower_for_cuda(lambda i: _invert_block_table(i, 8, 4),
                           idx).as_text()
   assert "stablehlo.sort" in text and "stablehlo.while" not in text
+
+
+@pytest.mark.lowering
+def test_block_major_forward_in_chunks_lowers_to_triton(monkeypatch):
+  """Chunks give the forward kernel a query offset input: lowered too."""
+  monkeypatch.setattr(launch_config, "SELECTED_PARTS_MAX_BYTES", 20_000)
+  q, k, v, idx, d_out = _inputs(70, 1, 4, 64, 64, jnp.bfloat16, 3)
+  kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
+      q, k, v, idx, block_size=BS, interpret=False, fwd_from_blocks=True)
+  text = u.lower_for_cuda(
+      jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)), q, k, v).as_text()
+  assert text.count("nsa_selected_attention_fwd_blocks") >= 2
