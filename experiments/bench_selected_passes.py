@@ -7,9 +7,9 @@ query-tile, with dQ from the dK/dV pass, and with both block-major
 (``dq_from_blocks``), bf16, block tables picked by NSA's own selection
 from random inputs. Also the largest output and dQ differences between
 the paths, the size of the per-(query, slot) buffers and the query chunks
-the forced block-major forward takes for its buffer
-(``launch_config.selected_fwd_chunks``). Prints a markdown
-table (BENCHMARKS.md, "Block-major forward at small groups").
+the block-major passes take for them (``launch_config.selected_chunks``).
+Prints a markdown table (BENCHMARKS.md, "Block-major forward at small
+groups").
 
   PYTHONPATH=. python experiments/bench_selected_passes.py
   PYTHONPATH=. python experiments/bench_selected_passes.py \
@@ -78,15 +78,12 @@ def measure(batch: int, seq_len: int, shape, config: NSAConfig, *,
   row["dq_diff"] = max(_max_diff(outs[n][1], outs["tiles"][1])
                        for n in ("dq_blocks", "blocks"))
   row["max_dq"] = float(jnp.max(jnp.abs(outs["tiles"][1])))
-  buffer_gb = lambda dim, forward: launch_config.selected_parts_bytes(  # noqa: E731
+  buffer = lambda dim, forward: launch_config.selected_parts_bytes(  # noqa: E731
       slots=batch * seq_len * shape.hq * config.num_selected, dim=dim,
-      itemsize=jnp.dtype(dtype).itemsize, forward=forward) / 1e9
-  row["dq_buffer_gb"] = buffer_gb(shape.dk, False)
-  row["fwd_buffer_gb"] = buffer_gb(shape.dv, True)
-  row["fwd_chunks"] = launch_config.selected_fwd_chunks(
-      launch_config.selected_parts_bytes(
-          slots=batch * seq_len * shape.hq * config.num_selected,
-          dim=shape.dv, itemsize=jnp.dtype(dtype).itemsize, forward=True))
+      itemsize=jnp.dtype(dtype).itemsize, forward=forward)
+  for name, dim, forward in (("dq", shape.dk, False), ("fwd", shape.dv, True)):
+    row[f"{name}_buffer_gb"] = buffer(dim, forward) / 1e9
+    row[f"{name}_chunks"] = launch_config.selected_chunks(buffer(dim, forward))
   return row
 
 
@@ -101,7 +98,7 @@ def main(argv=None) -> list[dict]:
   print(f"device: {jax.devices()[0].device_kind}")
   print("| shape | B x T | forward: query tiles | forward: block-major | "
         "fwd+bwd: query tiles | fwd+bwd: dQ from blocks | fwd+bwd: "
-        "block-major | buffers fwd (chunks) / dQ | max out diff (max out) | "
+        "block-major | buffers (chunks) fwd / dQ | max out diff (max out) | "
         "max dQ diff (max dQ) |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   rows = []
@@ -114,7 +111,7 @@ def main(argv=None) -> list[dict]:
           f"{row['fwd_blocks']:.2f} | {row['tiles']:.2f} | "
           f"{row['dq_blocks']:.2f} | {row['blocks']:.2f} | "
           f"{row['fwd_buffer_gb']:.1f} ({row['fwd_chunks']}) / "
-          f"{row['dq_buffer_gb']:.1f} GB | "
+          f"{row['dq_buffer_gb']:.1f} ({row['dq_chunks']}) GB | "
           f"{row['out_diff']:.2g} ({row['max_out']:.2g}) | "
           f"{row['dq_diff']:.2g} ({row['max_dq']:.2g}) |", flush=True)
   return rows

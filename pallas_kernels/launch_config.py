@@ -210,9 +210,10 @@ def selected_block_major(*, group: int, parts_bytes: int) -> bool:
           and parts_bytes <= SELECTED_PARTS_MAX_BYTES)
 
 
-def selected_fwd_chunks(parts_bytes: int) -> int:
-  """Query chunks of the block-major forward: its partials buffer, split
-  by query position, stays within ``SELECTED_PARTS_MAX_BYTES`` a chunk."""
+def selected_chunks(parts_bytes: int) -> int:
+  """Query chunks of a block-major pass: its buffer (forward partials or
+  dQ shares), split by query position, stays within
+  ``SELECTED_PARTS_MAX_BYTES`` a chunk."""
   return max(1, -(-parts_bytes // SELECTED_PARTS_MAX_BYTES))
 
 

@@ -37,6 +37,7 @@ class _Static:
   dq_from_blocks: bool  # dQ partials from the dK/dV pass, no dQ kernel
   fwd_from_blocks: bool  # forward by block-major partials, merged in XLA
   fwd_chunks: int = 1  # query chunks of the block-major forward
+  dq_chunks: int = 1  # query chunks of the dK/dV pass giving dQ parts
 
   @property
   def num_segments(self) -> int:
@@ -594,34 +595,47 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   return out, m, log2l, union
 
 
+def _query_chunks(seq_len: int, seq_pad: int, chunks: int, offset,
+                  st: _Static):
+  """Query chunks of a block-major pass whose buffer is over the cap.
+
+  Chunk [a, b) runs the pass on its own rows of q (and of the block table,
+  the document starts and the backward's residuals) against all keys, with
+  query offset (offset or 0) + a, so its buffer is a chunk's share. The
+  inverted table of a chunk lists only its queries, and its programs walk
+  at most its own length (``launch_config.selected_segment``).
+
+  Yields:
+    (a, b, rows, offset, st): rows [a, b) of the padded inputs, of which
+    the first ``rows`` are real positions, and the chunk's offset and
+    settings. The last chunk takes the padding.
+  """
+  size = tc.round_up(-(-seq_len // chunks), tc.MIN_DOT_DIM)
+  base = jnp.zeros((1,), _I32) if offset is None else offset
+  for a in range(0, seq_len, size):
+    b = a + size if a + size < seq_len else seq_pad
+    rows = min(b, seq_len) - a
+    yield a, b, rows, base + a, dataclasses.replace(
+        st, seq_len=rows, offset=True,
+        segment=launch_config.selected_segment(rows, st.launch.block_q_dkv))
+
+
 def _fwd_blocks_chunked(q5, k_p, v_p, block_indices, starts, offset,
                         st: _Static):
-  """The block-major forward in ``st.fwd_chunks`` query chunks.
-
-  Chunk [a, b) runs ``_fwd_blocks_pass`` on its own rows of q, the block
-  table and the document starts, against all keys, with query offset
-  (offset or 0) + a, so each chunk's partials buffer is a chunk's share.
-  The inverted table of a chunk lists only its queries, and its programs
-  walk at most its own length (``launch_config.selected_segment``).
+  """The block-major forward in ``st.fwd_chunks`` query chunks
+  (``_query_chunks``).
 
   Returns:
     (out float32 [B, Tp, Hkv, Gp, Dv], m, log2l float32 [B, Tp, Hkv, Gp]).
   """
   if st.fwd_chunks == 1:
     return _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts, offset, st)
-  seq_len, seq_pad = block_indices.shape[1], q5.shape[1]
-  size = tc.round_up(-(-seq_len // st.fwd_chunks), tc.MIN_DOT_DIM)
-  base = jnp.zeros((1,), _I32) if offset is None else offset
-  parts = []
-  for a in range(0, seq_len, size):
-    b = a + size if a + size < seq_len else seq_pad  # the last takes the pad
-    rows = min(b, seq_len) - a
-    st_c = dataclasses.replace(
-        st, seq_len=rows, offset=True,
-        segment=launch_config.selected_segment(rows, st.launch.block_q_dkv))
-    parts.append(_fwd_blocks_pass(
-        q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
-        None if starts is None else starts[:, a:a + rows], base + a, st_c))
+  parts = [
+      _fwd_blocks_pass(q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
+                       None if starts is None else starts[:, a:a + rows],
+                       offset_c, st_c)
+      for a, b, rows, offset_c, st_c in _query_chunks(
+          block_indices.shape[1], q5.shape[1], st.fwd_chunks, offset, st)]
   return tuple(jnp.concatenate(x, axis=1) for x in zip(*parts))
 
 
@@ -670,24 +684,62 @@ def _bwd(q, k, v, block_indices, starts, offset, out, m, log2l, union, d_out,
   q5, k_p, v_p, idx = _pad_inputs(q, k, v, block_indices, st)
   seq_pad, dv_p = q5.shape[1], v_p.shape[-1]
   do5, delta4 = group_tiles.delta_rows(out, d_out, q5, dv_p)
-  offset_spec, offset_arg = group_tiles.offset_input(offset)
   residuals = (do5, m, log2l, delta4)
-  if not st.dq_from_blocks:
+  if st.dq_from_blocks:
+    dq, dk, dv = _bwd_blocks_chunked(q5, k_p, v_p, block_indices, starts,
+                                     offset, residuals, st)
+  else:
     starts_spec, starts_arg = group_tiles.starts_input(
         starts, seq_pad, group_tiles.starts_spec(st.launch.block_q))
+    offset_spec, offset_arg = group_tiles.offset_input(offset)
     dq = _dq_pass(q5, k_p, v_p, idx, union, residuals,
                   starts_spec + offset_spec, starts_arg + offset_arg, st)
-  starts_spec, starts_arg = group_tiles.starts_input(
-      starts, seq_pad, group_tiles.whole_starts_spec(seq_pad))
-  dk, dv, dq_parts, entries = _dkv_pass(
-      q5, k_p, v_p, block_indices, residuals, starts_spec + offset_spec,
-      starts_arg + offset_arg, st)
-  if st.dq_from_blocks:
-    dq = _sum_dq_parts(dq_parts, entries, st.scale)
+    _, dk, dv = _bwd_blocks(q5, k_p, v_p, block_indices, starts, offset,
+                            residuals, st)
   dq = tc.ungroup_heads(dq, st.seq_len, st.group, q.shape[-1]).astype(q.dtype)
   keys, dim_k, dim_v = k.shape[1], k.shape[-1], v.shape[-1]
   return (dq, dk[:, :keys, :, :dim_k].astype(k.dtype),
           dv[:, :keys, :, :dim_v].astype(v.dtype))
+
+
+def _bwd_blocks(q5, k_p, v_p, block_indices, starts, offset, residuals,
+                st: _Static):
+  """The dK/dV pass on whole rows of q, with dQ summed from its parts when
+  ``st.dq_from_blocks`` (else None).
+
+  Returns:
+    (dQ float32 [B, T, Hkv, Gp, Dk_p] or None, dK float32 [B, Tk_p, Hkv,
+    Dk_p], dV float32 [B, Tk_p, Hkv, Dv_p]).
+  """
+  seq_pad = q5.shape[1]
+  starts_spec, starts_arg = group_tiles.starts_input(
+      starts, seq_pad, group_tiles.whole_starts_spec(seq_pad))
+  offset_spec, offset_arg = group_tiles.offset_input(offset)
+  dk, dv, dq_parts, entries = _dkv_pass(
+      q5, k_p, v_p, block_indices, residuals, starts_spec + offset_spec,
+      starts_arg + offset_arg, st)
+  dq = (None if dq_parts is None
+        else _sum_dq_parts(dq_parts, entries, st.scale))
+  return dq, dk, dv
+
+
+def _bwd_blocks_chunked(q5, k_p, v_p, block_indices, starts, offset,
+                        residuals, st: _Static):
+  """``_bwd_blocks`` with dQ parts, in ``st.dq_chunks`` query chunks
+  (``_query_chunks``): the chunks' dK and dV summed in chunk order."""
+  if st.dq_chunks == 1:
+    return _bwd_blocks(q5, k_p, v_p, block_indices, starts, offset,
+                       residuals, st)
+  dq, dk, dv = [], 0.0, 0.0
+  for a, b, rows, offset_c, st_c in _query_chunks(
+      block_indices.shape[1], q5.shape[1], st.dq_chunks, offset, st):
+    dq_c, dk_c, dv_c = _bwd_blocks(
+        q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
+        None if starts is None else starts[:, a:a + rows], offset_c,
+        tuple(x[:, a:b] for x in residuals), st_c)
+    dq.append(dq_c)
+    dk, dv = dk + dk_c, dv + dv_c
+  return jnp.concatenate(dq, axis=1), dk, dv
 
 
 def _dq_pass(q5, k_p, v_p, idx, union, residuals, extra_specs, extra_args,
@@ -1014,10 +1066,11 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
     fwd_from_blocks: the forward block-major (True: per-(query, block)
       softmaxes on the dK/dV grid, merged by log-sum-exp in XLA) or by the
       query-tile kernel (False); None: ``launch_config.selected_block_major``.
-      The partial outputs are stored in q's dtype before the merge. When
-      forced (True) with a partials buffer over the rule's byte cap, it
-      runs in query chunks within the cap
-      (``launch_config.selected_fwd_chunks``).
+      The partial outputs are stored in q's dtype before the merge.
+      A block-major pass whose buffer (dQ shares, forward partials) is over
+      the rule's byte cap runs in query chunks within it, one launch each
+      (``launch_config.selected_chunks``); the rule looks at one chunk's
+      buffer, so at G <= 8 both passes are block-major at any length.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
@@ -1096,12 +1149,18 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
       slots=batch * seq_len * num_heads * block_indices.shape[-1],
       dim=tc.next_pow2(dim, tc.MIN_DOT_DIM),
       itemsize=jnp.dtype(q.dtype).itemsize, forward=forward)
+  # A block-major pass whose buffer is over the cap runs in query chunks
+  # within it; the rule sees one chunk's buffer.
+  dq_bytes, fwd_bytes = parts_bytes(head_dim, False), parts_bytes(
+      v.shape[-1], True)
+  dq_chunks = launch_config.selected_chunks(dq_bytes)
+  fwd_chunks = launch_config.selected_chunks(fwd_bytes)
   if dq_from_blocks is None:
     dq_from_blocks = launch_config.selected_block_major(
-        group=group, parts_bytes=parts_bytes(head_dim, False))
+        group=group, parts_bytes=dq_bytes // dq_chunks)
   if fwd_from_blocks is None:
     fwd_from_blocks = launch_config.selected_block_major(
-        group=group, parts_bytes=parts_bytes(v.shape[-1], True))
+        group=group, parts_bytes=fwd_bytes // fwd_chunks)
   st = _Static(block_size=block_size, window=window,
                scale=head_dim ** -0.5 if scale is None else float(scale),
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],
@@ -1110,8 +1169,7 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                documents=doc_starts is not None, offset=shifted,
                dq_from_blocks=bool(dq_from_blocks),
                fwd_from_blocks=bool(fwd_from_blocks),
-               fwd_chunks=launch_config.selected_fwd_chunks(
-                   parts_bytes(v.shape[-1], True)))
+               fwd_chunks=fwd_chunks, dq_chunks=dq_chunks)
   if 0 in q.shape or 0 in v.shape:  # nothing to attend: no empty launch
     return jnp.zeros((batch, seq_len, num_heads, v.shape[-1]), q.dtype)
   block_indices = valid_block_indices(block_indices,

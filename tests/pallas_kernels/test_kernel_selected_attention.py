@@ -2,6 +2,7 @@
 
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -171,10 +172,10 @@ class SelectedAttentionCases:
     u.assert_close(run(True), run(False), jnp.float32, "grad")
 
   @pytest.mark.parametrize("case", ["plain", "documents", "window", "offset"])
-  def test_block_major_forward_in_chunks(self, monkeypatch, case):
-    """A partials cap of a few rows splits the block-major forward into
-    query chunks (the last one shorter, with the padding): output and
-    gradients equal the query-tile kernel's."""
+  def test_block_major_passes_in_chunks(self, monkeypatch, case):
+    """A buffer cap of a few rows splits both block-major passes into query
+    chunks (the last one shorter, with the padding): output and gradients
+    equal the query-tile kernels'."""
     q, k, v, idx, d_out = _inputs(70, 1, 4, 16, 16, jnp.float32, 3)
     kwargs = {"plain": {},
               "documents": dict(doc_starts=jnp.asarray(
@@ -184,18 +185,21 @@ class SelectedAttentionCases:
               "offset": dict(q_offset=22)}[case]
     if case == "offset":  # queries 22..69 against all 70 keys
       q, idx, d_out = q[:, 22:], idx[:, 22:], d_out[:, 22:]
-    # Forward partials of 2 x 70 x 4 x 3 slots x (16 x 4 + 8) bytes: a
-    # 35 kB cap asks for 4 chunks; rounded to 32 positions they are 32, 32
-    # and 6 with the padding (offset case: 3 of 16).
+    # 2 x 70 x 4 x 3 slots: forward partials of 16 x 4 + 8 bytes, dQ shares
+    # of 16 x 4; a 35 kB cap asks for 4 chunks of each, rounded to 32
+    # positions they are 32, 32 and 6 with the padding (offset: 3 of 16).
     monkeypatch.setattr(launch_config, "SELECTED_PARTS_MAX_BYTES", 35_000)
-    assert launch_config.selected_fwd_chunks(2 * 70 * 4 * 3 * 72) == 4
-    run = lambda fwd: u.output_and_grads(  # pylint: disable=g-long-lambda
-        _kernel(idx, self.INTERPRET, fwd_from_blocks=fwd, **kwargs),
-        d_out)(q, k, v)
-    jaxpr = str(jax.make_jaxpr(_kernel(idx, self.INTERPRET,
-                                       fwd_from_blocks=True, **kwargs))(
-                                           q, k, v))
-    assert jaxpr.count("pallas_call[") == 3
+    assert launch_config.selected_chunks(2 * 70 * 4 * 3 * 72) == 4
+    assert launch_config.selected_chunks(2 * 70 * 4 * 3 * 64) == 4
+    run = lambda blocks: u.output_and_grads(  # pylint: disable=g-long-lambda
+        _kernel(idx, self.INTERPRET, fwd_from_blocks=blocks,
+                dq_from_blocks=blocks, **kwargs), d_out)(q, k, v)
+    grad = jax.grad(_loss(_kernel(idx, self.INTERPRET, **kwargs), d_out),
+                    argnums=(0, 1, 2))  # the default picks both, chunked
+    launches = re.findall(r"\bname=(nsa_\w+)",
+                          str(jax.make_jaxpr(grad)(q, k, v)))
+    assert sorted(launches) == (["nsa_selected_attention_dkv"] * 3
+                                + ["nsa_selected_attention_fwd_blocks"] * 3)
     u.assert_close(run(True), run(False), jnp.float32, "grad")
 
   def test_window_mask(self):
@@ -414,12 +418,15 @@ def test_backward_has_no_xla_while_loop(monkeypatch):
 
 
 @pytest.mark.lowering
-def test_block_major_forward_in_chunks_lowers_to_triton(monkeypatch):
-  """Chunks give the forward kernel a query offset input: lowered too."""
+def test_block_major_passes_in_chunks_lower_to_triton(monkeypatch):
+  """Chunks give the block-major kernels a query offset input: lowered
+  too."""
   monkeypatch.setattr(launch_config, "SELECTED_PARTS_MAX_BYTES", 20_000)
   q, k, v, idx, d_out = _inputs(70, 1, 4, 64, 64, jnp.bfloat16, 3)
   kernel = lambda q, k, v: selected_attention(  # pylint: disable=g-long-lambda
-      q, k, v, idx, block_size=BS, interpret=False, fwd_from_blocks=True)
+      q, k, v, idx, block_size=BS, interpret=False, fwd_from_blocks=True,
+      dq_from_blocks=True)
   text = u.lower_for_cuda(
       jax.grad(_loss(kernel, d_out), argnums=(0, 1, 2)), q, k, v).as_text()
   assert text.count("nsa_selected_attention_fwd_blocks") >= 2
+  assert text.count("nsa_selected_attention_dkv") >= 2
