@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> np.ndarray:
                       help="rows per batch of MQAR instead of passkey")
   parser.add_argument("--num-layers", type=int, default=2)
   parser.add_argument("--lr", type=float, default=3e-3)
+  parser.add_argument("--rope-base", type=float, default=10000.0,
+                      help="RoPE wavelength base of every layer")
   parser.add_argument("--warmup-steps", type=int, default=20)
   parser.add_argument("--eval-lengths", type=_ints, default=[256, 512])
   parser.add_argument("--eval-every", type=int, default=100)
@@ -85,10 +87,13 @@ def main(argv: list[str] | None = None) -> np.ndarray:
     parser.error(f"--mqar-rows must be in [0, {args.batch_size})")
   if args.eval_every < 1 or args.samples < 1:
     parser.error("--eval-every and --samples must be >= 1")
+  if not args.rope_base > 1:
+    parser.error(f"--rope-base must be > 1, got {args.rope_base}")
   steps = sum(n for n, _, _ in args.phases)
   cfg = LMConfig(
       d_model=128, num_layers=args.num_layers, num_heads=4, num_kv_heads=2,
       head_dim=32, mlp_hidden=384, attention=args.attention,
+      rope_base=args.rope_base,
       nsa=NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, num_selected=4,
                     window=64))
   model = TransformerLM(cfg, rngs=nnx.Rngs(0))
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
             + " ".join(f"{v:.2f}" for v in hits[i, j].mean(0)))
   if args.plot:
     phases = ", ".join(f"{n} steps at T={t}" for n, t, _ in args.phases)
+    phases += f"; RoPE base {args.rope_base:g}"
     path = train.plot_heatmaps(
         {args.attention: hits.all(-1).mean(-1)}, args.eval_lengths, _DEPTHS,
         args.plot, title=f"passkey probe: {phases}; {args.samples} keys a "

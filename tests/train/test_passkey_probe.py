@@ -16,6 +16,7 @@ def test_probe_trains_evaluates_and_scores(capsys, tmp_path):
   hits = probe.main(["--phases", "4:128", "--batch-size", "2",
                      "--eval-every", "2", "--eval-lengths", "128",
                      "--samples", "1", "--warmup-steps", "1",
+                     "--rope-base", "500000",
                      "--plot", str(tmp_path / "heat.png")])
   out = capsys.readouterr().out
   # Evaluations after steps 2 and 4 read the synced model: finite losses.
