@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 import warnings
 
 import jax
@@ -596,49 +595,29 @@ def _fwd(q, k, v, block_indices, starts, offset, st: _Static):
   return out, m, log2l, union
 
 
-class _Chunk(NamedTuple):
-  """One query chunk of a block-major pass (``_query_chunks``)."""
-
-  rows: slice  # its rows of the padded q (and dO, residuals)
-  table: jax.Array  # int32 [B, rows, Hkv, n], its block table
-  starts: jax.Array | None  # int32 [B, rows], its document starts
-  keys: int  # the padded keys it takes: k_p[:, :keys]
-  offset: jax.Array  # int32 [1], its first row's position among the keys
-  st: _Static
-
-
-def _query_chunks(q5, k_p, block_indices, starts, offset, chunks: int,
+def _query_chunks(seq_len: int, seq_pad: int, chunks: int, offset,
                   st: _Static):
   """Query chunks of a block-major pass whose buffer is over the cap.
 
   Chunk [a, b) runs the pass on its own rows of q (and of the block table,
-  the document starts and the backward's residuals), with query offset
-  (offset or 0) + a, so its buffer is a chunk's share. The inverted table
-  of a chunk lists only its queries, and its programs walk at most its own
-  length (``launch_config.selected_segment``). Without a query offset its
-  queries see no key past its last row: it takes the key blocks up to
-  there, and emptied slots for later blocks (whose every key is masked).
-  The last chunk takes the padding rows.
+  the document starts and the backward's residuals) against all keys, with
+  query offset (offset or 0) + a, so its buffer is a chunk's share. The
+  inverted table of a chunk lists only its queries, and its programs walk
+  at most its own length (``launch_config.selected_segment``).
+
+  Yields:
+    (a, b, rows, offset, st): rows [a, b) of the padded inputs, of which
+    the first ``rows`` are real positions, and the chunk's offset and
+    settings. The last chunk takes the padding.
   """
-  seq_len, seq_pad = block_indices.shape[1], q5.shape[1]
-  keys_pad = k_p.shape[1]
   size = tc.round_up(-(-seq_len // chunks), tc.MIN_DOT_DIM)
   base = jnp.zeros((1,), _I32) if offset is None else offset
   for a in range(0, seq_len, size):
     b = a + size if a + size < seq_len else seq_pad
-    end = min(b, seq_len)
-    keys = (keys_pad if offset is not None
-            else min(keys_pad, tc.round_up(end, st.block_size)))
-    table = block_indices[:, a:end]
-    if keys < keys_pad:
-      table = jnp.where(table < keys // st.block_size, table, -1)
-    yield _Chunk(
-        rows=slice(a, b), table=table,
-        starts=None if starts is None else starts[:, a:end], keys=keys,
-        offset=base + a, st=dataclasses.replace(
-            st, seq_len=end - a, offset=True,
-            segment=launch_config.selected_segment(end - a,
-                                                   st.launch.block_q_dkv)))
+    rows = min(b, seq_len) - a
+    yield a, b, rows, base + a, dataclasses.replace(
+        st, seq_len=rows, offset=True,
+        segment=launch_config.selected_segment(rows, st.launch.block_q_dkv))
 
 
 def _fwd_blocks_chunked(q5, k_p, v_p, block_indices, starts, offset,
@@ -652,10 +631,11 @@ def _fwd_blocks_chunked(q5, k_p, v_p, block_indices, starts, offset,
   if st.fwd_chunks == 1:
     return _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts, offset, st)
   parts = [
-      _fwd_blocks_pass(q5[:, c.rows], k_p[:, :c.keys], v_p[:, :c.keys],
-                       c.table, c.starts, c.offset, c.st)
-      for c in _query_chunks(q5, k_p, block_indices, starts, offset,
-                             st.fwd_chunks, st)]
+      _fwd_blocks_pass(q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
+                       None if starts is None else starts[:, a:a + rows],
+                       offset_c, st_c)
+      for a, b, rows, offset_c, st_c in _query_chunks(
+          block_indices.shape[1], q5.shape[1], st.fwd_chunks, offset, st)]
   return tuple(jnp.concatenate(x, axis=1) for x in zip(*parts))
 
 
@@ -751,14 +731,14 @@ def _bwd_blocks_chunked(q5, k_p, v_p, block_indices, starts, offset,
     return _bwd_blocks(q5, k_p, v_p, block_indices, starts, offset,
                        residuals, st)
   dq, dk, dv = [], 0.0, 0.0
-  for c in _query_chunks(q5, k_p, block_indices, starts, offset,
-                         st.dq_chunks, st):
+  for a, b, rows, offset_c, st_c in _query_chunks(
+      block_indices.shape[1], q5.shape[1], st.dq_chunks, offset, st):
     dq_c, dk_c, dv_c = _bwd_blocks(
-        q5[:, c.rows], k_p[:, :c.keys], v_p[:, :c.keys], c.table, c.starts,
-        c.offset, tuple(x[:, c.rows] for x in residuals), c.st)
+        q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
+        None if starts is None else starts[:, a:a + rows], offset_c,
+        tuple(x[:, a:b] for x in residuals), st_c)
     dq.append(dq_c)
-    dk = dk + tc.pad_axis(dk_c, 1, k_p.shape[1])
-    dv = dv + tc.pad_axis(dv_c, 1, k_p.shape[1])
+    dk, dv = dk + dk_c, dv + dv_c
   return jnp.concatenate(dq, axis=1), dk, dv
 
 
