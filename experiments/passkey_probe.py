@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> np.ndarray:
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--rope-base", type=float, default=10000.0,
                       help="RoPE wavelength base of every layer")
+  parser.add_argument("--num-selected", type=int, default=4,
+                      help="NSA's selected blocks a query (3 are forced)")
   parser.add_argument("--warmup-steps", type=int, default=20)
   parser.add_argument("--eval-lengths", type=_ints, default=[256, 512])
   parser.add_argument("--eval-every", type=int, default=100)
@@ -90,20 +92,20 @@ def main(argv: list[str] | None = None) -> np.ndarray:
   if not args.rope_base > 1:
     parser.error(f"--rope-base must be > 1, got {args.rope_base}")
   steps = sum(n for n, _, _ in args.phases)
-  cfg = LMConfig(
-      d_model=128, num_layers=args.num_layers, num_heads=4, num_kv_heads=2,
-      head_dim=32, mlp_hidden=384, attention=args.attention,
-      rope_base=args.rope_base,
-      nsa=NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, num_selected=4,
-                    window=64))
-  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
   first_t = args.phases[0][1]
   try:
+    cfg = LMConfig(
+        d_model=128, num_layers=args.num_layers, num_heads=4, num_kv_heads=2,
+        head_dim=32, mlp_hidden=384, attention=args.attention,
+        rope_base=args.rope_base,
+        nsa=NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32,
+                      num_selected=args.num_selected, window=64))
     schedule = train.TrainConfig(
         steps=steps, batch_size=args.batch_size, seq_len=first_t, lr=args.lr,
         warmup_steps=args.warmup_steps)
   except ValueError as e:
     parser.error(str(e))
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, train.make_optimizer(schedule),
                             wrt=nnx.Param)
   train_step = train.SplitTrainStep(model, optimizer)
