@@ -167,8 +167,8 @@ SELECTED_MAX_SEGMENTS = 8
 # The selected kernel's block-major passes (``selected_attention(
 # fwd_from_blocks=..., dq_from_blocks=...)``): for groups up to this size
 # (the query-tile kernels' tiles then mix positions that chose different
-# blocks, and every row of a tile computes every block of its union), while
-# the per-(query, slot) buffer of the pass stays within this many bytes.
+# blocks, and every row of a tile computes every block of its union), with
+# the per-(query, slot) buffer of one launch within this many bytes.
 # Measured on an H100 (bf16, n = 16, l' = 64, block tables of random
 # inputs, experiments/bench_selected_passes.py). dQ from the dK/dV pass,
 # selected forward+backward, dQ kernel -> dQ from blocks: Hq 8 / Hkv 2 /
@@ -178,9 +178,11 @@ SELECTED_MAX_SEGMENTS = 8
 # block-major forward, query tiles -> blocks: 3.61 -> 2.28 ms, 4.07 ->
 # 3.32 ms, 6.16 -> 3.91 ms; at G = 16 4.52 -> 6.69 ms (slower: one-position
 # tiles mask nothing). So G = 16 keeps both query-tile kernels. The byte
-# cap is just above the largest buffer measured faster (2.2 GB: forward
-# partials of Hq 32 / Hkv 8 / D 128 at 16k); nothing larger was measured
-# at G <= 8, and the buffer is memory a training step holds.
+# cap bounds the memory a pass holds: a larger buffer runs in query chunks
+# within it (``selected_chunks``; the cap is just above the largest buffer
+# measured in one piece, 2.2 GB). Hq 32 / Hkv 8 / D 128 at 64k, 4 chunks
+# a pass: forward 29.0 -> 16.6 ms, forward+backward 70.9 -> 45.5 ms (38.4
+# with the dQ pass in one 8.6 GB piece).
 SELECTED_BLOCK_MAJOR_MAX_GROUP = 8
 SELECTED_PARTS_MAX_BYTES = 5 * 2 ** 29
 
@@ -204,7 +206,8 @@ def selected_block_major(*, group: int, parts_bytes: int) -> bool:
 
   Args:
     group: G, query heads per kv head.
-    parts_bytes: ``selected_parts_bytes`` of that pass.
+    parts_bytes: ``selected_parts_bytes`` of one launch of that pass (one
+      query chunk of it).
   """
   return (group <= SELECTED_BLOCK_MAJOR_MAX_GROUP
           and parts_bytes <= SELECTED_PARTS_MAX_BYTES)
