@@ -60,6 +60,19 @@ def _kernel(idx, interpret, **kwargs):
       q, k, v, idx, block_size=BS, interpret=interpret, **kwargs))
 
 
+def _mask_case(case, q, idx, d_out, *, offset):
+  """(q, idx, d_out, kernel kwargs) of a masking case on 70-token inputs:
+  "plain", "documents" (starts 0, 30, 55), "window" (20) or "offset" (the
+  queries from ``offset`` on, against all 70 keys)."""
+  if case == "offset":
+    return (q[:, offset:], idx[:, offset:], d_out[:, offset:],
+            dict(q_offset=offset))
+  starts = np.repeat([[0, 30, 55]] * 2, [30, 25, 15], axis=1)
+  return q, idx, d_out, {
+      "plain": {}, "window": dict(window=20),
+      "documents": dict(doc_starts=jnp.asarray(starts, jnp.int32))}[case]
+
+
 def _ref(idx):
   return jax.jit(lambda q, k, v: reference.selected_attention_reference(
       q, k, v, idx, block_size=BS))
@@ -159,13 +172,7 @@ class SelectedAttentionCases:
     """Documents, window and query offset: the block-major forward and its
     gradients equal the query-tile kernel's."""
     q, k, v, idx, d_out = _inputs(70, 1, 4, 16, 16, jnp.float32, 3)
-    kwargs = {"documents": dict(doc_starts=jnp.asarray(
-                  np.repeat([[0, 30, 55]] * 2, [30, 25, 15], axis=1),
-                  jnp.int32)),
-              "window": dict(window=20),
-              "offset": dict(q_offset=40)}[case]
-    if case == "offset":  # queries 40..69 against all 70 keys
-      q, idx, d_out = q[:, 40:], idx[:, 40:], d_out[:, 40:]
+    q, idx, d_out, kwargs = _mask_case(case, q, idx, d_out, offset=40)
     run = lambda fwd: u.output_and_grads(  # pylint: disable=g-long-lambda
         _kernel(idx, self.INTERPRET, fwd_from_blocks=fwd, **kwargs),
         d_out)(q, k, v)
@@ -177,14 +184,7 @@ class SelectedAttentionCases:
     chunks (the last one shorter, with the padding): output and gradients
     equal the query-tile kernels'."""
     q, k, v, idx, d_out = _inputs(70, 1, 4, 16, 16, jnp.float32, 3)
-    kwargs = {"plain": {},
-              "documents": dict(doc_starts=jnp.asarray(
-                  np.repeat([[0, 30, 55]] * 2, [30, 25, 15], axis=1),
-                  jnp.int32)),
-              "window": dict(window=20),
-              "offset": dict(q_offset=22)}[case]
-    if case == "offset":  # queries 22..69 against all 70 keys
-      q, idx, d_out = q[:, 22:], idx[:, 22:], d_out[:, 22:]
+    q, idx, d_out, kwargs = _mask_case(case, q, idx, d_out, offset=22)
     # 2 x 70 x 4 x 3 slots: forward partials of 16 x 4 + 8 bytes, dQ shares
     # of 16 x 4; a 35 kB cap asks for 4 chunks of each, rounded to 32
     # positions they are 32, 32 and 6 with the padding (offset: 3 of 16).
