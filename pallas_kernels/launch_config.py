@@ -201,16 +201,11 @@ def selected_parts_bytes(*, slots: int, dim: int, itemsize: int,
   return slots * (dim * itemsize + (8 if forward else 0))
 
 
-def selected_block_major(*, group: int, parts_bytes: int) -> bool:
-  """Whether a pass of the selected kernel runs block-major.
-
-  Args:
-    group: G, query heads per kv head.
-    parts_bytes: ``selected_parts_bytes`` of one launch of that pass (one
-      query chunk of it).
-  """
-  return (group <= SELECTED_BLOCK_MAJOR_MAX_GROUP
-          and parts_bytes <= SELECTED_PARTS_MAX_BYTES)
+def selected_block_major(group: int) -> bool:
+  """Whether the selected kernel's passes run block-major at G = ``group``
+  (at any length: ``selected_chunks`` keeps each launch's buffer within
+  ``SELECTED_PARTS_MAX_BYTES``)."""
+  return group <= SELECTED_BLOCK_MAJOR_MAX_GROUP
 
 
 def selected_chunks(parts_bytes: int) -> int:

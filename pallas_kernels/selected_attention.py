@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import warnings
 
 import jax
@@ -608,8 +609,12 @@ def _query_chunks(seq_len: int, seq_pad: int, chunks: int, offset,
   Yields:
     (a, b, rows, offset, st): rows [a, b) of the padded inputs, of which
     the first ``rows`` are real positions, and the chunk's offset and
-    settings. The last chunk takes the padding.
+    settings. The last chunk takes the padding; one chunk is the whole
+    call, with its own offset and settings.
   """
+  if chunks == 1:
+    yield 0, seq_pad, seq_len, offset, st
+    return
   size = tc.round_up(-(-seq_len // chunks), tc.MIN_DOT_DIM)
   base = jnp.zeros((1,), _I32) if offset is None else offset
   for a in range(0, seq_len, size):
@@ -628,8 +633,6 @@ def _fwd_blocks_chunked(q5, k_p, v_p, block_indices, starts, offset,
   Returns:
     (out float32 [B, Tp, Hkv, Gp, Dv], m, log2l float32 [B, Tp, Hkv, Gp]).
   """
-  if st.fwd_chunks == 1:
-    return _fwd_blocks_pass(q5, k_p, v_p, block_indices, starts, offset, st)
   parts = [
       _fwd_blocks_pass(q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
                        None if starts is None else starts[:, a:a + rows],
@@ -727,19 +730,14 @@ def _bwd_blocks_chunked(q5, k_p, v_p, block_indices, starts, offset,
                         residuals, st: _Static):
   """``_bwd_blocks`` with dQ parts, in ``st.dq_chunks`` query chunks
   (``_query_chunks``): the chunks' dK and dV summed in chunk order."""
-  if st.dq_chunks == 1:
-    return _bwd_blocks(q5, k_p, v_p, block_indices, starts, offset,
-                       residuals, st)
-  dq, dk, dv = [], 0.0, 0.0
-  for a, b, rows, offset_c, st_c in _query_chunks(
-      block_indices.shape[1], q5.shape[1], st.dq_chunks, offset, st):
-    dq_c, dk_c, dv_c = _bwd_blocks(
-        q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
-        None if starts is None else starts[:, a:a + rows], offset_c,
-        tuple(x[:, a:b] for x in residuals), st_c)
-    dq.append(dq_c)
-    dk, dv = dk + dk_c, dv + dv_c
-  return jnp.concatenate(dq, axis=1), dk, dv
+  dq, dk, dv = zip(*(
+      _bwd_blocks(q5[:, a:b], k_p, v_p, block_indices[:, a:a + rows],
+                  None if starts is None else starts[:, a:a + rows],
+                  offset_c, tuple(x[:, a:b] for x in residuals), st_c)
+      for a, b, rows, offset_c, st_c in _query_chunks(
+          block_indices.shape[1], q5.shape[1], st.dq_chunks, offset, st)))
+  return (jnp.concatenate(dq, axis=1), functools.reduce(operator.add, dk),
+          functools.reduce(operator.add, dv))
 
 
 def _dq_pass(q5, k_p, v_p, idx, union, residuals, extra_specs, extra_args,
@@ -1068,9 +1066,9 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
       query-tile kernel (False); None: ``launch_config.selected_block_major``.
       The partial outputs are stored in q's dtype before the merge.
       A block-major pass whose buffer (dQ shares, forward partials) is over
-      the rule's byte cap runs in query chunks within it, one launch each
-      (``launch_config.selected_chunks``); the rule looks at one chunk's
-      buffer, so at G <= 8 both passes are block-major at any length.
+      ``launch_config.SELECTED_PARTS_MAX_BYTES`` runs in query chunks
+      within it, one launch each (``launch_config.selected_chunks``), so
+      at G <= 8 both passes are block-major at any length.
 
   Returns:
     [B, T, Hq, Dv] in q.dtype. A query whose selected blocks hold no key
@@ -1149,18 +1147,10 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
       slots=batch * seq_len * num_heads * block_indices.shape[-1],
       dim=tc.next_pow2(dim, tc.MIN_DOT_DIM),
       itemsize=jnp.dtype(q.dtype).itemsize, forward=forward)
-  # A block-major pass whose buffer is over the cap runs in query chunks
-  # within it; the rule sees one chunk's buffer.
-  dq_bytes, fwd_bytes = parts_bytes(head_dim, False), parts_bytes(
-      v.shape[-1], True)
-  dq_chunks = launch_config.selected_chunks(dq_bytes)
-  fwd_chunks = launch_config.selected_chunks(fwd_bytes)
   if dq_from_blocks is None:
-    dq_from_blocks = launch_config.selected_block_major(
-        group=group, parts_bytes=dq_bytes // dq_chunks)
+    dq_from_blocks = launch_config.selected_block_major(group)
   if fwd_from_blocks is None:
-    fwd_from_blocks = launch_config.selected_block_major(
-        group=group, parts_bytes=fwd_bytes // fwd_chunks)
+    fwd_from_blocks = launch_config.selected_block_major(group)
   st = _Static(block_size=block_size, window=window,
                scale=head_dim ** -0.5 if scale is None else float(scale),
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],
@@ -1169,7 +1159,10 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
                documents=doc_starts is not None, offset=shifted,
                dq_from_blocks=bool(dq_from_blocks),
                fwd_from_blocks=bool(fwd_from_blocks),
-               fwd_chunks=fwd_chunks, dq_chunks=dq_chunks)
+               fwd_chunks=launch_config.selected_chunks(
+                   parts_bytes(v.shape[-1], True)),
+               dq_chunks=launch_config.selected_chunks(
+                   parts_bytes(head_dim, False)))
   if 0 in q.shape or 0 in v.shape:  # nothing to attend: no empty launch
     return jnp.zeros((batch, seq_len, num_heads, v.shape[-1]), q.dtype)
   block_indices = valid_block_indices(block_indices,
