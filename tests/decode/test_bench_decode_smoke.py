@@ -1,21 +1,16 @@
 """experiments/bench_decode.py --smoke runs on a CPU and writes its rows."""
 
-import importlib.util
 import json
-import pathlib
+
+import experiment_scripts
 
 from nsa_jax import NSAConfig
 from nsa_jax.benchmark import Shape
 from nsa_jax.decode import benchmark as bench
 
-_ROOT = pathlib.Path(__file__).parents[2]
-
 
 def test_smoke_run_writes_attention_and_model_rows(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location(
-      "bench_decode", _ROOT / "experiments" / "bench_decode.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = experiment_scripts.load("bench_decode")
   out = tmp_path / "rows.json"
   png = tmp_path / "rows.png"
   rows = module.main(["--smoke", "--iters", "1", "--out", str(out),

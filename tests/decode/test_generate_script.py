@@ -1,15 +1,12 @@
 """experiments/generate.py continues a prompt from a train_lm.py checkpoint."""
 
-import importlib.util
-import pathlib
-
+import experiment_scripts
 import numpy as np
 import pytest
 
 from nsa_jax.train import cli
 from nsa_jax.train import runs
 
-_ROOT = pathlib.Path(__file__).parents[2]
 _TINY_RUN = [
     "--attention", "nsa", "--steps", "2", "--batch-size", "2",
     "--seq-len", "32", "--d-model", "32", "--num-layers", "1",
@@ -22,18 +19,10 @@ _TINY_RUN = [
 ]
 
 
-def _script():
-  spec = importlib.util.spec_from_file_location(
-      "generate_script", _ROOT / "experiments" / "generate.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_generates_from_a_trained_run_and_reports_speed(tmp_path, capsys):
   args, parser = cli.parse([*_TINY_RUN, "--workdir", str(tmp_path)])
   runs.run_plan(cli.resolve(args, parser), log=lambda _: None)
-  main = _script().main
+  main = experiment_scripts.load("generate").main
   out = main(["--workdir", str(tmp_path), "--prompt", "import os\n",
               "--max-new-tokens", "40", "--batch", "2"])
   printed = capsys.readouterr().out

@@ -1,12 +1,12 @@
 """experiments/bench_kernels.py --smoke runs end to end; rows accumulate."""
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 
+import experiment_scripts
 import numpy as np
 
 from nsa_jax import benchmark
@@ -55,7 +55,7 @@ def test_table_overlap_counts_shared_and_distinct_blocks():
 
 
 def test_selected_passes_bench_runs_every_path(capsys):
-  bench = _script("bench_selected_passes")
+  bench = experiment_scripts.load("bench_selected_passes")
   (row,) = bench.main(["--cases", "1x192:4/1/16", "--iters", "1", "--reps",
                        "1"])
   for name in ("fwd_tiles", "fwd_blocks", *bench.PATHS):
@@ -64,11 +64,3 @@ def test_selected_passes_bench_runs_every_path(capsys):
   assert 0 < row["max_out"] and row["out_diff"] <= 0.02 * row["max_out"]
   assert 0 < row["max_dq"] and row["dq_diff"] <= 0.02 * row["max_dq"]
   assert "| 1 x 192 |" in capsys.readouterr().out
-
-
-def _script(name):
-  path = os.path.join(ROOT, "experiments", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module

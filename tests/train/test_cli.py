@@ -1,14 +1,10 @@
 """The train_lm.py command line: bad flags fail readably, presets resolve."""
 
-import importlib.util
-import pathlib
-
+import experiment_scripts
 import pytest
 
 from nsa_jax.train import cli
 from nsa_jax.train import presets
-
-_ROOT = pathlib.Path(__file__).parents[2]
 
 
 def _main(argv):
@@ -58,10 +54,7 @@ def test_help_shows_the_values_of_the_named_preset(capsys, monkeypatch):
   # The script's main in this process (a subprocess each would pay a jax
   # import); argparse wraps help at $COLUMNS, as in an 80-column terminal.
   monkeypatch.setenv("COLUMNS", "80")
-  spec = importlib.util.spec_from_file_location(
-      "train_lm_script", _ROOT / "experiments" / "train_lm.py")
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = experiment_scripts.load("train_lm")
   for preset, line in [
       ("cpu-demo", "LMConfig.d_model (default: 128, preset cpu-demo)"),
       ("gpu-8k", "LMConfig.d_model (default: 512, preset gpu-8k)"),

@@ -1,28 +1,18 @@
 """experiments/passkey_probe.py runs end to end (a few steps, CPU)."""
 
-import importlib.util
-import pathlib
-
+import experiment_scripts
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _probe():
-  path = ROOT / "experiments" / "passkey_probe.py"
-  spec = importlib.util.spec_from_file_location("passkey_probe", path)
-  probe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(probe)
-  return probe
+PROBE = experiment_scripts.load("passkey_probe")
 
 
 def test_probe_trains_evaluates_and_scores(capsys, tmp_path):
-  hits = _probe().main(["--phases", "4:128", "--batch-size", "2",
-                        "--eval-every", "2", "--eval-lengths", "128",
-                        "--samples", "1", "--warmup-steps", "1",
-                        "--rope-base", "500000",
-                        "--plot", str(tmp_path / "heat.png")])
+  hits = PROBE.main(["--phases", "4:128", "--batch-size", "2",
+                     "--eval-every", "2", "--eval-lengths", "128",
+                     "--samples", "1", "--warmup-steps", "1",
+                     "--rope-base", "500000",
+                     "--plot", str(tmp_path / "heat.png")])
   out = capsys.readouterr().out
   # Evaluations after steps 2 and 4 read the synced model: finite losses.
   lines = [l for l in out.splitlines() if l.startswith("step ")]
@@ -34,15 +24,15 @@ def test_probe_trains_evaluates_and_scores(capsys, tmp_path):
 
 
 def test_probe_nsa_takes_num_selected():
-  hits = _probe().main(["--attention", "nsa", "--num-selected", "5",
-                        "--phases", "2:128", "--batch-size", "2",
-                        "--eval-every", "2", "--eval-lengths", "128",
-                        "--samples", "1", "--warmup-steps", "1"])
+  hits = PROBE.main(["--attention", "nsa", "--num-selected", "5",
+                     "--phases", "2:128", "--batch-size", "2",
+                     "--eval-every", "2", "--eval-lengths", "128",
+                     "--samples", "1", "--warmup-steps", "1"])
   assert hits.shape == (5, 1, 1, 5)
 
 
 def test_probe_rejects_too_few_selected_blocks(capsys):
   # Three blocks are forced (one initial, two local): 2 leaves no room.
   with pytest.raises(SystemExit):
-    _probe().main(["--attention", "nsa", "--num-selected", "2"])
+    PROBE.main(["--attention", "nsa", "--num-selected", "2"])
   assert "num_selected=2" in capsys.readouterr().err

@@ -1,20 +1,10 @@
 """experiments/plot_passkey.py: grids read back from probe logs, plotted."""
 
-import importlib.util
-import pathlib
-
+import experiment_scripts
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _script():
-  path = ROOT / "experiments" / "plot_passkey.py"
-  spec = importlib.util.spec_from_file_location("plot_passkey", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+SCRIPT = experiment_scripts.load("plot_passkey")
 
 
 def _log(path, cells):
@@ -30,15 +20,15 @@ CELLS = {(128, 0.0): 1.0, (128, 0.5): 0.5, (256, 0.0): 0.25,
 
 
 def test_grid_is_depth_by_length(tmp_path):
-  lengths, depths, grid = _script().read_grid(_log(tmp_path / "a.txt", CELLS))
+  lengths, depths, grid = SCRIPT.read_grid(_log(tmp_path / "a.txt", CELLS))
   assert lengths == [128, 256] and depths == [0.0, 0.5]
   np.testing.assert_array_equal(grid, [[1.0, 0.25], [0.5, 0.0]])
 
 
 def test_two_logs_make_one_figure(tmp_path, capsys):
   a, b = _log(tmp_path / "a.txt", CELLS), _log(tmp_path / "b.txt", CELLS)
-  out = _script().main([a, b, "--label", "NSA, base 1e4", "--label", "full",
-                        "--out", str(tmp_path / "p.png")])
+  out = SCRIPT.main([a, b, "--label", "NSA, base 1e4", "--label", "full",
+                     "--out", str(tmp_path / "p.png")])
   assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
 
 
@@ -52,5 +42,5 @@ def test_bad_input_is_a_usage_error(tmp_path, capsys, case, message):
   bad = _log(tmp_path / "bad.txt", other)
   labels = ["--label", "x", "--label", "x"] if case == "labels" else []
   with pytest.raises(SystemExit):
-    _script().main([good, bad, *labels, "--out", str(tmp_path / "p.png")])
+    SCRIPT.main([good, bad, *labels, "--out", str(tmp_path / "p.png")])
   assert message in capsys.readouterr().err
