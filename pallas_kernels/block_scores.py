@@ -82,6 +82,7 @@ class _Static:
   launch: ScoreLaunch
   interpret: bool
   documents: bool  # document starts are an input (group_tiles.split_starts)
+  dk_parts: tuple[tuple[int, int], ...]  # tc.dot_parts of Dk
 
   @property
   def ratio(self) -> int:
@@ -156,8 +157,9 @@ def _scores_kernel(q_ref, k_ref, lse_ref, *refs, st: _Static):
   block_q, group_p, _ = q_ref.shape
   rows = block_q * group_p
   block_sel, block_k = st.launch.block_sel, st.block_k
-  q, t = group_tiles.query_tile(q_ref)
-  t = t + st.q_offset
+  t = group_tiles.row_positions(block_q, group_p) + st.q_offset
+  q_parts = [q_ref[:, :, pl.ds(first, width)].reshape(rows, width)
+             for first, width in st.dk_parts]
   lse2 = lse_ref[...].reshape(rows) * tc.LOG2E
   real_head = lax.rem(jnp.arange(rows), group_p) < st.group
   token = jnp.arange(block_k)
@@ -179,8 +181,10 @@ def _scores_kernel(q_ref, k_ref, lse_ref, *refs, st: _Static):
 
   def body(step, carry):
     start = pl.multiple_of(step * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]  # [bk, Dk]
-    s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [rows, bk]
+    s = sum(tc.dot(q_part, k_ref[pl.ds(start, block_k), pl.ds(first, width)],
+                   trans_b=True)
+            for q_part, (first, width) in zip(q_parts, st.dk_parts))
+    s = s * (st.scale * tc.LOG2E)  # [rows, bk]
     i = start + token
     visible = i[None, :] * st.cmp_stride + (st.cmp_block - 1) <= t[:, None]
     if st.group < group_p:  # padded heads
@@ -249,7 +253,8 @@ def padded_scores(q, k_cmp, lse, *, cmp_block: int, cmp_stride: int,
   st = _Static(cmp_block=cmp_block, cmp_stride=cmp_stride,
                sel_block=sel_block, scale=scale, seq_len=seq_len,
                q_offset=q_offset, group=group, launch=launch,
-               interpret=interpret, documents=doc_starts is not None)
+               interpret=interpret, documents=doc_starts is not None,
+               dk_parts=tc.dot_parts(head_dim))
   block_q, block_sel = launch.block_q, launch.block_sel
   seq_pad = tc.round_up(num_q, block_q)
   group_p = tc.next_pow2(group)

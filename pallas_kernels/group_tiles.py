@@ -155,13 +155,18 @@ def query_tile(q_ref, offset=None):
     (q [rows, Dk], t [rows] int32: the query position of each row).
   """
   block_q, group_p, dk = q_ref.shape
-  rows = block_q * group_p
-  q = q_ref[...].reshape(rows, dk)
+  q = q_ref[...].reshape(block_q * group_p, dk)
+  return q, row_positions(block_q, group_p, offset)
+
+
+def row_positions(block_q: int, group_p: int, offset=None):
+  """int32 [block_q * Gp]: the query position of each row of the program's
+  tile (axis 1 of the grid counts tiles; ``offset`` as in ``query_tile``)."""
   first = pl.program_id(1) * block_q
   if offset is not None:
     first = first + offset
-  t = first + lax.div(jnp.arange(rows, dtype=jnp.int32), jnp.int32(group_p))
-  return q, t
+  rows = jnp.arange(block_q * group_p, dtype=jnp.int32)
+  return first + lax.div(rows, jnp.int32(group_p))
 
 
 def group_rows(x, num_kv_heads: int, seq_pad: int, group_p: int):

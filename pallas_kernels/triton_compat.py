@@ -73,6 +73,20 @@ def next_pow2(n: int, minimum: int = 1) -> int:
   return 1 << (n - 1).bit_length()
 
 
+def dot_parts(dim: int) -> tuple[tuple[int, int], ...]:
+  """(first column, width) parts of a head dim for the dots that contract it.
+
+  One part of the padded width (``next_pow2(dim, MIN_DOT_DIM)``), or for a
+  dim of three quarters of it (Dk 192 of 256) two: the first half and the
+  next quarter, both powers of two, so the padding's zero columns are never
+  multiplied (a quarter fewer multiply-adds in q . k).
+  """
+  full = next_pow2(dim, MIN_DOT_DIM)
+  if dim == 3 * full // 4 and full // 4 >= MIN_DOT_DIM:
+    return ((0, full // 2), (full // 2, full // 4))
+  return ((0, full),)
+
+
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 

@@ -13,6 +13,7 @@ from nsa_jax import selection
 from nsa_jax.config import NSAConfig
 from pallas_kernels import block_scores
 from pallas_kernels import select_blocks
+from pallas_kernels import triton_compat as tc
 from pallas_kernels.block_scores import ScoreLaunch
 
 import kernel_test_utils as u
@@ -70,6 +71,7 @@ CASES = [
     (NSAConfig.tiny(), 16, 1, 4, 16, jnp.float16),  # T = l'
     (_SMALL, 70, 2, 2, 16, jnp.float32),
     (_PAPER, 300, 1, 4, 24, jnp.float32),  # Dk padded to 32
+    (_PAPER, 200, 1, 2, 48, jnp.float32),  # Dk 48: dots of 32 + 16 columns
 ]
 
 
@@ -171,3 +173,13 @@ def test_lowers_to_triton(group, dk, dtype):
           q, k, lse, cmp_block=32, cmp_stride=16, sel_block=64,
           num_selected=16, num_initial=1, num_local=2, interpret=False),
       q, k, lse)
+
+
+@pytest.mark.parametrize("dim,parts", [
+    (16, ((0, 16),)), (24, ((0, 32),)), (48, ((0, 32), (32, 16))),
+    (64, ((0, 64),)), (96, ((0, 64), (64, 32))), (128, ((0, 128),)),
+    (192, ((0, 128), (128, 64))), (8, ((0, 16),)), (12, ((0, 16),))])
+def test_dot_parts_skip_the_padding_of_three_quarter_dims(dim, parts):
+  """Dims of 3/4 of their padded width contract in a half and a quarter
+  (both powers of two, >= the smallest dot); others in one padded part."""
+  assert tc.dot_parts(dim) == parts
