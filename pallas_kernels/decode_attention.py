@@ -11,6 +11,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from pallas_kernels import decode_merge
 from pallas_kernels import triton_compat as tc
 
 
@@ -122,27 +123,6 @@ def _walk(q, t_max, k_ref, v_ref, idx_ref, o_ref, lse_ref, s_ref=None, *,
       seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * tc.LN2, -jnp.inf)
 
 
-def combine(o, lse):
-  """Merges split partials by their log-sum-exp.
-
-  Args:
-    o: float32 [B, Hkv, splits, Gp, Dv] partials, each normalised.
-    lse: float32 [B, Hkv, splits, Gp], -inf for an empty split.
-
-  Returns:
-    (out [B, Hkv, Gp, Dv], lse [B, Hkv, Gp]); -inf and 0 where all are empty.
-  """
-  m = jnp.max(lse, axis=2, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m), 0.0)  # [B,Hkv,s,Gp]
-  total = jnp.sum(w, axis=2)
-  seen = total > 0
-  out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(seen, total, 1.0)[
-      ..., None]
-  return out, jnp.where(seen, m[:, :, 0] + jnp.log(
-      jnp.where(seen, total, 1.0)), -jnp.inf)
-
-
 def grouped_query(q, num_kv_heads: int):
   """[B, Hq, Dk] -> [B, Hkv, Gp, Dk_p] (``tc.group_heads`` of one position):
   G padded to a power of two >= 16, Dk to one >= 16."""
@@ -224,7 +204,7 @@ def launch(q4, sources, lengths, scores_width: int | None = None):
 
 def merged(o, lse, num_heads: int, dv: int, dtype):
   """Merged partials -> (out [B, Hq, Dv] in dtype, lse [B, Hkv, Gp])."""
-  out, lse = combine(o, lse)
+  out, lse = decode_merge.merge_reference(o, lse)
   b, hkv = out.shape[:2]
   group = num_heads // hkv
   out = out[:, :, :group, :dv].reshape(b, num_heads, dv).astype(dtype)
@@ -232,12 +212,18 @@ def merged(o, lse, num_heads: int, dv: int, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("sts",))
+def _parts(q, arrays, lengths, sts: tuple[_Static, ...]):
+  """arrays: (k, v, table) per source -> the launch's (o, lse) partials."""
+  q4 = grouped_query(q, arrays[0][1].shape[2])
+  return launch(q4, tuple((*a, st) for a, st in zip(arrays, sts)), lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("sts",))
 def _decode(q, arrays, lengths, sts: tuple[_Static, ...]):
   """arrays: (k, v, table) per source -> ((out, lse) per source)."""
-  b, hq, dk = q.shape
+  b, hq, _ = q.shape
   hkv, dv = arrays[0][1].shape[2:]
-  q4 = grouped_query(q, hkv)
-  o, lse = launch(q4, tuple((*a, st) for a, st in zip(arrays, sts)), lengths)
+  o, lse = _parts(q, arrays, lengths, sts)
   results, start = [], 0
   for st in sts:
     part = slice(start, start + st.num_splits)
@@ -332,6 +318,26 @@ def _check_source(q, source: Source, lengths, block_size: int):
     raise ValueError(f"{num_splits=} must be a power of two >= 1")
 
 
+def _source_settings(q, sources, lengths, block_size, **launch):
+  """Checks the sources; their (k, v, table) arrays and settings."""
+  if not sources:
+    raise ValueError("no source to read")
+  dims = {(x.k.shape[0], x.k.shape[2], x.k.shape[3], x.v.shape[3])
+          for x in sources}
+  if len(dims) > 1:
+    raise ValueError(f"sources differ in (B, Hkv, Dk, Dv): {sorted(dims)}")
+  sts = []
+  for source in sources:
+    _check_source(q, source, lengths, block_size)
+    n = source.block_table.shape[-1]
+    num_splits = source.num_splits or default_num_splits(
+        q.shape[0], source.k.shape[2], n)
+    sts.append(settings(block_size=block_size, dk=q.shape[2], num_slots=n,
+                        num_splits=num_splits, window=source.window,
+                        ring=source.ring, **launch))
+  return tuple((x.k, x.v, x.block_table) for x in sources), tuple(sts)
+
+
 def block_sparse_decode_many(q, sources, lengths, *, block_size: int,
                              scale: float | None = None,
                              interpret: bool | None = None,
@@ -358,25 +364,32 @@ def block_sparse_decode_many(q, sources, lengths, *, block_size: int,
   Raises:
     ValueError: shapes or settings that do not fit.
   """
-  if not sources:
-    raise ValueError("no source to read")
-  dims = {(x.k.shape[0], x.k.shape[2], x.k.shape[3], x.v.shape[3])
-          for x in sources}
-  if len(dims) > 1:
-    raise ValueError(f"sources differ in (B, Hkv, Dk, Dv): {sorted(dims)}")
-  sts = []
-  for source in sources:
-    _check_source(q, source, lengths, block_size)
-    n = source.block_table.shape[-1]
-    num_splits = source.num_splits or default_num_splits(
-        q.shape[0], source.k.shape[2], n)
-    sts.append(settings(block_size=block_size, dk=q.shape[2], num_slots=n,
-                        num_splits=num_splits, scale=scale,
-                        window=source.window, ring=source.ring,
-                        interpret=interpret, num_warps=num_warps,
-                        num_stages=num_stages))
-  arrays = tuple((x.k, x.v, x.block_table) for x in sources)
-  return _decode(q, arrays, lengths, tuple(sts))
+  arrays, sts = _source_settings(
+      q, sources, lengths, block_size, scale=scale, interpret=interpret,
+      num_warps=num_warps, num_stages=num_stages)
+  return _decode(q, arrays, lengths, sts)
+
+
+def block_sparse_decode_parts(q, sources, lengths, *, block_size: int,
+                              scale: float | None = None,
+                              interpret: bool | None = None,
+                              num_warps: int = 4, num_stages: int = 2):
+  """``block_sparse_decode_many``'s launch, its splits left unmerged.
+
+  For a caller that merges them itself (``decode_merge.gated_merge``).
+  Args and Raises as ``block_sparse_decode_many``.
+
+  Returns:
+    (o float32 [B, Hkv, S, Gp, Dv_p] normalised per split, lse float32
+    [B, Hkv, S, Gp] (-inf: empty split), splits: the number of splits of
+    each source, in order, summing to S; G padded to Gp, Dv to Dv_p as in
+    ``launch``).
+  """
+  arrays, sts = _source_settings(
+      q, sources, lengths, block_size, scale=scale, interpret=interpret,
+      num_warps=num_warps, num_stages=num_stages)
+  o, lse = _parts(q, arrays, lengths, sts)
+  return o, lse, tuple(st.num_splits for st in sts)
 
 
 def block_sparse_decode(q, k, v, block_table, lengths, *, block_size: int,
@@ -477,7 +490,39 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
     heads and rows that see no token), scores [B, Hkv, Gp, W] float32, the
     columns of invisible blocks left unwritten).
   """
-  b, hq, dk = q.shape
+  q, k_cmp, v_cmp, table, st = _compressed_setup(
+      q, k_cmp, v_cmp, lengths, cmp_block=cmp_block, cmp_stride=cmp_stride,
+      scores_width=scores_width, scale=scale, num_splits=num_splits,
+      interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+  return _compressed(q, k_cmp, v_cmp, table, lengths, st, scores_width,
+                     merge=True)
+
+
+def compressed_decode_parts(q, k_cmp, v_cmp, lengths, **kwargs):
+  """``compressed_decode`` with its splits left unmerged.
+
+  For a caller that merges them itself (``decode_merge.gated_merge``).
+  Args as ``compressed_decode``.
+
+  Returns:
+    (o float32 [B, Hkv, S, Gp, Dv_p] normalised per split, lse float32
+    [B, Hkv, S, Gp] (-inf: empty split), scores [B, Hkv, Gp, W] float32
+    as ``compressed_decode``'s).
+  """
+  q, k_cmp, v_cmp, table, st = _compressed_setup(q, k_cmp, v_cmp, lengths,
+                                                 **kwargs)
+  return _compressed(q, k_cmp, v_cmp, table, lengths, st,
+                     kwargs["scores_width"], merge=False)
+
+
+def _compressed_setup(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
+                      cmp_stride: int, scores_width: int,
+                      scale: float | None = None,
+                      num_splits: int | None = None,
+                      interpret: bool | None = None, num_warps: int = 4,
+                      num_stages: int = 2):
+  """The compressed branch's padded K/V, table of token blocks, settings."""
+  b, _, dk = q.shape
   tc_len, hkv = k_cmp.shape[1], k_cmp.shape[2]
   block = _token_block(tc_len)
   padded = compressed_columns(tc_len)
@@ -499,14 +544,17 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
                 key_offset=cmp_block - 1,
                 interpret=interpret, num_warps=num_warps,
                 num_stages=num_stages)
-  return _compressed(q, k_cmp, v_cmp, table, lengths, st, scores_width)
+  return q, k_cmp, v_cmp, table, st
 
 
-@functools.partial(jax.jit, static_argnames=("st", "scores_width"))
-def _compressed(q, k, v, table, lengths, st: _Static, scores_width: int):
+@functools.partial(jax.jit, static_argnames=("st", "scores_width", "merge"))
+def _compressed(q, k, v, table, lengths, st: _Static, scores_width: int,
+                merge: bool):
   hkv = v.shape[2]
   q4 = grouped_query(q, hkv)
   o, lse, scores = launch(q4, ((k, v, table, st),), lengths, scores_width)
+  if not merge:
+    return o, lse, scores
   return (*merged(o, lse, q.shape[1], v.shape[3], q.dtype), scores)
 
 

@@ -95,8 +95,9 @@ def _scores_kernel(s_ref, lse_ref, t_ref, out_ref, *, sc: _Scores):
   """Eq. 9 score parts of one chunk of blocks of one (row, kv head).
 
   Refs: s [Gp, R, a] float32 (row j holds tokens ``j * a + m``,
-  ``scale * q.k * log2(e)``), lse [Gp] float32 (natural log; -inf for a
-  head that sees nothing; rows past G are padding), t [16] -> out
+  ``scale * q.k * log2(e)``), lse [S, Gp] float32 (natural log, the S
+  splits of the compressed branch, merged here; -inf for an empty split;
+  rows past G are padding), t [16] -> out
   [back + 1, back + Ts_p] float32 (``_top_n_kernel``'s parts), columns
   ``back + [c * C, (c + 1) * C)`` for chunk c = program 2.
 
@@ -110,7 +111,7 @@ def _scores_kernel(s_ref, lse_ref, t_ref, out_ref, *, sc: _Scores):
   first = pl.program_id(2) * size
   j = first + jnp.arange(size)[None, :, None]
   m = jnp.arange(a)[None, None, :]
-  lse2 = (lse_ref[...] * tc.LOG2E)[:, None, None]  # [Gp, 1, 1]
+  lse2 = (_merged_lse(lse_ref[...]) * tc.LOG2E)[:, None, None]  # [Gp, 1, 1]
   real = (jnp.arange(lse2.shape[0]) < sc.group)[:, None, None]
   s = s_ref[:, pl.ds(first, size), :]  # [Gp, C, a]
   i = j * a + m
@@ -122,6 +123,16 @@ def _scores_kernel(s_ref, lse_ref, t_ref, out_ref, *, sc: _Scores):
   for k in range(back + 1):
     w = coverage(m[0] - k * a, 0, sc.cmp_block, sc.cmp_stride, sc.sel_block)
     out_ref[k, pl.ds(back + first, size)] = jnp.sum(p * w, axis=1)
+
+
+def _merged_lse(lse):
+  """float32 [S, Gp] split log-sum-exps -> [Gp] (-inf: every split empty)."""
+  m = jnp.max(lse, axis=0)
+  m = jnp.where(m == -jnp.inf, 0.0, m)
+  total = jnp.sum(jnp.where(lse > -jnp.inf, jnp.exp(lse - m[None, :]), 0.0),
+                  axis=0)
+  return jnp.where(total > 0.0, m + jnp.log(jnp.where(total > 0.0, total,
+                                                      1.0)), -jnp.inf)
 
 
 def _warps(num_floats: int) -> int:
@@ -172,7 +183,9 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
   Args:
     scores: float32 [B, Hkv, Gp, W] from ``compressed_decode``, W
       ``scores_width``'s.
-    lse: float32 [B, Hkv, Gp], the compressed branch's merged log-sum-exp.
+    lse: float32 [B, Hkv, Gp], the compressed branch's merged log-sum-exp,
+      or [B, Hkv, S, Gp], its S splits' (merged in the kernel, so the
+      branch's partials need no merge before the selection).
     lengths: int [B], tokens in the cache (the query at ``lengths - 1``).
     cmp_block, cmp_stride, sel_block: l, d, l'.
     num_blocks: Ts, selection blocks of the cache.
@@ -197,6 +210,11 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
                chunk=_chunk(group_p, a, ts_p))
   # Tokens of block j also count in blocks j + 1 .. j + back.
   back = -(-(cmp_block // cmp_stride - 1) // a)
+  if lse.ndim == 3:
+    lse = lse[:, :, None]
+  if lse.shape[:2] + lse.shape[3:] != (b, hkv, group_p):
+    raise ValueError(f"{lse.shape=} must be [B, Hkv, (S,) Gp] for "
+                     f"{scores.shape=}")
   interpret = tc.resolve_interpret(interpret)
   t = _positions(lengths, b)
   parts = _score_parts(scores.reshape(b, hkv, group_p, width // a, a), lse,
@@ -221,7 +239,8 @@ def _score_parts(scores, lse, t, sc: _Scores, back: int, ts_p: int,
       in_specs=[
           pl.BlockSpec((None, None, group_p, rows, a),
                        lambda i, g, c: (i, g, 0, 0, 0)),
-          pl.BlockSpec((None, None, group_p), lambda i, g, c: (i, g, 0)),
+          pl.BlockSpec((None, None) + lse.shape[2:],
+                       lambda i, g, c: (i, g, 0, 0)),
           pl.BlockSpec((None, tc.MIN_DOT_DIM), lambda i, g, c: (i, 0)),
       ],
       # Every chunk writes its columns of the whole row's parts.

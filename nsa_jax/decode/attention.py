@@ -251,19 +251,20 @@ def decode_top_n(scores, positions, *, block_size: int, num_selected: int,
 
 def _compressed_and_table(q, cache: cache_lib.NSACache, config: NSAConfig,
                           scale):
-  """Branch 1 and the block table of a one-token step, as Pallas kernels.
+  """Branch 1 of a one-token step, unmerged, and its block table.
 
-  ``compressed_decode`` attends the visible compressed tokens (split across
-  programs) and writes their scores; ``nsa_decode_select`` turns them into
-  block scores and ranks them: no ``[B, Hq, Tc]`` probabilities in XLA and
-  no ``top_k``.
+  ``compressed_decode_parts`` attends the visible compressed tokens (split
+  across programs) and writes their scores; ``nsa_decode_select`` merges
+  the splits' log-sum-exps, turns the scores into block scores and ranks
+  them: no ``[B, Hq, Tc]`` probabilities in XLA and no ``top_k``.
 
   Args:
     q: [B, Hq, Dk]. cache: NSACache with Tc >= 1. config: NSA settings.
     scale: or None.
 
   Returns:
-    (o_cmp [B, Hq, Dv] in q.dtype, table int32 [B, Hkv, n]).
+    ((o float32 [B, Hkv, S, Gp, Dv_p], lse float32 [B, Hkv, S, Gp]), the
+    branch's split partials, and table int32 [B, Hkv, n]).
   """
   from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
   from pallas_kernels import decode_select  # pylint: disable=g-import-not-at-top
@@ -273,7 +274,7 @@ def _compressed_and_table(q, cache: cache_lib.NSACache, config: NSAConfig,
   width = decode_select.scores_width(
       config.cmp_stride, config.sel_block, num_blocks,
       decode_attention.compressed_columns(cache.k_cmp.shape[1]))
-  o_cmp, lse, scores = decode_attention.compressed_decode(
+  o, lse, scores = decode_attention.compressed_decode_parts(
       q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
       scale=scale, **blocks)
   table = decode_select.nsa_decode_select(
@@ -281,7 +282,45 @@ def _compressed_and_table(q, cache: cache_lib.NSACache, config: NSAConfig,
       num_blocks=num_blocks, num_heads=q.shape[1],
       num_selected=config.num_selected, num_initial=config.num_initial,
       num_local=config.num_local, **blocks)
-  return o_cmp, table
+  return (o, lse), table
+
+
+def _fused_step(q, gates, cache: cache_lib.NSACache, config: NSAConfig,
+                 scale):
+  """A one-token NSA step in four Pallas launches.
+
+  The compressed branch with its scores, the block scores and top-n
+  (``_compressed_and_table``), the selected and window branches in one
+  block-sparse launch, then ``decode_merge.gated_merge``: every branch's
+  splits merged and gated at once, no merge in XLA.
+
+  Args:
+    q: [B, Hq, Dk]. gates: [B, Hq, 3] (cmp, slc, win). cache: NSACache with
+    Tc >= 1. config: NSA settings. scale: or None.
+
+  Returns:
+    [B, Hq, Dv] in q.dtype.
+  """
+  from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import decode_merge  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import triton_compat as tc  # pylint: disable=g-import-not-at-top
+
+  cmp_parts, table = _compressed_and_table(q, cache, config, scale)
+  sources = [decode_attention.Source(cache.k, cache.v, table),
+             _window_source(cache, config)]
+  o, lse, (num_slc, num_win) = decode_attention.block_sparse_decode_parts(
+      q, sources, cache.lengths, block_size=config.sel_block, scale=scale)
+  b, hq, _ = q.shape
+  hkv, num_cmp, group_p = o.shape[1], cmp_parts[0].shape[2], o.shape[3]
+  gates = gates.reshape(b, hkv, hq // hkv, 3)
+  gates = tc.pad_axis(tc.pad_axis(gates, 2, group_p), 3, 4)
+  branches = [decode_merge.Branch(0, 0, num_cmp),
+              decode_merge.Branch(1, 0, num_slc),
+              decode_merge.Branch(1, num_slc, num_win)]
+  out = decode_merge.gated_merge([cmp_parts, (o, lse)], branches, gates,
+                                 dtype=q.dtype)
+  dv = cache.v.shape[3]
+  return out[:, :, :hq // hkv, :dv].reshape(b, hq, dv)
 
 
 def _use_kernel(impl: str, num_queries: int, block_size: int) -> bool:
@@ -294,7 +333,7 @@ def _use_kernel(impl: str, num_queries: int, block_size: int) -> bool:
 
 def _use_selection_kernels(impl: str, num_queries: int,
                            config: NSAConfig) -> bool:
-  """Whether branch 1 and the selection run ``_compressed_and_table``."""
+  """Whether a one-token step runs ``_fused_step``."""
   if not _use_kernel(impl, num_queries, config.sel_block):
     return False
   a, rem = divmod(config.sel_block, config.cmp_stride)
@@ -361,21 +400,10 @@ def _window_xla(q, cache, config: NSAConfig, positions, scale):
                             window=config.window)[0]
 
 
-def _selected_and_window_kernel(q, cache, table, config: NSAConfig, scale):
-  """Branches 2 and 3 of a one-token step: one block-sparse decode launch.
-
-  The selected blocks of the raw cache and the window are two sources of
-  ``pallas_kernels.decode_attention.block_sparse_decode_many``. Window:
-  own K/V, every block of the ring (``ring=True``); shared K/V, the blocks
-  of the raw cache that hold positions ``(t - w, t]``.
-
-  Args:
-    q: [B, Hq, Dk]. cache: NSACache. table: int32 [B, Hkv, n], the
-    selection. config: NSA settings. scale: or None.
-
-  Returns:
-    (o_slc, o_win), each [B, Hq, Dv].
-  """
+def _window_source(cache, config: NSAConfig):
+  """Branch 3 as a ``decode_attention.Source``: own K/V, every block of the
+  ring (``ring=True``); shared K/V, the blocks of the raw cache that hold
+  positions ``(t - w, t]``."""
   from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
 
   bs, w = config.sel_block, config.window
@@ -392,10 +420,27 @@ def _selected_and_window_kernel(q, cache, table, config: NSAConfig, scale):
     num = k.shape[1] // bs
     blocks = jnp.broadcast_to(jnp.arange(num), (b, num))
   window = jnp.broadcast_to(blocks[:, None], (b, hkv, blocks.shape[1]))
+  return decode_attention.Source(k, v, window.astype(jnp.int32), w, ring)
+
+
+def _selected_and_window_kernel(q, cache, table, config: NSAConfig, scale):
+  """Branches 2 and 3 of a one-token step: one block-sparse decode launch
+  (``block_sparse_decode_many``) over the selected blocks of the raw cache
+  and ``_window_source``.
+
+  Args:
+    q: [B, Hq, Dk]. cache: NSACache. table: int32 [B, Hkv, n], the
+    selection. config: NSA settings. scale: or None.
+
+  Returns:
+    (o_slc, o_win), each [B, Hq, Dv].
+  """
+  from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
+
   sources = [decode_attention.Source(cache.k, cache.v, table),
-             decode_attention.Source(k, v, window.astype(jnp.int32), w, ring)]
+             _window_source(cache, config)]
   (o_slc, _), (o_win, _) = decode_attention.block_sparse_decode_many(
-      q, sources, cache.lengths, block_size=bs, scale=scale)
+      q, sources, cache.lengths, block_size=config.sel_block, scale=scale)
   return o_slc, o_win
 
 
@@ -412,12 +457,13 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
     config: NSA hyper-parameters.
     scale: default 1/sqrt(Dk).
     impl: "pallas" runs a one-token step as Pallas kernels (interpret mode
-      without a GPU): the compressed branch with its scores, the block
-      scores and top-n (``_compressed_and_table``), then the selected and
-      window branches in one block-sparse decode launch; "auto" does so on
-      a GPU when l' is a power of two >= 16 and l'/d a power of two;
-      otherwise (and for several tokens a step) everything is XLA. "xla"
-      and "reference" are the XLA path.
+      without a GPU, ``_fused_step``): the compressed branch with its
+      scores, the block scores and top-n, the selected and window branches
+      in one block-sparse decode launch, and one launch that merges and
+      gates them; "auto" does so on a GPU when l' is a power of two >= 16
+      and l'/d a power of two (with only l' so, the selected and window
+      branches alone run as a kernel); otherwise (and for several tokens a
+      step) everything is XLA. "xla" and "reference" are the XLA path.
 
   Returns:
     [B, Q, Hq, Dv] in q.dtype; NaN for rows past ``max_length``.
@@ -430,13 +476,12 @@ def nsa_decode(q, gates, cache: cache_lib.NSACache, config: NSAConfig, *,
                      f"max_query_len={cache.max_query_len}")
   lengths = cache.lengths
   if _use_selection_kernels(impl, nq, config) and cache.k_cmp.shape[1]:
-    o_cmp, table = _compressed_and_table(q[:, 0], cache, config, scale)
-    o_cmp, table = o_cmp[:, None], table[:, None]
-  else:
-    o_cmp, _, positions, p_cmp = compressed_decode(
-        q, cache.k_cmp, cache.v_cmp, lengths, config, scale=scale)
-    num_blocks = cache.k.shape[1] // config.sel_block
-    table = select_decode_blocks(p_cmp, positions, config, num_blocks, hkv)
+    out = _fused_step(q[:, 0], gates[:, 0], cache, config, scale)
+    return poison_overflow(out[:, None], cache)
+  o_cmp, _, positions, p_cmp = compressed_decode(
+      q, cache.k_cmp, cache.v_cmp, lengths, config, scale=scale)
+  num_blocks = cache.k.shape[1] // config.sel_block
+  table = select_decode_blocks(p_cmp, positions, config, num_blocks, hkv)
   if _use_kernel(impl, nq, config.sel_block):
     o_slc, o_win = _selected_and_window_kernel(q[:, 0], cache, table[:, 0],
                                                config, scale)

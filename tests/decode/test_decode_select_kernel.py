@@ -62,12 +62,17 @@ def _kernels(q, cache, config):
   o, lse, scores = decode_attention.compressed_decode(
       q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
       num_splits=2, interpret=True, **blocks)
-  table = decode_select.nsa_decode_select(
-      scores, lse, cache.lengths, sel_block=config.sel_block,
-      num_blocks=num_blocks, num_heads=q.shape[1],
-      num_selected=config.num_selected, num_initial=config.num_initial,
-      num_local=config.num_local, interpret=True, **blocks)
-  return o, lse, scores, table
+  select = functools.partial(
+      decode_select.nsa_decode_select, lengths=cache.lengths,
+      sel_block=config.sel_block, num_blocks=num_blocks,
+      num_heads=q.shape[1], num_selected=config.num_selected,
+      num_initial=config.num_initial, num_local=config.num_local,
+      interpret=True, **blocks)
+  # The selection also merges the splits' log-sum-exps itself.
+  _, split_lse, _ = decode_attention.compressed_decode_parts(
+      q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
+      num_splits=2, interpret=True, **blocks)
+  return o, lse, scores, select(scores, lse), select(scores, split_lse)
 
 
 # (config, Hq, Hkv, Dk, Dv): G 1 / 2 / 4 / 16, Dk != Dv, b = 1, 2, 4.
@@ -83,7 +88,7 @@ def test_compressed_kernel_and_selection_equal_the_xla_path(config, hq, hkv,
   lengths = [120, 37, config.cmp_block - 1, config.cmp_block]
   cache = _cache(config, lengths, hkv, dk, dv)
   q = jax.random.normal(jax.random.key(1), (4, hq, dk))
-  o, lse, scores, table = _kernels(q, cache, config)
+  o, lse, scores, table, table_from_splits = _kernels(q, cache, config)
   want_o, want_lse, want_table = _xla(q, cache, config)
   np.testing.assert_allclose(o, want_o, **TOL)
   group = hq // hkv
@@ -92,6 +97,7 @@ def test_compressed_kernel_and_selection_equal_the_xla_path(config, hq, hkv,
   np.testing.assert_allclose(np.where(np.isfinite(lse), lse, 0),
                              np.where(np.isfinite(lse), want_lse, 0), **TOL)
   np.testing.assert_array_equal(table, want_table)
+  np.testing.assert_array_equal(table_from_splits, want_table)
   assert np.isneginf(lse[2]).all() and not np.asarray(o[2]).any()
   # The emitted scores of the visible tokens: scale * q.k * log2(e).
   t = np.asarray(cache.lengths) - 1
@@ -141,7 +147,7 @@ def test_kernels_lower_to_triton(dtype):
                                      num_blocks, cache.k_cmp.shape[1])
 
   def both(q, cache):
-    _, lse, scores = decode_attention.compressed_decode(
+    _, lse, scores = decode_attention.compressed_decode_parts(
         q, cache.k_cmp, cache.v_cmp, cache.lengths, scores_width=width,
         interpret=False, **blocks)
     table = decode_select.nsa_decode_select(
@@ -149,8 +155,8 @@ def test_kernels_lower_to_triton(dtype):
         num_blocks=num_blocks, num_heads=8, num_selected=16, num_initial=1,
         num_local=2, interpret=False, **blocks)
     return table, decode_select.decode_top_n(
-        lse, cache.lengths, block_size=64, num_selected=4, num_initial=1,
-        num_local=1, interpret=False)
+        lse[:, :, 0], cache.lengths, block_size=64, num_selected=4,
+        num_initial=1, num_local=1, interpret=False)
 
   text = jax.jit(both).trace(q, cache).lower(
       lowering_platforms=("cuda",)).as_text()
