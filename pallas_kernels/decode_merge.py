@@ -2,11 +2,11 @@
 
 The decode kernels (``decode_attention.launch``) leave each branch as split
 partials: outputs normalised per split plus their log-sum-exps. Merging
-them in XLA (``decode_attention.combine``) took three reduction fusions
-per branch, and the gates one more, each a launch of 1-2 us on an H100 at
-batch 1: more than half of a one-token NSA step. Here one program per
-(row, kv head, group rows) merges every branch by its log-sum-exps and adds
-the gated results: one launch for the whole tail of the step.
+them in XLA took three reduction fusions per branch and the gates one
+more, each a launch of 1-2 us on an H100 at batch 1: more than half of a
+one-token NSA step. Here one program per (row, kv head, group rows, Dv
+columns) merges every branch by its log-sum-exps and adds the gated
+results: one launch for the whole tail of the step.
 ``gated_merge_reference`` is the same in plain JAX.
 """
 
@@ -17,15 +17,14 @@ import functools
 from typing import NamedTuple
 
 import jax
-from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from pallas_kernels import triton_compat as tc
 
-# Floats of one [chunk, rows, Dv] load of partial outputs.
+# Floats of one [chunk, rows, columns] load of partial outputs.
 _TILE = 4096
-# Programs the grid aims for (group rows per program shrink to reach it).
+# Programs the grid aims for (rows, then columns, per program shrink).
 _PROGRAMS = 128
 
 
@@ -41,39 +40,42 @@ class Branch(NamedTuple):
 class _Static:
   branches: tuple[Branch, ...]
   rows: int  # group rows per program
-  tile: int  # floats of one [chunk, rows, Dv] load
+  columns: int  # Dv columns per program
+  tile: int  # floats of one [chunk, rows, columns] load
   interpret: bool
 
 
 def _merge_kernel(*refs, st: _Static):
   """Gated sum of each branch's merged partials for one tile of rows.
 
-  Refs: per source o [S, rows, Dv] float32, lse [S, rows] float32 (-inf:
+  Refs: per source o [S, rows, cols] float32, lse [S, rows] float32 (-inf:
   empty split); gates [rows, C] float32 (column i gates branch i) -> out
-  [rows, Dv].
+  [rows, cols].
+
+  Each branch is merged online over loads of a few splits (rescaled by the
+  running maximum, as flash-decoding's merge), so no load waits on another
+  one's result: at batch 1 the step's tail is a few memory latencies, not
+  one per branch and chunk.
   """
   gates_ref, out_ref = refs[-2], refs[-1]
-  rows, dv = out_ref.shape
-  acc = jnp.zeros((rows, dv), jnp.float32)
+  rows, cols = out_ref.shape
+  acc = jnp.zeros((rows, cols), jnp.float32)
   for index, branch in enumerate(st.branches):
     o_ref, lse_ref = refs[2 * branch.source], refs[2 * branch.source + 1]
-    lse = lse_ref[pl.ds(branch.first, branch.count), :]  # [count, rows]
-    m = jnp.max(lse, axis=0)
-    m = jnp.where(m == -jnp.inf, 0.0, m)
-    total = jnp.sum(jnp.where(lse > -jnp.inf, jnp.exp(lse - m[None, :]), 0.0),
-                    axis=0)
-    chunk = _chunk(branch.count, rows * dv, st.tile)
-
-    def body(c, part, branch=branch, chunk=chunk, m=m, o_ref=o_ref,
-             lse_ref=lse_ref):
-      first = branch.first + c * chunk
-      w = lse_ref[pl.ds(first, chunk), :]  # [chunk, rows]
-      w = jnp.where(w > -jnp.inf, jnp.exp(w - m[None, :]), 0.0)
-      o = o_ref[pl.ds(first, chunk), :, :]  # [chunk, rows, Dv]
-      return part + jnp.sum(w[:, :, None] * o, axis=0)
-
-    part = lax.fori_loop(0, branch.count // chunk, body,
-                         jnp.zeros((rows, dv), jnp.float32))
+    chunk = _chunk(branch.count, rows * cols, st.tile)
+    m = jnp.full((rows,), -jnp.inf, jnp.float32)
+    total = jnp.zeros((rows,), jnp.float32)
+    part = jnp.zeros((rows, cols), jnp.float32)
+    for first in range(branch.first, branch.first + branch.count, chunk):
+      lse = lse_ref[pl.ds(first, chunk), :]  # [chunk, rows]
+      o = o_ref[pl.ds(first, chunk), :, :]  # [chunk, rows, cols]
+      m_new = jnp.maximum(m, jnp.max(lse, axis=0))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      alpha = jnp.exp(m - m_safe)  # 0 while m is -inf
+      w = jnp.where(lse > -jnp.inf, jnp.exp(lse - m_safe[None, :]), 0.0)
+      total = alpha * total + jnp.sum(w, axis=0)
+      part = alpha[:, None] * part + jnp.sum(w[:, :, None] * o, axis=0)
+      m = m_new
     merged = part / jnp.where(total > 0.0, total, 1.0)[:, None]
     acc += gates_ref[:, index][:, None] * merged
   out_ref[...] = acc.astype(out_ref.dtype)
@@ -86,10 +88,18 @@ def _chunk(count: int, floats: int, tile: int) -> int:
   return min(count, 1 << (fit.bit_length() - 1))
 
 
-def _rows(batch: int, num_kv_heads: int, group_p: int) -> int:
-  """Group rows per program: the most that still gives ``_PROGRAMS``."""
-  want = batch * num_kv_heads * group_p // _PROGRAMS
-  return min(group_p, tc.next_pow2(want))
+def _tiling(batch: int, num_kv_heads: int, group_p: int, dv: int):
+  """(rows, columns) per program: group rows, then Dv columns (down to 16)
+  halved until the grid has ``_PROGRAMS`` programs."""
+  rows, cols = group_p, dv
+  while batch * num_kv_heads * (group_p // rows) * (dv // cols) < _PROGRAMS:
+    if rows > 1:
+      rows //= 2
+    elif cols > tc.MIN_DOT_DIM:
+      cols //= 2
+    else:
+      break
+  return rows, cols
 
 
 def _check(parts, branches, gates):
@@ -142,7 +152,8 @@ def gated_merge(parts, branches, gates, *, dtype,
   branches = tuple(Branch(*x) for x in branches)
   _check(parts, branches, gates)
   b, hkv, _, group_p, _ = parts[0][0].shape
-  st = _Static(branches=branches, rows=_rows(b, hkv, group_p), tile=_TILE,
+  rows, cols = _tiling(b, hkv, group_p, parts[0][0].shape[4])
+  st = _Static(branches=branches, rows=rows, columns=cols, tile=_TILE,
                interpret=tc.resolve_interpret(interpret))
   return _merge(tuple(parts), gates.astype(jnp.float32), st,
                 jnp.dtype(dtype))
@@ -151,25 +162,25 @@ def gated_merge(parts, branches, gates, *, dtype,
 @functools.partial(jax.jit, static_argnames=("st", "dtype"))
 def _merge(parts, gates, st: _Static, dtype):
   b, hkv, _, group_p, dv = parts[0][0].shape
-  rows = st.rows
+  rows, cols = st.rows, st.columns
   in_specs, args = [], []
   for o, lse in parts:
     splits = o.shape[2]
     in_specs += [
-        pl.BlockSpec((None, None, splits, rows, dv),
-                     lambda i, g, r: (i, g, 0, r, 0)),
-        pl.BlockSpec((None, None, splits, rows), lambda i, g, r: (i, g, 0, r)),
+        pl.BlockSpec((None, None, splits, rows, cols),
+                     lambda i, g, r, c: (i, g, 0, r, c)),
+        pl.BlockSpec((None, None, splits, rows),
+                     lambda i, g, r, c: (i, g, 0, r)),
     ]
     args += [o, lse]
-  columns = gates.shape[3]
-  in_specs.append(pl.BlockSpec((None, None, rows, columns),
-                               lambda i, g, r: (i, g, r, 0)))
+  in_specs.append(pl.BlockSpec((None, None, rows, gates.shape[3]),
+                               lambda i, g, r, c: (i, g, r, 0)))
   return pl.pallas_call(
       functools.partial(_merge_kernel, st=st),
-      grid=(b, hkv, group_p // rows),
+      grid=(b, hkv, group_p // rows, dv // cols),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, rows, dv),
-                             lambda i, g, r: (i, g, r, 0)),
+      out_specs=pl.BlockSpec((None, None, rows, cols),
+                             lambda i, g, r, c: (i, g, r, c)),
       out_shape=jax.ShapeDtypeStruct((b, hkv, group_p, dv), dtype),
       compiler_params=tc.compiler_params(4, 1),
       interpret=st.interpret,
