@@ -49,7 +49,7 @@ def _decode_kernel(q_ref, *refs, sts: tuple[_Static, ...]):
 
   Refs: q [Gp, Dk]; per source k [S, Dk], v [S, Dv], idx [n_s]; t [Gp]
   (the query position, equal on all rows) -> o [Gp, Dv] float32, lse [Gp]
-  float32, (scores [Gp, W] float32, one source only: see ``_walk``).
+  float32, (scores [Gs, W] float32, one source only: see ``_walk``).
   """
   num = len(sts)
   t_ref, out_refs = refs[3 * num], refs[3 * num + 1:]
@@ -71,7 +71,7 @@ def _walk(q, t_max, k_ref, v_ref, idx_ref, o_ref, lse_ref, s_ref=None, *,
   """One program's walk over its slots; see ``_decode_kernel``.
 
   Slots after the split's last used one are not walked. With ``s_ref``
-  (scores [Gp, W] float32) it also writes ``scale * q.k * log2(e)`` of every
+  (scores [Gs, W] float32) it also writes ``scale * q.k * log2(e)`` of every
   key of a used slot at its column x, -inf where masked.
   """
   rows = q.shape[0]
@@ -100,10 +100,12 @@ def _walk(q, t_max, k_ref, v_ref, idx_ref, o_ref, lse_ref, s_ref=None, *,
     s = tc.dot(q, k, trans_b=True) * (st.scale * tc.LOG2E)  # [Gp, l']
     s = jnp.where(keep[None, :], s, -jnp.inf)
     if s_ref is not None:
+      s_rows = _first_rows(s, s_ref.shape[0])
+
       @pl.when(use)
       def _():
         s_ref[:, pl.ds(pl.multiple_of(blk * st.block_size, st.block_size),
-                       st.block_size)] = s
+                       st.block_size)] = s_rows
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(m - m_safe)
@@ -133,7 +135,24 @@ def grouped_query(q, num_kv_heads: int):
                         tc.next_pow2(dk, tc.MIN_DOT_DIM))[:, 0]
 
 
-def launch(q4, sources, lengths, scores_width: int | None = None):
+def _first_rows(x, num: int):
+  """The first ``num`` rows of x [R, C] (num divides R): a masked sum over
+  the row groups of a reshape, as Triton tensors cannot be sliced."""
+  if num == x.shape[0]:
+    return x
+  x = x.reshape(x.shape[0] // num, num, x.shape[1])
+  first = lax.broadcasted_iota(jnp.int32, x.shape, 0) == 0
+  return jnp.sum(jnp.where(first, x, 0.0), axis=0)
+
+
+def scores_rows(num_heads: int, num_kv_heads: int) -> int:
+  """Rows of the emitted scores per kv head: G rounded up to a power of two
+  (the kernel's rows are padded to >= 16, the scores are not)."""
+  return tc.next_pow2(num_heads // num_kv_heads)
+
+
+def launch(q4, sources, lengths, scores_width: int | None = None,
+           scores_rows: int | None = None):
   """Runs the decode kernel; returns each split's partial result.
 
   Args:
@@ -144,12 +163,14 @@ def launch(q4, sources, lengths, scores_width: int | None = None):
       apply to all).
     lengths: int [B], tokens in the cache (the query's included).
     scores_width: W, columns of the emitted scores (one source only).
+    scores_rows: Gs, a power of two dividing Gp: rows of the emitted scores
+      (the first Gs of each group; ``scores_rows``); default Gp.
 
   Returns:
     (o [B, Hkv, splits, Gp, Dv_p] float32 normalised per split, lse
     [B, Hkv, splits, Gp] float32, -inf for an empty split, the splits of
     the sources in order; with ``scores_width`` also scores
-    [B, Hkv, Gp, W] float32, columns of unused slots left unwritten).
+    [B, Hkv, Gs, W] float32, columns of unused slots left unwritten).
   """
   b, hkv, group_p, dk_p = q4.shape
   dv_p = tc.next_pow2(sources[0][1].shape[3], tc.MIN_DOT_DIM)
@@ -183,9 +204,10 @@ def launch(q4, sources, lengths, scores_width: int | None = None):
       jax.ShapeDtypeStruct((b, hkv, start, group_p), jnp.float32),
   ]
   if scores_width is not None:  # every split writes its slots' columns
-    out_specs.append(pl.BlockSpec((None, None, group_p, scores_width),
+    rows = scores_rows or group_p
+    out_specs.append(pl.BlockSpec((None, None, rows, scores_width),
                                   lambda i, g, s: (i, g, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((b, hkv, group_p, scores_width),
+    out_shape.append(jax.ShapeDtypeStruct((b, hkv, rows, scores_width),
                                           jnp.float32))
   sts = tuple(source[3] for source in sources)
   return pl.pallas_call(
@@ -487,7 +509,8 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
 
   Returns:
     (out [B, Hq, Dv] in q.dtype, lse [B, Hkv, Gp] float32 (-inf for padded
-    heads and rows that see no token), scores [B, Hkv, Gp, W] float32, the
+    heads and rows that see no token), scores [B, Hkv, Gs, W] float32 (Gs:
+    ``scores_rows``, G rounded up to a power of two), the
     columns of invisible blocks left unwritten).
   """
   q, k_cmp, v_cmp, table, st = _compressed_setup(
@@ -506,7 +529,7 @@ def compressed_decode_parts(q, k_cmp, v_cmp, lengths, **kwargs):
 
   Returns:
     (o float32 [B, Hkv, S, Gp, Dv_p] normalised per split, lse float32
-    [B, Hkv, S, Gp] (-inf: empty split), scores [B, Hkv, Gp, W] float32
+    [B, Hkv, S, Gp] (-inf: empty split), scores [B, Hkv, Gs, W] float32
     as ``compressed_decode``'s).
   """
   q, k_cmp, v_cmp, table, st = _compressed_setup(q, k_cmp, v_cmp, lengths,
@@ -552,7 +575,8 @@ def _compressed(q, k, v, table, lengths, st: _Static, scores_width: int,
                 merge: bool):
   hkv = v.shape[2]
   q4 = grouped_query(q, hkv)
-  o, lse, scores = launch(q4, ((k, v, table, st),), lengths, scores_width)
+  o, lse, scores = launch(q4, ((k, v, table, st),), lengths, scores_width,
+                         scores_rows(q.shape[1], hkv))
   if not merge:
     return o, lse, scores
   return (*merged(o, lse, q.shape[1], v.shape[3], q.dtype), scores)

@@ -94,8 +94,8 @@ def _top_n_kernel(parts_ref, t_ref, out_ref, *, rule: _Rule):
 def _scores_kernel(s_ref, lse_ref, t_ref, out_ref, *, sc: _Scores):
   """Eq. 9 score parts of one chunk of blocks of one (row, kv head).
 
-  Refs: s [Gp, R, a] float32 (row j holds tokens ``j * a + m``,
-  ``scale * q.k * log2(e)``), lse [S, Gp] float32 (natural log, the S
+  Refs: s [Gs, R, a] float32 (row j holds tokens ``j * a + m``,
+  ``scale * q.k * log2(e)``), lse [S, Gs] float32 (natural log, the S
   splits of the compressed branch, merged here; -inf for an empty split;
   rows past G are padding), t [16] -> out
   [back + 1, back + Ts_p] float32 (``_top_n_kernel``'s parts), columns
@@ -103,7 +103,7 @@ def _scores_kernel(s_ref, lse_ref, t_ref, out_ref, *, sc: _Scores):
 
   The tokens of block j (``j * a + m``) count in block j + k with weight
   ``coverage(m - k * a)``: part k sums those over the group's heads. One
-  [Gp, C, a] load and one exp per token; the top-n kernel adds the parts
+  [Gs, C, a] load and one exp per token; the top-n kernel adds the parts
   shifted, so no register shifts are needed here.
   """
   t = jnp.max(t_ref[...])
@@ -111,9 +111,9 @@ def _scores_kernel(s_ref, lse_ref, t_ref, out_ref, *, sc: _Scores):
   first = pl.program_id(2) * size
   j = first + jnp.arange(size)[None, :, None]
   m = jnp.arange(a)[None, None, :]
-  lse2 = (_merged_lse(lse_ref[...]) * tc.LOG2E)[:, None, None]  # [Gp, 1, 1]
+  lse2 = (_merged_lse(lse_ref[...]) * tc.LOG2E)[:, None, None]  # [Gs, 1, 1]
   real = (jnp.arange(lse2.shape[0]) < sc.group)[:, None, None]
-  s = s_ref[:, pl.ds(first, size), :]  # [Gp, C, a]
+  s = s_ref[:, pl.ds(first, size), :]  # [Gs, C, a]
   i = j * a + m
   seen = (i * sc.cmp_stride + sc.cmp_block - 1 <= t) & real
   seen &= lse2 > -jnp.inf
@@ -126,7 +126,7 @@ def _scores_kernel(s_ref, lse_ref, t_ref, out_ref, *, sc: _Scores):
 
 
 def _merged_lse(lse):
-  """float32 [S, Gp] split log-sum-exps -> [Gp] (-inf: every split empty)."""
+  """float32 [S, G] split log-sum-exps -> [G] (-inf: every split empty)."""
   m = jnp.max(lse, axis=0)
   m = jnp.where(m == -jnp.inf, 0.0, m)
   total = jnp.sum(jnp.where(lse > -jnp.inf, jnp.exp(lse - m[None, :]), 0.0),
@@ -165,9 +165,9 @@ def scores_width(cmp_stride: int, sel_block: int, num_blocks: int,
   return tc.round_up(max(num_tokens, tc.next_pow2(num_blocks) * a), a)
 
 
-def _chunk(group_p: int, ratio: int, ts_p: int) -> int:
-  """Blocks scored per program: [Gp, C, a] tiles of about 2048 floats."""
-  return min(ts_p, max(1, 2048 // (group_p * ratio)))
+def _chunk(group_s: int, ratio: int, ts_p: int) -> int:
+  """Blocks scored per program: [Gs, C, a] tiles of about 2048 floats."""
+  return min(ts_p, max(1, 2048 // (group_s * ratio)))
 
 
 def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
@@ -181,11 +181,13 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
   ranking of their shifted sum with NSA's forced blocks.
 
   Args:
-    scores: float32 [B, Hkv, Gp, W] from ``compressed_decode``, W
+    scores: float32 [B, Hkv, Gs, W] from ``compressed_decode`` (Gs: its
+      ``scores_rows``, a power of two >= G), W
       ``scores_width``'s.
     lse: float32 [B, Hkv, Gp], the compressed branch's merged log-sum-exp,
       or [B, Hkv, S, Gp], its S splits' (merged in the kernel, so the
-      branch's partials need no merge before the selection).
+      branch's partials need no merge before the selection); Gp a multiple
+      of Gs (its first Gs heads are read).
     lengths: int [B], tokens in the cache (the query at ``lengths - 1``).
     cmp_block, cmp_stride, sel_block: l, d, l'.
     num_blocks: Ts, selection blocks of the cache.
@@ -198,7 +200,7 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
   """
   check_block_sizes(cmp_block, cmp_stride, sel_block)
   _check_rule(num_selected, num_initial, num_local, sel_block)
-  b, hkv, group_p, width = scores.shape
+  b, hkv, group_s, width = scores.shape
   a = sel_block // cmp_stride
   want = scores_width(cmp_stride, sel_block, num_blocks, 0)
   if width < want or width % a:
@@ -207,17 +209,19 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
   ts_p = tc.next_pow2(num_blocks)
   sc = _Scores(cmp_block=cmp_block, cmp_stride=cmp_stride,
                sel_block=sel_block, group=num_heads // hkv,
-               chunk=_chunk(group_p, a, ts_p))
+               chunk=_chunk(group_s, a, ts_p))
   # Tokens of block j also count in blocks j + 1 .. j + back.
   back = -(-(cmp_block // cmp_stride - 1) // a)
   if lse.ndim == 3:
     lse = lse[:, :, None]
-  if lse.shape[:2] + lse.shape[3:] != (b, hkv, group_p):
-    raise ValueError(f"{lse.shape=} must be [B, Hkv, (S,) Gp] for "
-                     f"{scores.shape=}")
+  if (lse.ndim != 4 or lse.shape[:2] != (b, hkv) or lse.shape[3] % group_s
+      or num_heads // hkv > group_s):
+    raise ValueError(f"{lse.shape=} must be [B, Hkv, (S,) Gp], Gp a "
+                     f"multiple of the {group_s} rows of {scores.shape=}, "
+                     f"which must cover G = {num_heads // hkv}")
   interpret = tc.resolve_interpret(interpret)
   t = _positions(lengths, b)
-  parts = _score_parts(scores.reshape(b, hkv, group_p, width // a, a), lse,
+  parts = _score_parts(scores.reshape(b, hkv, group_s, width // a, a), lse,
                        t, sc, back, ts_p, interpret)
   rule = _Rule(block_size=sel_block, num_blocks=num_blocks,
                num_selected=num_selected, num_initial=num_initial,
@@ -231,15 +235,15 @@ def nsa_decode_select(scores, lse, lengths, *, cmp_block: int,
 def _score_parts(scores, lse, t, sc: _Scores, back: int, ts_p: int,
                  interpret: bool):
   """[B, Hkv, Gp, R, a] scores -> [B, Hkv, back + 1, back + Ts_p] parts."""
-  b, hkv, group_p, rows, a = scores.shape
+  b, hkv, group_s, rows, a = scores.shape
   shape = (b, hkv, back + 1, back + ts_p)
   return pl.pallas_call(
       functools.partial(_scores_kernel, sc=sc),
       grid=(b, hkv, ts_p // sc.chunk),
       in_specs=[
-          pl.BlockSpec((None, None, group_p, rows, a),
+          pl.BlockSpec((None, None, group_s, rows, a),
                        lambda i, g, c: (i, g, 0, 0, 0)),
-          pl.BlockSpec((None, None) + lse.shape[2:],
+          pl.BlockSpec((None, None, lse.shape[2], group_s),
                        lambda i, g, c: (i, g, 0, 0)),
           pl.BlockSpec((None, tc.MIN_DOT_DIM), lambda i, g, c: (i, 0)),
       ],

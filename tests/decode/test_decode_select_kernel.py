@@ -99,7 +99,9 @@ def test_compressed_kernel_and_selection_equal_the_xla_path(config, hq, hkv,
   np.testing.assert_array_equal(table, want_table)
   np.testing.assert_array_equal(table_from_splits, want_table)
   assert np.isneginf(lse[2]).all() and not np.asarray(o[2]).any()
-  # The emitted scores of the visible tokens: scale * q.k * log2(e).
+  # The emitted scores of the visible tokens: scale * q.k * log2(e), for
+  # G rows rounded up to a power of two (not the kernel's 16).
+  assert scores.shape[2] == 1 << (group - 1).bit_length()
   t = np.asarray(cache.lengths) - 1
   for b in range(4):
     seen = max(0, (t[b] - config.cmp_block + 1) // config.cmp_stride + 1)
