@@ -104,11 +104,8 @@ def top_n_rounds(ranked, num_selected: int, n_p: int, *, floor: float,
   """Indices of each row's ``num_selected`` largest entries, in order.
 
   Each round takes the row's argmax (the Triton lowering breaks ties to the
-  lower index, as the spec does) and marks that entry ``taken``. Rounds
-  pick in descending order, so round r found an entry above ``floor``
-  exactly when r is below the row's count of such entries: that count is
-  taken once, and the rounds need one reduction each, not two. The other
-  slots hold -1. ``taken <= floor``.
+  lower index, as the spec does) and marks that entry ``taken``; a round
+  whose maximum is not above ``floor`` yields -1. ``taken <= floor``.
 
   Args:
     ranked: float32 [rows, N] ranking values (forced entries +inf).
@@ -123,18 +120,19 @@ def top_n_rounds(ranked, num_selected: int, n_p: int, *, floor: float,
   rows, width = ranked.shape
   j = jnp.arange(width)[None, :]
   slot = jnp.arange(n_p)[None, :]
-  count = jnp.sum((ranked > floor).astype(jnp.int32), axis=1)  # [rows]
 
   def body(r, carry):
     ranked, out = carry
     best = jnp.argmax(ranked, axis=1).astype(jnp.int32)  # [rows]
-    out = jnp.where(slot == r, best[:, None], out)
+    value = jnp.max(ranked, axis=1)
+    pick = jnp.where(value > floor, best, -1)
+    out = jnp.where(slot == r, pick[:, None], out)
     ranked = jnp.where(j == best[:, None], taken, ranked)
     return ranked, out
 
   _, out = lax.fori_loop(0, num_selected, body,
                          (ranked, jnp.full((rows, n_p), -1, jnp.int32)))
-  return jnp.where(slot < count[:, None], out, -1)
+  return out
 
 
 def _top_n(scores, starts, st: _TopN, num_warps: int):
