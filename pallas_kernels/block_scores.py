@@ -158,8 +158,7 @@ def _scores_kernel(q_ref, k_ref, lse_ref, *refs, st: _Static):
   rows = block_q * group_p
   block_sel, block_k = st.launch.block_sel, st.block_k
   t = group_tiles.row_positions(block_q, group_p) + st.q_offset
-  q_parts = [q_ref[:, :, pl.ds(first, width)].reshape(rows, width)
-             for first, width in st.dk_parts]
+  q_parts = group_tiles.query_parts(q_ref, st.dk_parts)
   lse2 = lse_ref[...].reshape(rows) * tc.LOG2E
   real_head = lax.rem(jnp.arange(rows), group_p) < st.group
   token = jnp.arange(block_k)
@@ -181,10 +180,8 @@ def _scores_kernel(q_ref, k_ref, lse_ref, *refs, st: _Static):
 
   def body(step, carry):
     start = pl.multiple_of(step * block_k, block_k)
-    s = sum(tc.dot(q_part, k_ref[pl.ds(start, block_k), pl.ds(first, width)],
-                   trans_b=True)
-            for q_part, (first, width) in zip(q_parts, st.dk_parts))
-    s = s * (st.scale * tc.LOG2E)  # [rows, bk]
+    s = tc.dot_t_over_parts(q_parts, k_ref, pl.ds(start, block_k),
+                            st.dk_parts) * (st.scale * tc.LOG2E)  # [rows, bk]
     i = start + token
     visible = i[None, :] * st.cmp_stride + (st.cmp_block - 1) <= t[:, None]
     if st.group < group_p:  # padded heads

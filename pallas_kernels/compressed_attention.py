@@ -27,6 +27,7 @@ class _Static:
   num_cmp: int  # Tc
   group: int  # G
   head_dim_v: int  # Dv, to slice the padded output
+  dk_parts: tuple[tuple[int, int], ...]  # tc.dot_parts of Dk (forward)
   launch: launch_config.LaunchConfig
   segment: int  # query positions per dK/dV program
   interpret: bool
@@ -82,17 +83,17 @@ def _visible(i, t, lower, st: _Static):
   return visible
 
 
-def _scores(q, k_ref, t, lower, chunk, st: _Static):
+def _scores(q_parts, parts, k_ref, t, lower, chunk, st: _Static):
   """Raw dots q.k of one [rows, block_k] tile and its visibility mask.
 
-  Unscaled: ``online_softmax`` subtracts the row max from the raw dots
-  before scaling, which keeps the backward's probabilities exact at large
-  logits (issue 10, item 1).
+  ``q_parts``: the tile's Dk column ``parts`` (``tc.dot_parts``), or the
+  whole padded q as one part. Unscaled: ``online_softmax`` subtracts the
+  row max from the raw dots before scaling, which keeps the backward's
+  probabilities exact at large logits (issue 10, item 1).
   """
   block_k = st.launch.block_k
   start = pl.multiple_of(chunk * block_k, block_k)
-  k = k_ref[pl.ds(start, block_k), :]  # [block_k, Dk]
-  s = tc.dot(q, k, trans_b=True)  # [rows, block_k]
+  s = tc.dot_t_over_parts(q_parts, k_ref, pl.ds(start, block_k), parts)
   i = start + jnp.arange(block_k)
   return s, _visible(i, t, lower, st), start
 
@@ -109,16 +110,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static):
   starts_ref, refs = group_tiles.split_starts(refs, st.documents)
   offset_ref, (o_ref, lse_ref, m_ref, log2l_ref) = group_tiles.split_offset(
       refs, st.offset)
-  q, t, lower, first, end = _tile_setup(q_ref, starts_ref, offset_ref, st)
+  _, t, lower, first, end = _tile_setup(q_ref, starts_ref, offset_ref, st)
+  q_parts = group_tiles.query_parts(q_ref, st.dk_parts)
 
   def body(chunk, carry):
-    s, visible, start = _scores(q, k_ref, t, lower, chunk, st)
+    s, visible, start = _scores(q_parts, st.dk_parts, k_ref, t, lower, chunk,
+                                st)
     v = v_ref[pl.ds(start, st.launch.block_k), :]  # [block_k, Dv]
     return online_softmax.step(carry, s, visible, v, None,
                                st.scale * tc.LOG2E)
 
   carry = lax.fori_loop(first, end, body,
-                        online_softmax.init(q.shape[0], v_ref.shape[-1]))
+                        online_softmax.init(t.shape[0], v_ref.shape[-1]))
   out, m, log2l, lse = online_softmax.finalize(carry, st.scale)
   o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
   lse_ref[...] = lse.reshape(lse_ref.shape)
@@ -128,7 +131,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static):
 
 def _probs(q, k_ref, t, lower, m, log2l, chunk, st: _Static):
   """Recomputed softmax probabilities of one tile (0 where not visible)."""
-  s, visible, start = _scores(q, k_ref, t, lower, chunk, st)
+  s, visible, start = _scores([q], ((0, q.shape[1]),), k_ref, t, lower,
+                              chunk, st)
   return online_softmax.probabilities(s, visible, m, log2l,
                                       st.scale * tc.LOG2E), start
 
@@ -494,7 +498,8 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_size: int, stride: int,
                      f"{(batch, seq_len)}")
   st = _Static(block_size=block_size, stride=stride, scale=scale,
                seq_len=seq_len, num_cmp=num_cmp, group=group,
-               head_dim_v=v_cmp.shape[-1], launch=launch,
+               head_dim_v=v_cmp.shape[-1], dk_parts=tc.dot_parts(head_dim),
+               launch=launch,
                segment=(dkv_segment(seq_len, launch.block_q)
                         if segment is None else segment),
                interpret=tc.resolve_interpret(interpret),

@@ -25,7 +25,7 @@ from pallas_kernels import triton_compat as tc
 # Floats of one [chunk, rows, columns] load of partial outputs.
 _TILE = 4096
 # Programs the grid aims for (rows, then columns, per program shrink).
-_PROGRAMS = 128
+_PROGRAMS = 256
 
 
 class Branch(NamedTuple):

@@ -159,6 +159,14 @@ def query_tile(q_ref, offset=None):
   return q, row_positions(block_q, group_p, offset)
 
 
+def query_parts(q_ref, parts):
+  """The program's query tile [block_q, Gp, Dk_p] as [rows, width] column
+  parts (``triton_compat.dot_parts``), for ``dot_t_over_parts``."""
+  block_q, group_p, _ = q_ref.shape
+  return [q_ref[:, :, pl.ds(first, width)].reshape(block_q * group_p, width)
+          for first, width in parts]
+
+
 def row_positions(block_q: int, group_p: int, offset=None):
   """int32 [block_q * Gp]: the query position of each row of the program's
   tile (axis 1 of the grid counts tiles; ``offset`` as in ``query_tile``)."""

@@ -30,6 +30,7 @@ class _Static:
   seq_len: int  # T
   group: int  # G
   head_dim_v: int
+  dk_parts: tuple[tuple[int, int], ...]  # tc.dot_parts of Dk (forward)
   launch: launch_config.SelectedLaunchConfig
   segment: int  # S, query positions per dK/dV program
   interpret: bool
@@ -156,16 +157,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, union_ref, *refs,
   starts_ref, refs = group_tiles.split_starts(refs, st.documents)
   offset_ref, (o_ref, m_ref, log2l_ref) = group_tiles.split_offset(
       refs, st.offset)
-  q, t = group_tiles.query_tile(q_ref, group_tiles.read_offset(offset_ref))
-  lower = _tile_lower(starts_ref, q_ref.shape[1])
+  block_q, group_p = q_ref.shape[:2]
+  t = group_tiles.row_positions(block_q, group_p,
+                                group_tiles.read_offset(offset_ref))
+  q_parts = group_tiles.query_parts(q_ref, st.dk_parts)
+  lower = _tile_lower(starts_ref, group_p)
 
   def update(carry, blk, mask):
-    k = _load_block(k_ref, blk, st.block_size)  # [l', Dk]
-    v = _load_block(v_ref, blk, st.block_size)  # [l', Dv]
-    s = tc.dot(q, k, trans_b=True)  # [rows, l'] raw dots
+    keys = pl.ds(pl.multiple_of(blk * st.block_size, st.block_size),
+                 st.block_size)
+    v = v_ref[keys, :]  # [l', Dv]
+    s = tc.dot_t_over_parts(q_parts, k_ref, keys, st.dk_parts)  # raw dots
     return online_softmax.step(carry, s, mask, v, None, st.scale * tc.LOG2E)
 
-  carry = online_softmax.init(q.shape[0], v_ref.shape[-1])
+  carry = online_softmax.init(t.shape[0], v_ref.shape[-1])
   out, m, log2l, _ = online_softmax.finalize(
       _union_loop(union_ref, idx_ref, t, lower, st, update, carry),
       st.scale)
@@ -1154,7 +1159,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int,
   st = _Static(block_size=block_size, window=window,
                scale=head_dim ** -0.5 if scale is None else float(scale),
                seq_len=seq_len, group=group, head_dim_v=v.shape[-1],
-               launch=launch, segment=dkv_segment,
+               dk_parts=tc.dot_parts(head_dim), launch=launch,
+               segment=dkv_segment,
                interpret=tc.resolve_interpret(interpret),
                documents=doc_starts is not None, offset=shifted,
                dq_from_blocks=bool(dq_from_blocks),

@@ -87,6 +87,23 @@ def dot_parts(dim: int) -> tuple[tuple[int, int], ...]:
   return ((0, full),)
 
 
+def dot_t_over_parts(a_parts, b_ref, rows, parts):
+  """``a . b[rows]^T`` contracted over column parts of a head dim.
+
+  Args:
+    a_parts: one [M, width] array per part (``dot_parts``'s order).
+    b_ref: a ref [N, D_p] whose rows ``rows`` (a ``pl.ds``) are read, each
+      part's columns only.
+    rows: the ``pl.ds`` of b's rows.
+    parts: ``dot_parts`` of the head dim.
+
+  Returns:
+    float32 [M, rows]: the columns of the padding are never multiplied.
+  """
+  return sum(dot(a, b_ref[rows, pl.ds(first, width)], trans_b=True)
+             for a, (first, width) in zip(a_parts, parts))
+
+
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 

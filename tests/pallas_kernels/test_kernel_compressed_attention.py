@@ -74,6 +74,7 @@ class CompressedAttentionCases:
           (100, 1, 3, 16, 24, jnp.float32, 16, None),  # G=3 padded, 2 chunks
           (8, 1, 2, 16, 16, jnp.float32, None, None),  # T = l: Tc = 1
           (30, 1, 2, 16, 24, jnp.float16, None, None),
+          (45, 1, 2, 48, 32, jnp.float32, None, None),  # forward q.k: 32 + 16
           # dK/dV over 2 query segments of 64 positions, 2 chunks; the
           # segment before chunk 1's first query (t = 71) writes zeros.
           (100, 1, 2, 16, 16, jnp.float32, 16, 64),

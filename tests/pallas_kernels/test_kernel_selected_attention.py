@@ -92,6 +92,7 @@ class SelectedAttentionCases:
           (37, 2, 4, 16, 32, jnp.bfloat16, 3, None),
           (37, 1, 16, 16, 16, jnp.float32, 2, None),  # G=16: the paper's tile
           (20, 1, 2, 16, 24, jnp.float16, 2, None),  # T < 2 blocks, fp16
+          (37, 1, 16, 48, 32, jnp.float32, 2, None),  # tile forward: 32 + 16
       ])
   def test_forward_and_gradients(self, seq_len, num_kv_heads, group, dk, dv,
                                  dtype, num_slots, block_q):
@@ -341,7 +342,7 @@ def test_tile_unions_are_each_tiles_distinct_blocks_ascending(block_q):
 @pytest.mark.lowering
 @pytest.mark.parametrize("entry", launch_config.table_entries("selected"))
 @pytest.mark.parametrize("group,dk,dv", [(1, 24, 16), (4, 192, 128),
-                                         (16, 64, 64)])
+                                         (16, 64, 64), (16, 192, 128)])
 def test_lowers_to_triton(entry, group, dk, dv):
   q, k, v, idx, d_out = _inputs(70, 1, group, dk, dv, jnp.bfloat16, 3)
   launch = launch_config.make_config(entry, group=group, seq_len=70,
