@@ -2,6 +2,7 @@
 
   python experiments/bench_decode.py                      # H100, issue 13
   python experiments/bench_decode.py --smoke              # CPU, tiny, XLA
+  python experiments/bench_decode.py --profile            # + kernel times
 
 Times the attention decode step (``nsa_jax.decode.nsa_decode``: Pallas
 kernels for the compressed branch with its scores, the block selection, the
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--model-layers", type=int, default=4)
   parser.add_argument("--plot", default="bench_decode.png",
                       help="PNG of latency against context ('' for none)")
+  parser.add_argument("--profile", action="store_true",
+                      help="also trace each NSA step and print its device "
+                      "kernels, us per step")
   args = parser.parse_args(argv)
   print(f"python {platform.python_version()}, jax {jax.__version__}, "
         f"devices {jax.devices()}")
@@ -72,8 +76,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
   rows = bench.run_decode_sweep(shapes, contexts, batches, config, dtype,
                                 methods=methods, iters=args.iters,
                                 steps=args.steps,
-                                peak_gbps=peak)
+                                peak_gbps=peak, profile=args.profile)
   print(bench.decode_table(rows))
+  if args.profile:
+    print(bench.kernel_table(rows))
   if args.plot:
     print(f"wrote {bench.plot_decode(rows, args.plot)}")
   model_rows = []

@@ -23,6 +23,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from nsa_jax import profiling
 from nsa_jax.benchmark import Shape
 from nsa_jax.benchmark import time_ms
 from nsa_jax.config import NSAConfig
@@ -135,7 +136,7 @@ def chained(fn, steps: int):
 def run_decode_sweep(shapes, contexts, batches, config: NSAConfig, dtype, *,
                      methods=None, iters: int = 20, reps: int = 3,
                      steps: int = 8, peak_gbps: float | None = None,
-                     log=print):
+                     profile: bool = False, log=print):
   """Times every method at every (shape, context, batch).
 
   Args:
@@ -149,11 +150,15 @@ def run_decode_sweep(shapes, contexts, batches, config: NSAConfig, dtype, *,
     iters, reps: timing repetitions.
     steps: decode steps per timed call (``chained``); 1 times each call.
     peak_gbps: measured bandwidth for the fraction column (None: omitted).
+    profile: also trace each NSA method's chained call and keep its device
+      kernels' us per step (``nsa_jax.profiling``; empty without device
+      tracks, as on a CPU).
     log: progress printer.
 
   Returns:
     list of row dicts: shape, context, batch, method, ms, bytes, gbps,
-    peak_fraction (or None) and error (a failed method's message, ms None).
+    peak_fraction (or None), error (a failed method's message, ms None) and
+    kernels_us (kernel name -> us per step; only with ``profile``).
   """
   itemsize = jnp.dtype(dtype).itemsize
   rows = []
@@ -175,6 +180,10 @@ def run_decode_sweep(shapes, contexts, batches, config: NSAConfig, dtype, *,
           try:
             ms = time_ms(chained(fn, steps), q, gates, cache, iters=iters,
                          reps=reps) / steps
+            if profile and kind == "nsa":
+              kernels = profiling.profile_kernels(
+                  jax.jit(chained(fn, steps)), q, gates, cache)
+              row["kernels_us"] = {k: v / steps for k, v in kernels.items()}
           except Exception as e:  # pylint: disable=broad-except
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             log(f"{shape} T={context} B={batch} {name}: {row['error']}")
@@ -215,6 +224,20 @@ def decode_table(rows) -> str:
         f"{best_dense['ms'] / best_nsa['ms']:.1f}x | "
         f"{best_nsa['gbps']:.0f}{frac} | "
         f"{batch / (best_nsa['ms'] * 1e-3):.0f} |")
+  return "\n".join(lines)
+
+
+def kernel_table(rows) -> str:
+  """Markdown: the device kernels of each profiled row, us per step."""
+  lines = ["| shape | context | batch | method | kernel | us per step |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    for name, us in r.get("kernels_us", {}).items():
+      lines.append(f"| {Shape(**r['shape'])} | {r['context']} | "
+                   f"{r['batch']} | {r['method']} | {name[:60]} | "
+                   f"{us:.1f} |")
+  if len(lines) == 2:
+    return "no device kernels traced (a CPU backend has no device track)"
   return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 import json
 
 import experiment_scripts
+import jax
 
 from nsa_jax import NSAConfig
 from nsa_jax.benchmark import Shape
@@ -14,13 +15,18 @@ def test_smoke_run_writes_attention_and_model_rows(tmp_path, capsys):
   out = tmp_path / "rows.json"
   png = tmp_path / "rows.png"
   rows = module.main(["--smoke", "--iters", "1", "--out", str(out),
-                      "--plot", str(png)])
+                      "--plot", str(png), "--profile"])
   assert png.stat().st_size > 1000
   assert {r["method"] for r in rows} == {"nsa_xla", "dense_xla"}
   assert all(r["error"] is None and r["ms"] > 0 for r in rows)
+  # --profile traced each NSA row (no device track on a CPU: empty).
+  assert all(("kernels_us" in r) == (r["method"] == "nsa_xla") for r in rows)
   saved = json.loads(out.read_text())
   assert len(saved["model"]) == 4  # nsa/full x 2 contexts x 1 batch
-  assert "| speedup |" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "| speedup |" in printed
+  if jax.default_backend() == "cpu":
+    assert "no device kernels traced" in printed
 
 
 def test_bytes_per_step():
