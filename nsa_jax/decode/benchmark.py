@@ -227,15 +227,24 @@ def decode_table(rows) -> str:
   return "\n".join(lines)
 
 
-def kernel_table(rows) -> str:
-  """Markdown: the device kernels of each profiled row, us per step."""
+def kernel_table(rows, floor: float = 0.5) -> str:
+  """Markdown: the device kernels of each profiled row, us per step; those
+  under ``floor`` us summed into one "others" line."""
   lines = ["| shape | context | batch | method | kernel | us per step |",
            "|---|---|---|---|---|---|"]
   for r in rows:
-    for name, us in r.get("kernels_us", {}).items():
-      lines.append(f"| {Shape(**r['shape'])} | {r['context']} | "
-                   f"{r['batch']} | {r['method']} | {name[:60]} | "
-                   f"{us:.1f} |")
+    kernels = r.get("kernels_us", {})
+    head = (f"| {Shape(**r['shape'])} | {r['context']} | {r['batch']} | "
+            f"{r['method']} |")
+    small = [us for us in kernels.values() if us < floor]
+    for name, us in kernels.items():
+      if us >= floor:
+        lines.append(f"{head} {name[:60]} | {us:.1f} |")
+    if small:
+      lines.append(f"{head} {len(small)} others under {floor} us | "
+                   f"{sum(small):.1f} |")
+    if kernels:
+      lines.append(f"{head} all | {sum(kernels.values()):.1f} |")
   if len(lines) == 2:
     return "no device kernels traced (a CPU backend has no device track)"
   return "\n".join(lines)

@@ -37,3 +37,16 @@ def test_bytes_per_step():
   # paper's ~5.6k of 65,536.
   assert bench.nsa_bytes(shape, 65536, config, 1, 2) == 5631 * per_token
   assert bench.dense_bytes(shape, 65536, 16, 2) == 16 * 65536 * per_token
+
+
+def test_kernel_table_folds_small_kernels():
+  row = dict(shape=dict(hq=4, hkv=2, dk=16, dv=16), context=64, batch=2,
+             method="nsa_pallas",
+             kernels_us={"decode_top_n": 5.0, "fusion_1": 0.2,
+                         "fusion_2": 0.1})
+  table = bench.kernel_table([row, dict(row, kernels_us={})])
+  assert "| decode_top_n | 5.0 |" in table
+  assert "| 2 others under 0.5 us | 0.3 |" in table
+  assert "| all | 5.3 |" in table
+  assert "fusion_1" not in table
+  assert bench.kernel_table([]).startswith("no device kernels")
