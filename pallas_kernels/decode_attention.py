@@ -476,13 +476,29 @@ def compressed_columns(num_tokens: int) -> int:
   return tc.round_up(num_tokens, _token_block(num_tokens))
 
 
-def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
-                      cmp_stride: int, scores_width: int,
-                      scale: float | None = None,
-                      num_splits: int | None = None,
-                      interpret: bool | None = None, num_warps: int = 4,
-                      num_stages: int = 2):
-  """NSA's compressed branch for one query a row, emitting its scores.
+def compressed_decode(q, k_cmp, v_cmp, lengths, **kwargs):
+  """NSA's compressed branch for one query a row, merged, with its scores.
+
+  ``compressed_decode_parts`` with the splits merged by their log-sum-exp
+  (in XLA). Args as ``compressed_decode_parts``.
+
+  Returns:
+    (out [B, Hq, Dv] in q.dtype, lse [B, Hkv, Gp] float32 (-inf for padded
+    heads and rows that see no token), scores as
+    ``compressed_decode_parts``'s).
+  """
+  o, lse, scores = compressed_decode_parts(q, k_cmp, v_cmp, lengths,
+                                           **kwargs)
+  return (*merged(o, lse, q.shape[1], v_cmp.shape[3], q.dtype), scores)
+
+
+def compressed_decode_parts(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
+                            cmp_stride: int, scores_width: int,
+                            scale: float | None = None,
+                            num_splits: int | None = None,
+                            interpret: bool | None = None,
+                            num_warps: int = 4, num_stages: int = 2):
+  """NSA's compressed branch for one query a row, its splits unmerged.
 
   The query of row b at ``t = lengths[b] - 1`` sees compressed token i iff
   ``i * cmp_stride + cmp_block - 1 <= t``. The same kernel as
@@ -492,7 +508,9 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
   i of ``scores``: the selection kernel
   (``decode_select.nsa_decode_select``) turns them into block scores with
   the merged log-sum-exp. A cache whose Tc is not a multiple of 16 is
-  padded (a copy); ``NSACache`` allocates whole blocks of 64.
+  padded (a copy); ``NSACache`` allocates whole blocks of 64. The splits
+  are left for the caller to merge (``decode_merge.gated_merge``, or
+  ``compressed_decode``).
 
   Args:
     q: [B, Hq, Dk].
@@ -508,43 +526,11 @@ def compressed_decode(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
     num_warps, num_stages: Triton launch settings.
 
   Returns:
-    (out [B, Hq, Dv] in q.dtype, lse [B, Hkv, Gp] float32 (-inf for padded
-    heads and rows that see no token), scores [B, Hkv, Gs, W] float32 (Gs:
-    ``scores_rows``, G rounded up to a power of two), the
-    columns of invisible blocks left unwritten).
-  """
-  q, k_cmp, v_cmp, table, st = _compressed_setup(
-      q, k_cmp, v_cmp, lengths, cmp_block=cmp_block, cmp_stride=cmp_stride,
-      scores_width=scores_width, scale=scale, num_splits=num_splits,
-      interpret=interpret, num_warps=num_warps, num_stages=num_stages)
-  return _compressed(q, k_cmp, v_cmp, table, lengths, st, scores_width,
-                     merge=True)
-
-
-def compressed_decode_parts(q, k_cmp, v_cmp, lengths, **kwargs):
-  """``compressed_decode`` with its splits left unmerged.
-
-  For a caller that merges them itself (``decode_merge.gated_merge``).
-  Args as ``compressed_decode``.
-
-  Returns:
     (o float32 [B, Hkv, S, Gp, Dv_p] normalised per split, lse float32
     [B, Hkv, S, Gp] (-inf: empty split), scores [B, Hkv, Gs, W] float32
-    as ``compressed_decode``'s).
+    (Gs: ``scores_rows``, G rounded up to a power of two; the columns of
+    invisible blocks left unwritten)).
   """
-  q, k_cmp, v_cmp, table, st = _compressed_setup(q, k_cmp, v_cmp, lengths,
-                                                 **kwargs)
-  return _compressed(q, k_cmp, v_cmp, table, lengths, st,
-                     kwargs["scores_width"], merge=False)
-
-
-def _compressed_setup(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
-                      cmp_stride: int, scores_width: int,
-                      scale: float | None = None,
-                      num_splits: int | None = None,
-                      interpret: bool | None = None, num_warps: int = 4,
-                      num_stages: int = 2):
-  """The compressed branch's padded K/V, table of token blocks, settings."""
   b, _, dk = q.shape
   tc_len, hkv = k_cmp.shape[1], k_cmp.shape[2]
   block = _token_block(tc_len)
@@ -567,19 +553,14 @@ def _compressed_setup(q, k_cmp, v_cmp, lengths, *, cmp_block: int,
                 key_offset=cmp_block - 1,
                 interpret=interpret, num_warps=num_warps,
                 num_stages=num_stages)
-  return q, k_cmp, v_cmp, table, st
+  return _compressed(q, k_cmp, v_cmp, table, lengths, st, scores_width)
 
 
-@functools.partial(jax.jit, static_argnames=("st", "scores_width", "merge"))
-def _compressed(q, k, v, table, lengths, st: _Static, scores_width: int,
-                merge: bool):
+@functools.partial(jax.jit, static_argnames=("st", "scores_width"))
+def _compressed(q, k, v, table, lengths, st: _Static, scores_width: int):
   hkv = v.shape[2]
-  q4 = grouped_query(q, hkv)
-  o, lse, scores = launch(q4, ((k, v, table, st),), lengths, scores_width,
-                         scores_rows(q.shape[1], hkv))
-  if not merge:
-    return o, lse, scores
-  return (*merged(o, lse, q.shape[1], v.shape[3], q.dtype), scores)
+  return launch(grouped_query(q, hkv), ((k, v, table, st),), lengths,
+                scores_width, scores_rows(q.shape[1], hkv))
 
 
 def block_sparse_decode_reference(q, k, v, block_table, lengths, *,

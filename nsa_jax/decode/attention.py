@@ -286,10 +286,10 @@ def _compressed_and_table(q, cache: cache_lib.NSACache, config: NSAConfig,
 
 
 def _fused_step(q, gates, cache: cache_lib.NSACache, config: NSAConfig,
-                 scale):
-  """A one-token NSA step in four Pallas launches.
+                scale):
+  """A one-token NSA step in five Pallas launches.
 
-  The compressed branch with its scores, the block scores and top-n
+  The compressed branch with its scores, the block scores, the top-n
   (``_compressed_and_table``), the selected and window branches in one
   block-sparse launch, then ``decode_merge.gated_merge``: every branch's
   splits merged and gated at once, no merge in XLA.
@@ -306,12 +306,12 @@ def _fused_step(q, gates, cache: cache_lib.NSACache, config: NSAConfig,
   from pallas_kernels import triton_compat as tc  # pylint: disable=g-import-not-at-top
 
   cmp_parts, table = _compressed_and_table(q, cache, config, scale)
-  sources = [decode_attention.Source(cache.k, cache.v, table),
-             _window_source(cache, config)]
   o, lse, (num_slc, num_win) = decode_attention.block_sparse_decode_parts(
-      q, sources, cache.lengths, block_size=config.sel_block, scale=scale)
+      q, _selected_and_window_sources(cache, table, config), cache.lengths,
+      block_size=config.sel_block, scale=scale)
   b, hq, _ = q.shape
   hkv, num_cmp, group_p = o.shape[1], cmp_parts[0].shape[2], o.shape[3]
+  # Rows padded as the partials' (Gp), columns to a power of two (4).
   gates = gates.reshape(b, hkv, hq // hkv, 3)
   gates = tc.pad_axis(tc.pad_axis(gates, 2, group_p), 3, 4)
   branches = [decode_merge.Branch(0, 0, num_cmp),
@@ -423,10 +423,19 @@ def _window_source(cache, config: NSAConfig):
   return decode_attention.Source(k, v, window.astype(jnp.int32), w, ring)
 
 
+def _selected_and_window_sources(cache, table, config: NSAConfig):
+  """Branches 2 and 3 as the two sources of one block-sparse launch: the
+  selected blocks ``table`` [B, Hkv, n] of the raw cache, and
+  ``_window_source``."""
+  from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
+
+  return [decode_attention.Source(cache.k, cache.v, table),
+          _window_source(cache, config)]
+
+
 def _selected_and_window_kernel(q, cache, table, config: NSAConfig, scale):
   """Branches 2 and 3 of a one-token step: one block-sparse decode launch
-  (``block_sparse_decode_many``) over the selected blocks of the raw cache
-  and ``_window_source``.
+  (``block_sparse_decode_many``) over ``_selected_and_window_sources``.
 
   Args:
     q: [B, Hq, Dk]. cache: NSACache. table: int32 [B, Hkv, n], the
@@ -437,10 +446,9 @@ def _selected_and_window_kernel(q, cache, table, config: NSAConfig, scale):
   """
   from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
 
-  sources = [decode_attention.Source(cache.k, cache.v, table),
-             _window_source(cache, config)]
   (o_slc, _), (o_win, _) = decode_attention.block_sparse_decode_many(
-      q, sources, cache.lengths, block_size=config.sel_block, scale=scale)
+      q, _selected_and_window_sources(cache, table, config), cache.lengths,
+      block_size=config.sel_block, scale=scale)
   return o_slc, o_win
 
 
